@@ -1,0 +1,149 @@
+//! The configuration file as written: these types mirror the TOML one to one, reject unknown
+//! fields, and keep the byte span of every section so that validation can name the line.
+//!
+//! Nothing here has defaults applied or cross-references checked; `super::Config::from_file`
+//! turns a `FileConfig` into the resolved form the daemon runs with.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub admin: Option<Spanned<FileAdmin>>,
+    #[serde(default, rename = "cluster")]
+    pub clusters: Vec<Spanned<FileCluster>>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Spanned<FileListener>>,
+}
+
+/// `[admin]`: the HTTP endpoint for metrics and status.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub listen: SocketAddr,
+}
+
+/// `[[cluster]]`: one Patroni cluster and the etcd that holds its keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    pub name: String,
+    pub scope: String,
+    pub namespace: Option<String>,
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_api: Option<FileEtcdApi>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub etcd_timeout: Option<HumanDuration>,
+    pub resync_interval: Option<HumanDuration>,
+    pub confirm_interval: Option<HumanDuration>,
+    pub check_user: Option<String>,
+    pub check_password: Option<String>,
+    pub check_password_file: Option<PathBuf>,
+    pub check_database: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum FileEtcdApi {
+    #[serde(rename = "v3")]
+    V3,
+    #[serde(rename = "v2")]
+    V2,
+}
+
+/// `[[listener]]`: one port clients connect to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    pub name: Option<String>,
+    pub cluster: String,
+    pub bind: SocketAddr,
+    pub role: Option<FileRole>,
+    pub balance: Option<FileBalance>,
+    pub server_maxconn: Option<u32>,
+    pub maxconn: Option<u32>,
+    pub queue_timeout: Option<HumanDuration>,
+    pub connect_timeout: Option<HumanDuration>,
+    pub tcp_keepalive: Option<HumanDuration>,
+    pub max_replica_lag: Option<HumanSize>,
+    pub drain_grace: Option<HumanDuration>,
+    pub backlog: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileRole {
+    Primary,
+    Replica,
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileBalance {
+    Leastconn,
+    Roundrobin,
+}
+
+/// A duration written the human way: `"3s"`, `"250ms"`, `"1m 30s"`, or `"0s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration such as "3s", "250ms" or "1m""#)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<HumanDuration, E> {
+                humantime::parse_duration(s)
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("invalid duration {s:?}: {e} (write e.g. \"3s\", \"250ms\")")))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A size in bytes: an integer, or a string such as `"16MB"` or `"1MiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = HumanSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a size in bytes such as 1048576 or "16MB""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanSize, E> {
+                u64::try_from(v).map(HumanSize).map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanSize, E> {
+                Ok(HumanSize(v))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<HumanSize, E> {
+                s.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map(|b| HumanSize(b.as_u64()))
+                    .map_err(|e| E::custom(format!("invalid size {s:?}: {e} (write e.g. \"16MB\")")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

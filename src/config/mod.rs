@@ -1,0 +1,383 @@
+//! Configuration: the TOML file (`file`), resolved into the `Config` the daemon runs with.
+//!
+//! Two layers, as in sozu: `FileConfig` mirrors the file and rejects unknown fields; `Config`
+//! has every default applied, every cross-reference checked and every secret file read, so the
+//! rest of the program never sees a "maybe" value. An error names the file, the line and the
+//! field, so `pgfront config check` can be run by a human or by a deployment pipeline.
+
+pub mod file;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use file::{FileBalance, FileCluster, FileConfig, FileEtcdApi, FileListener, FileRole};
+
+pub const DEFAULT_NAMESPACE: &str = "/service/";
+pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_CONFIRM_INTERVAL: Duration = Duration::from_millis(20);
+pub const DEFAULT_CHECK_DATABASE: &str = "postgres";
+pub const DEFAULT_SERVER_MAXCONN: u32 = 320;
+pub const DEFAULT_LISTENER_MAXCONN: u32 = 4000;
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+pub const DEFAULT_BACKLOG: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// toml's own message already carries the line, column and a snippet.
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("{path}:{line}: {field}: {reason}")]
+    Invalid { path: PathBuf, line: usize, field: String, reason: String },
+}
+
+/// The resolved configuration of `pgfront proxy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub admin: Option<SocketAddr>,
+    pub clusters: Vec<Arc<ClusterConfig>>,
+    pub listeners: Vec<Arc<ListenerConfig>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdApi {
+    V3,
+    V2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, both or neither.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// Credentials of an optional PostgreSQL check: used only to confirm, in milliseconds, that a
+/// new leader has finished its promotion before Patroni writes so into its member key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgCheck {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub scope: String,
+    /// Always starts and ends with `/`.
+    pub namespace: String,
+    pub endpoints: Vec<String>,
+    pub api: EtcdApi,
+    pub credentials: Option<Credentials>,
+    pub tls: Option<TlsFiles>,
+    pub etcd_timeout: Duration,
+    pub resync_interval: Duration,
+    pub confirm_interval: Duration,
+    pub check: Option<PgCheck>,
+}
+
+impl ClusterConfig {
+    /// The etcd key prefix under which Patroni keeps this cluster: `<namespace><scope>/`.
+    pub fn prefix(&self) -> String {
+        format!("{}{}/", self.namespace, self.scope)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// The writable primary only.
+    Primary,
+    /// Running replicas within the lag limit.
+    Replica,
+    /// Replicas, or the primary when no replica is eligible.
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    Leastconn,
+    Roundrobin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub cluster: String,
+    pub bind: SocketAddr,
+    pub role: Role,
+    pub balance: Balance,
+    pub server_maxconn: u32,
+    pub maxconn: u32,
+    pub queue_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// `None`: keepalive off.
+    pub tcp_keepalive: Option<Duration>,
+    pub max_replica_lag: Option<u64>,
+    pub drain_grace: Duration,
+    pub backlog: u32,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text`, naming `path` in errors. Secret files named in the text are
+    /// read relative to the working directory.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
+        Resolver { path, text }.resolve(file)
+    }
+}
+
+struct Resolver<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Resolver<'_> {
+    fn err(&self, span: std::ops::Range<usize>, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        let line = self.text[..span.start.min(self.text.len())].matches('\n').count() + 1;
+        ConfigError::Invalid { path: self.path.to_owned(), line, field: field.into(), reason: reason.into() }
+    }
+
+    fn read_secret(&self, span: std::ops::Range<usize>, field: &str, file: &Path) -> Result<String, ConfigError> {
+        let s = std::fs::read_to_string(file)
+            .map_err(|e| self.err(span.clone(), field, format!("cannot read {}: {e}", file.display())))?;
+        let s = s.trim_end_matches(['\n', '\r']).to_owned();
+        if s.is_empty() {
+            return Err(self.err(span, field, format!("{} is empty", file.display())));
+        }
+        Ok(s)
+    }
+
+    fn resolve(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        if file.clusters.is_empty() {
+            return Err(self.err(0..0, "cluster", "at least one [[cluster]] section is required"));
+        }
+        if file.listeners.is_empty() {
+            return Err(self.err(0..0, "listener", "at least one [[listener]] section is required"));
+        }
+        let mut clusters = Vec::new();
+        let mut names = HashSet::new();
+        for (i, c) in file.clusters.into_iter().enumerate() {
+            let span = c.span();
+            let c = self.cluster(i, span.clone(), c.into_inner())?;
+            if !names.insert(c.name.clone()) {
+                return Err(self.err(span, format!("cluster[{i}].name"), format!("duplicate cluster name {:?}", c.name)));
+            }
+            clusters.push(Arc::new(c));
+        }
+        let mut listeners = Vec::new();
+        let mut lnames = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, l) in file.listeners.into_iter().enumerate() {
+            let span = l.span();
+            let l = self.listener(i, span.clone(), l.into_inner(), &names)?;
+            if !lnames.insert(l.name.clone()) {
+                return Err(self.err(span, format!("listener[{i}].name"), format!("duplicate listener name {:?}", l.name)));
+            }
+            if !binds.insert(l.bind) {
+                return Err(self.err(span, format!("listener[{i}].bind"), format!("{} is bound by another listener", l.bind)));
+            }
+            listeners.push(Arc::new(l));
+        }
+        Ok(Config { admin: file.admin.map(|a| a.into_inner().listen), clusters, listeners })
+    }
+
+    fn cluster(&self, i: usize, span: std::ops::Range<usize>, c: FileCluster) -> Result<ClusterConfig, ConfigError> {
+        let f = |name: &str| format!("cluster[{i}].{name}");
+        let bad = |name: &str, reason: String| self.err(span.clone(), f(name), reason);
+        if !valid_name(&c.name) {
+            return Err(bad("name", format!("{:?}: use letters, digits, '-', '_' or '.'", c.name)));
+        }
+        if c.scope.is_empty() || c.scope.contains('/') {
+            return Err(bad("scope", format!("{:?}: Patroni's scope is one non-empty path segment", c.scope)));
+        }
+        let mut namespace = c.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        if !namespace.starts_with('/') {
+            namespace.insert(0, '/');
+        }
+        if !namespace.ends_with('/') {
+            namespace.push('/');
+        }
+        if c.etcd_endpoints.is_empty() {
+            return Err(bad("etcd_endpoints", "at least one endpoint is required".into()));
+        }
+        for e in &c.etcd_endpoints {
+            let rest = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
+            let ok = rest.is_some_and(|r| {
+                r.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.trim_end_matches('/').parse::<u16>().is_ok())
+            });
+            if !ok {
+                return Err(bad("etcd_endpoints", format!("{e:?}: write http://HOST:PORT or https://HOST:PORT")));
+            }
+        }
+        let api = match c.etcd_api.unwrap_or(FileEtcdApi::V3) {
+            FileEtcdApi::V3 => EtcdApi::V3,
+            FileEtcdApi::V2 => EtcdApi::V2,
+        };
+        let password = match (c.password, c.password_file) {
+            (Some(_), Some(_)) => return Err(bad("password_file", "set password or password_file, not both".into())),
+            (Some(p), None) => Some(p),
+            (None, Some(file)) => Some(self.read_secret(span.clone(), &f("password_file"), &file)?),
+            (None, None) => None,
+        };
+        let credentials = match (c.username, password) {
+            (Some(username), Some(password)) => Some(Credentials { username, password }),
+            (None, None) => None,
+            (Some(_), None) => return Err(bad("password", "username is set but no password or password_file".into())),
+            (None, Some(_)) => return Err(bad("username", "a password is set but no username".into())),
+        };
+        let identity = match (c.tls_cert, c.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(bad("tls_cert", "tls_cert and tls_key go together".into())),
+        };
+        let tls = (c.tls_ca.is_some() || identity.is_some()).then(|| TlsFiles { ca: c.tls_ca, identity });
+        if let Some(t) = &tls {
+            if api == EtcdApi::V2 {
+                return Err(bad("tls_ca", "TLS is supported with etcd_api = \"v3\" only".into()));
+            }
+            for p in t.ca.iter().chain(t.identity.iter().flat_map(|(c, k)| [c, k])) {
+                if let Err(e) = std::fs::metadata(p) {
+                    return Err(bad("tls", format!("cannot read {}: {e}", p.display())));
+                }
+            }
+            if c.etcd_endpoints.iter().any(|e| e.starts_with("http://")) {
+                return Err(bad("etcd_endpoints", "TLS is configured: use https:// endpoints".into()));
+            }
+        }
+        let check_password = match (c.check_password, c.check_password_file) {
+            (Some(_), Some(_)) => return Err(bad("check_password_file", "set check_password or check_password_file, not both".into())),
+            (Some(p), None) => Some(p),
+            (None, Some(file)) => Some(self.read_secret(span.clone(), &f("check_password_file"), &file)?),
+            (None, None) => None,
+        };
+        let check = match c.check_user {
+            Some(user) => Some(PgCheck {
+                user,
+                password: check_password,
+                database: c.check_database.unwrap_or_else(|| DEFAULT_CHECK_DATABASE.to_owned()),
+            }),
+            None if check_password.is_some() || c.check_database.is_some() => {
+                return Err(bad("check_user", "check_password/check_database are set but check_user is not".into()))
+            }
+            None => None,
+        };
+        let dur = |v: Option<file::HumanDuration>, d: Duration| v.map_or(d, |v| v.0);
+        let etcd_timeout = dur(c.etcd_timeout, DEFAULT_ETCD_TIMEOUT);
+        let resync_interval = dur(c.resync_interval, DEFAULT_RESYNC_INTERVAL);
+        let confirm_interval = dur(c.confirm_interval, DEFAULT_CONFIRM_INTERVAL);
+        for (name, d) in [("etcd_timeout", etcd_timeout), ("resync_interval", resync_interval), ("confirm_interval", confirm_interval)] {
+            if d.is_zero() {
+                return Err(bad(name, "must be greater than 0".into()));
+            }
+        }
+        Ok(ClusterConfig {
+            name: c.name,
+            scope: c.scope,
+            namespace,
+            endpoints: c.etcd_endpoints,
+            api,
+            credentials,
+            tls,
+            etcd_timeout,
+            resync_interval,
+            confirm_interval,
+            check,
+        })
+    }
+
+    fn listener(
+        &self,
+        i: usize,
+        span: std::ops::Range<usize>,
+        l: FileListener,
+        clusters: &HashSet<String>,
+    ) -> Result<ListenerConfig, ConfigError> {
+        let bad = |name: &str, reason: String| self.err(span.clone(), format!("listener[{i}].{name}"), reason);
+        if !clusters.contains(&l.cluster) {
+            return Err(bad("cluster", format!("no [[cluster]] is named {:?}", l.cluster)));
+        }
+        let role = match l.role.unwrap_or(FileRole::Primary) {
+            FileRole::Primary => Role::Primary,
+            FileRole::Replica => Role::Replica,
+            FileRole::ReadOnly => Role::ReadOnly,
+        };
+        let balance = match l.balance.unwrap_or(FileBalance::Leastconn) {
+            FileBalance::Leastconn => Balance::Leastconn,
+            FileBalance::Roundrobin => Balance::Roundrobin,
+        };
+        let name = match l.name {
+            Some(n) if !valid_name(&n) => return Err(bad("name", format!("{n:?}: use letters, digits, '-', '_' or '.'"))),
+            Some(n) => n,
+            None => format!("{}-{}", l.cluster, l.bind.port()),
+        };
+        let server_maxconn = l.server_maxconn.unwrap_or(DEFAULT_SERVER_MAXCONN);
+        let maxconn = l.maxconn.unwrap_or(DEFAULT_LISTENER_MAXCONN);
+        if server_maxconn == 0 {
+            return Err(bad("server_maxconn", "must be at least 1".into()));
+        }
+        if maxconn == 0 {
+            return Err(bad("maxconn", "must be at least 1".into()));
+        }
+        if l.max_replica_lag.is_some() && role == Role::Primary {
+            return Err(bad("max_replica_lag", "applies to role = \"replica\" or \"read-only\" only".into()));
+        }
+        let connect_timeout = l.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+        if connect_timeout.is_zero() {
+            return Err(bad("connect_timeout", "must be greater than 0".into()));
+        }
+        let backlog = l.backlog.unwrap_or(DEFAULT_BACKLOG);
+        if backlog == 0 || backlog > i32::MAX as u32 {
+            return Err(bad("backlog", "must be between 1 and 2147483647".into()));
+        }
+        Ok(ListenerConfig {
+            name,
+            cluster: l.cluster,
+            bind: l.bind,
+            role,
+            balance,
+            server_maxconn,
+            maxconn,
+            queue_timeout: l.queue_timeout.map_or(DEFAULT_QUEUE_TIMEOUT, |d| d.0),
+            connect_timeout,
+            tcp_keepalive: match l.tcp_keepalive {
+                None => Some(DEFAULT_TCP_KEEPALIVE),
+                Some(d) if d.0.is_zero() => None,
+                Some(d) => Some(d.0),
+            },
+            max_replica_lag: l.max_replica_lag.map(|s| s.0),
+            drain_grace: l.drain_grace.map_or(Duration::ZERO, |d| d.0),
+            backlog,
+        })
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests;

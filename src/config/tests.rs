@@ -1,0 +1,115 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[[cluster]]
+name = "main"
+scope = "cluster-main-13"
+etcd_endpoints = ["http://10.0.0.1:2379"]
+
+[[listener]]
+cluster = "main"
+bind = "0.0.0.0:5432"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("test.toml"), text)
+}
+
+fn invalid(text: &str) -> (usize, String, String) {
+    match parse(text) {
+        Err(ConfigError::Invalid { line, field, reason, .. }) => (line, field, reason),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn defaults_match_the_production_setup() {
+    let c = parse(MINIMAL).unwrap();
+    let cl = &c.clusters[0];
+    assert_eq!(cl.prefix(), "/service/cluster-main-13/");
+    assert_eq!(cl.api, EtcdApi::V3);
+    let l = &c.listeners[0];
+    assert_eq!(l.name, "main-5432");
+    assert_eq!(l.role, Role::Primary);
+    assert_eq!(l.balance, Balance::Leastconn);
+    assert_eq!(l.server_maxconn, 320);
+    assert_eq!(l.drain_grace, Duration::ZERO);
+    assert_eq!(l.tcp_keepalive, Some(DEFAULT_TCP_KEEPALIVE));
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgfront.toml");
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.clusters[0].scope, "cluster-main-13");
+    assert_eq!(c.clusters[0].endpoints.len(), 3);
+    assert_eq!(c.listeners[0].bind.port(), 5432);
+    assert_eq!(c.listeners[0].server_maxconn, 320);
+}
+
+#[test]
+fn unknown_field_names_line_and_field() {
+    let text = MINIMAL.replace("bind = ", "maxconns = 3\nbind = ");
+    let e = parse(&text).unwrap_err().to_string();
+    assert!(e.contains("test.toml"), "{e}");
+    assert!(e.contains("line 9"), "{e}");
+    assert!(e.contains("unknown field `maxconns`"), "{e}");
+}
+
+#[test]
+fn bad_duration_and_size_are_explained() {
+    let e = parse(&MINIMAL.replace("bind = ", "queue_timeout = \"3 parsecs\"\nbind = ")).unwrap_err().to_string();
+    assert!(e.contains("invalid duration \"3 parsecs\""), "{e}");
+    assert!(e.contains("line 9"), "{e}");
+    let e = parse(&MINIMAL.replace("bind = ", "role = \"replica\"\nmax_replica_lag = \"lots\"\nbind = ")).unwrap_err().to_string();
+    assert!(e.contains("invalid size \"lots\""), "{e}");
+    let c = parse(&MINIMAL.replace("bind = ", "role = \"replica\"\nmax_replica_lag = \"16MiB\"\nbind = ")).unwrap();
+    assert_eq!(c.listeners[0].max_replica_lag, Some(16 << 20));
+}
+
+#[test]
+fn cross_references_are_checked_with_lines() {
+    let (line, field, reason) = invalid(&MINIMAL.replace("cluster = \"main\"", "cluster = \"other\""));
+    assert_eq!((line, field.as_str()), (7, "listener[0].cluster"));
+    assert!(reason.contains("no [[cluster]] is named \"other\""));
+
+    let two = format!("{MINIMAL}\n[[listener]]\ncluster = \"main\"\nbind = \"0.0.0.0:5432\"\nname = \"b\"\n");
+    let (line, field, _) = invalid(&two);
+    assert_eq!((line, field.as_str()), (11, "listener[1].bind"));
+
+    let (_, field, _) = invalid(&MINIMAL.replace("bind = ", "server_maxconn = 0\nbind = "));
+    assert_eq!(field, "listener[0].server_maxconn");
+    let (_, field, _) = invalid(&MINIMAL.replace("bind = ", "max_replica_lag = 10\nbind = "));
+    assert_eq!(field, "listener[0].max_replica_lag");
+}
+
+#[test]
+fn etcd_settings_are_checked() {
+    let (_, field, _) = invalid(&MINIMAL.replace("http://10.0.0.1:2379", "10.0.0.1"));
+    assert_eq!(field, "cluster[0].etcd_endpoints");
+    let (_, field, _) = invalid(&MINIMAL.replace("scope = ", "username = \"root\"\nscope = "));
+    assert_eq!(field, "cluster[0].password");
+    let (_, field, reason) = invalid(&MINIMAL.replace("scope = ", "password_file = \"/nonexistent/pw\"\nusername = \"u\"\nscope = "));
+    assert_eq!(field, "cluster[0].password_file");
+    assert!(reason.contains("/nonexistent/pw"), "{reason}");
+    let (_, field, _) = invalid(&MINIMAL.replace("scope = ", "etcd_api = \"v2\"\ntls_ca = \"/etc/hosts\"\nscope = "));
+    assert_eq!(field, "cluster[0].tls_ca");
+    let e = parse(&MINIMAL.replace("scope = ", "etcd_api = \"v4\"\nscope = ")).unwrap_err().to_string();
+    assert!(e.contains("unknown variant `v4`"), "{e}");
+}
+
+#[test]
+fn password_file_is_read_and_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let text = MINIMAL.replace("scope = ", &format!("username = \"u\"\npassword_file = {:?}\nscope = ", pw));
+    let c = parse(&text).unwrap();
+    assert_eq!(c.clusters[0].credentials, Some(Credentials { username: "u".into(), password: "s3cret".into() }));
+}
+
+#[test]
+fn empty_file_says_what_is_missing() {
+    let (line, field, _) = invalid("");
+    assert_eq!((line, field.as_str()), (1, "cluster"));
+}

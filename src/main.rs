@@ -1,0 +1,173 @@
+//! The `pgfront` command line: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pgfront::config::Config;
+
+#[derive(Parser)]
+#[command(name = "pgfront", version, about = "PostgreSQL HA front end: routes clients to the Patroni primary learned from etcd")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the load-balancer daemon.
+    Proxy {
+        #[arg(short, long, default_value = "/etc/pgfront/pgfront.toml", env = "PGFRONT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Show clusters, members and listeners of a running proxy (from its admin endpoint).
+    Status {
+        /// Admin endpoint of the proxy.
+        #[arg(long, default_value = "http://127.0.0.1:7000")]
+        admin: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a configuration file; exit 1 with the exact problem if it is invalid.
+    Check {
+        #[arg(short, long, default_value = "/etc/pgfront/pgfront.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Config { cmd: ConfigCmd::Check { config } } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} cluster(s), {} listener(s))",
+                    config.display(),
+                    c.clusters.len(),
+                    c.listeners.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Proxy { config } => {
+            init_tracing();
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(pgfront::app::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status { admin, json } => status(&admin, json),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    use std::io::IsTerminal;
+    let ansi = std::io::stdout().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+}
+
+fn status(admin: &str, json: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(3);
+        }
+    };
+    let url = format!("{}/status", admin.trim_end_matches('/'));
+    let client = pgfront::discovery::http::client();
+    let body = match rt.block_on(pgfront::discovery::http::get(&client, &url, None, Duration::from_secs(5))) {
+        Ok(r) if r.status == 200 => r.body,
+        Ok(r) => {
+            eprintln!("{url}: HTTP {}", r.status);
+            return ExitCode::from(3);
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(3);
+        }
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    for c in v["clusters"].as_array().into_iter().flatten() {
+        println!(
+            "cluster {} (scope {}): etcd {}, primary {} ({})",
+            s(&c["name"]),
+            s(&c["scope"]),
+            if c["etcd_up"] == true { "up" } else { "UNREACHABLE" },
+            s(&c["primary"]),
+            s(&c["primary_status"])
+        );
+        println!("  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}", "MEMBER", "ADDRESS", "ROLE", "STATE", "TL", "LAG");
+        for m in c["members"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}",
+                s(&m["name"]),
+                s(&m["addr"]),
+                s(&m["role"]),
+                s(&m["state"]),
+                s(&m["timeline"]),
+                s(&m["lag_bytes"])
+            );
+        }
+    }
+    println!();
+    println!("  {:<20} {:<22} {:<10} {:>6}  SERVERS (active)", "LISTENER", "BIND", "ROLE", "QUEUED");
+    for l in v["listeners"].as_array().into_iter().flatten() {
+        let servers: Vec<String> = l["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|sv| format!("{}={}", s(&sv["member"]), s(&sv["active"])))
+            .collect();
+        println!("  {:<20} {:<22} {:<10} {:>6}  {}", s(&l["name"]), s(&l["bind"]), s(&l["role"]), s(&l["queued"]), servers.join(" "));
+    }
+    ExitCode::SUCCESS
+}

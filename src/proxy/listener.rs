@@ -1,0 +1,65 @@
+//! Listening sockets and the accept loop of one listener.
+//!
+//! Sockets are made with socket2 (SO_REUSEADDR, explicit backlog, v6-only for IPv6) so that a
+//! later reload can keep or hand them over. As in mini-redis, a permit of the listener's
+//! `maxconn` semaphore is taken *before* `accept`: over the limit, clients wait in the kernel's
+//! backlog instead of being accepted and dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::session::{self, SessionCtx};
+
+/// Binds a listening socket.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(s.into())
+}
+
+/// Accepts until `stop` is cancelled; every connection runs as a task of `tracker`.
+pub async fn run(listener: TcpListener, ctx: Arc<SessionCtx>, stop: CancellationToken, tracker: TaskTracker) {
+    let sem = Arc::new(Semaphore::new(ctx.cfg.maxconn as usize));
+    let name = ctx.cfg.name.clone();
+    info!(listener = %name, bind = %ctx.cfg.bind, role = ?ctx.cfg.role, cluster = %ctx.cfg.cluster, "listening");
+    loop {
+        let permit = tokio::select! {
+            p = sem.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => break,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                tracker.spawn(session::run(sock, peer, ctx.clone(), permit));
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                // Out of descriptors or memory: back off instead of spinning; the kernel keeps
+                // the pending connections in the backlog meanwhile.
+                error!(listener = %name, error = %e, "accept failed: out of resources, pausing 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => warn!(listener = %name, error = %e, "accept failed"),
+        }
+    }
+    info!(listener = %name, "stopped accepting");
+}
