@@ -116,7 +116,7 @@ bootstrap:
   dcs:
     ttl: 10
     loop_wait: 2
-    retry_timeout: 5
+    retry_timeout: 4
     maximum_lag_on_failover: 1048576
     postgresql:
       use_pg_rewind: true

@@ -156,9 +156,28 @@ struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
+    /// An error about `field` (e.g. `listener[0].bind`) of the section at `span`: the line is
+    /// the field's own when it is written in the section, else the section's header.
     fn err(&self, span: std::ops::Range<usize>, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-        let line = self.text[..span.start.min(self.text.len())].matches('\n').count() + 1;
-        ConfigError::Invalid { path: self.path.to_owned(), line, field: field.into(), reason: reason.into() }
+        let field = field.into();
+        let start = span.start.min(self.text.len());
+        // toml spans an array-of-tables element by its header only: the section runs to the
+        // next header.
+        let after = span.end.clamp(start, self.text.len());
+        let end = self.text[after..].find("\n[").map_or(self.text.len(), |i| after + i + 1);
+        let key = field.rsplit('.').next().unwrap_or_default();
+        let mut offset = start;
+        for l in self.text[start..end].split_inclusive('\n') {
+            let t = l.trim_start();
+            if t.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')) {
+                offset += l.len() - t.len();
+                break;
+            }
+            offset += l.len();
+        }
+        let at = if offset >= end { start } else { offset };
+        let line = self.text[..at].matches('\n').count() + 1;
+        ConfigError::Invalid { path: self.path.to_owned(), line, field, reason: reason.into() }
     }
 
     fn read_secret(&self, span: std::ops::Range<usize>, field: &str, file: &Path) -> Result<String, ConfigError> {

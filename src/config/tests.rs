@@ -70,12 +70,12 @@ fn bad_duration_and_size_are_explained() {
 #[test]
 fn cross_references_are_checked_with_lines() {
     let (line, field, reason) = invalid(&MINIMAL.replace("cluster = \"main\"", "cluster = \"other\""));
-    assert_eq!((line, field.as_str()), (7, "listener[0].cluster"));
+    assert_eq!((line, field.as_str()), (8, "listener[0].cluster"));
     assert!(reason.contains("no [[cluster]] is named \"other\""));
 
     let two = format!("{MINIMAL}\n[[listener]]\ncluster = \"main\"\nbind = \"0.0.0.0:5432\"\nname = \"b\"\n");
     let (line, field, _) = invalid(&two);
-    assert_eq!((line, field.as_str()), (11, "listener[1].bind"));
+    assert_eq!((line, field.as_str()), (13, "listener[1].bind"));
 
     let (_, field, _) = invalid(&MINIMAL.replace("bind = ", "server_maxconn = 0\nbind = "));
     assert_eq!(field, "listener[0].server_maxconn");
@@ -113,3 +113,4 @@ fn empty_file_says_what_is_missing() {
     let (line, field, _) = invalid("");
     assert_eq!((line, field.as_str()), (1, "cluster"));
 }
+

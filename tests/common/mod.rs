@@ -280,7 +280,7 @@ restapi:
   dcs:
     ttl: 10
     loop_wait: 2
-    retry_timeout: 5
+    retry_timeout: 4
     maximum_lag_on_failover: 10485760
     postgresql:
       use_pg_rewind: true
@@ -367,6 +367,17 @@ postgresql:
         self.cluster()?.into_iter().find(|m| m.role == "leader" && m.state == "running")
     }
 
+    /// The last lines of every member's Patroni/PostgreSQL log, for a failing test's output.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let s = fs::read_to_string(self.dir.path().join(format!("{}.log", m.name))).unwrap_or_default();
+            let v: Vec<&str> = s.lines().collect();
+            out.push_str(&format!("--- {} (last {lines} lines) ---\n{}\n", m.name, v[v.len().saturating_sub(lines)..].join("\n")));
+        }
+        out
+    }
+
     pub fn member(&self, name: &str) -> &PgMember {
         self.members.iter().find(|m| m.name == name).unwrap()
     }
@@ -383,8 +394,17 @@ postgresql:
             .output()
             .expect("patronictl");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "patronictl switchover failed: {text}");
+        // patronictl 3.0 exits 0 even when Patroni refused the switchover.
+        assert!(out.status.success() && text.contains("Successfully switched over"), "patronictl switchover failed: {text}");
         text
+    }
+
+    /// Waits until `table` exists on the member listening on `port` (replication caught up).
+    pub fn wait_replicated(&self, port: u16, table: &str) {
+        wait_for(&format!("{table} to reach the replica on port {port}"), Duration::from_secs(30), || {
+            let (ok, out, _) = psql(port, &format!("SELECT to_regclass('{table}') IS NOT NULL"));
+            (ok && out == "t").then_some(())
+        });
     }
 
     /// Restarts a crashed member (it rejoins as a replica).
@@ -443,7 +463,7 @@ impl Pgfront {
         let config = dir.path().join("pgfront.toml");
         fs::write(&config, config_text).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfront"));
-        cmd.args(["proxy", "-c", config.to_str().unwrap()]).env("RUST_LOG", "info,pgfront=debug");
+        cmd.args(["proxy", "-c", config.to_str().unwrap()]).env("RUST_LOG", std::env::var("PGFRONT_TEST_LOG").unwrap_or_else(|_| "info".into()));
         let proc = Proc::spawn("pgfront", cmd, &dir.path().join("pgfront.log"), false);
         let p = Pgfront { proc, admin, dir, config };
         wait_for("pgfront admin endpoint", Duration::from_secs(10), || p.status());
@@ -499,4 +519,103 @@ pub async fn whoami(port: u16) -> Result<(u16, bool), tokio_postgres::Error> {
     let c = pg_connect(port).await?;
     let row = c.query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[]).await?;
     Ok((row.get::<_, i32>(0) as u16, row.get(1)))
+}
+
+/// The full text of a client error (tokio-postgres' Display says only "db error").
+pub fn pg_err(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {} ({})", d.severity(), d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// What a writer saw while something happened to the cluster.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    pub ok: u64,
+    /// Connects that failed (refused, timed out, or an error during startup).
+    pub connect_failures: u64,
+    /// Writes rejected with SQLSTATE 25006 (the server was a read-only replica).
+    pub read_only: u64,
+    /// Sessions that broke after connecting (e.g. killed by the old primary's shutdown).
+    pub broken: u64,
+    /// Longest time between two successful writes.
+    pub max_gap: Duration,
+    /// (time since start, server port) of every successful write.
+    pub writes: Vec<(Duration, u16)>,
+    pub errors: Vec<String>,
+}
+
+impl WriteStats {
+    pub fn failed(&self) -> u64 {
+        self.connect_failures + self.read_only + self.broken
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} writes ok, longest gap {:.3} s, failed attempts: {} connect, {} read-only, {} broken sessions",
+            self.ok,
+            self.max_gap.as_secs_f64(),
+            self.connect_failures,
+            self.read_only,
+            self.broken
+        )
+    }
+}
+
+/// A client that opens a connection through `conninfo`, writes one row and closes, every
+/// `every`, until `stop` is cancelled or `limit` passes. The table `pgfront_probe` must exist.
+pub async fn write_loop(conninfo: String, every: Duration, stop: tokio_util::sync::CancellationToken, limit: Duration) -> WriteStats {
+    let mut st = WriteStats::default();
+    let start = tokio::time::Instant::now();
+    let mut last_ok = start;
+    while !stop.is_cancelled() && start.elapsed() < limit {
+        let tick = tokio::time::Instant::now();
+        match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+            Err(e) => {
+                st.connect_failures += 1;
+                st.errors.push(format!("{:.3}s connect: {}", start.elapsed().as_secs_f64(), pg_err(&e)));
+            }
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                match client.query_one("INSERT INTO pgfront_probe DEFAULT VALUES RETURNING inet_server_port()", &[]).await {
+                    Ok(row) => {
+                        let now = tokio::time::Instant::now();
+                        st.ok += 1;
+                        st.max_gap = st.max_gap.max(now - last_ok);
+                        last_ok = now;
+                        st.writes.push((now - start, row.get::<_, i32>(0) as u16));
+                    }
+                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                        st.read_only += 1;
+                        st.errors.push(format!("{:.3}s read-only: {}", start.elapsed().as_secs_f64(), pg_err(&e)));
+                    }
+                    Err(e) => {
+                        st.broken += 1;
+                        st.errors.push(format!("{:.3}s session: {}", start.elapsed().as_secs_f64(), pg_err(&e)));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep_until(tick + every).await;
+    }
+    st
+}
+
+pub fn conninfo(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=60")
+}
+
+/// Runs `psql -c sql` against `port`; returns (success, stdout, stderr).
+pub fn psql(port: u16, sql: &str) -> (bool, String, String) {
+    let out = Command::new(require("psql", "postgresql-client-15"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-Atqc", sql])
+        .env("PGCONNECT_TIMEOUT", "60")
+        .output()
+        .expect("psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
 }

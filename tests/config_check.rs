@@ -1,0 +1,65 @@
+//! `pgfront config check`: exit 0 on a valid file; exit 1 with file, line and field otherwise.
+
+use std::process::Command;
+
+fn check(text: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgfront.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfront")).args(["config", "check", "-c"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+const GOOD: &str = r#"[[cluster]]
+name = "main"
+scope = "cluster-main-13"
+etcd_endpoints = ["http://127.0.0.1:2379"]
+
+[[listener]]
+cluster = "main"
+bind = "127.0.0.1:5432"
+"#;
+
+#[test]
+fn shipped_example_is_valid() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfront"))
+        .args(["config", "check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgfront.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK (1 cluster(s), 2 listener(s))"));
+}
+
+#[test]
+fn good_config_passes() {
+    let (ok, out, err) = check(GOOD);
+    assert!(ok, "{err}");
+    assert!(out.contains("OK"));
+}
+
+#[test]
+fn bad_configs_name_the_line_and_field() {
+    let cases = [
+        (GOOD.replace("bind = \"127.0.0.1:5432\"", "bind = \"127.0.0.1:99999\""), "line 8"),
+        (GOOD.replace("cluster = \"main\"", "cluster = \"mian\""), "FILE:7: listener[0].cluster: no [[cluster]] is named \"mian\""),
+        (GOOD.replace("bind =", "server_maxconn = 0\nbind ="), "FILE:8: listener[0].server_maxconn: must be at least 1"),
+        (GOOD.replace("bind =", "maxconnn = 5\nbind ="), "unknown field `maxconnn`"),
+        (GOOD.replace("bind =", "queue_timeout = \"soon\"\nbind ="), "invalid duration \"soon\""),
+        (GOOD.replace("[[listener]]", "[[listener]]\nrole = \"writer\""), "unknown variant `writer`"),
+        (GOOD.replace("http://127.0.0.1:2379", "127.0.0.1:2379"), "FILE:4: cluster[0].etcd_endpoints"),
+    ];
+    for (text, want) in cases {
+        let (ok, _, err) = check(&text);
+        assert!(!ok, "accepted:\n{text}");
+        assert!(err.contains(want), "expected {want:?} in:\n{err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfront"))
+        .args(["config", "check", "-c"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
