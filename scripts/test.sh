@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# pgfront's test suite: unit and property tests, then integration tests against real etcd 3.4,
+# Patroni 3.0 and PostgreSQL 15 from Debian. Installs what is missing (needs root, as do the
+# tests that start Patroni as the postgres user).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client patroni postgresql-15 postgresql-client-15
+      python3-etcd python3-psycopg2 haproxy iproute2)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  echo "== installing: ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "the integration tests start Patroni as the postgres user and need root: run with sudo" >&2
+  exit 1
+fi
+
+cargo test --locked --all-targets -- --nocapture 2>&1
