@@ -3,4 +3,5 @@
 
 pub mod listener;
 pub mod pgwire;
+pub mod pipe;
 pub mod session;

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::pgwire::{self, sqlstate};
+use super::pipe;
 use crate::balancer::pool::{Lease, Pool, Refusal};
 use crate::config::{ListenerConfig, Role};
 
@@ -56,7 +57,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<SessionCtx>, 
         }
         _ = ctx.stop.cancelled() => Err(Refusal::Closed),
     };
-    let (lease, mut server) = match placed {
+    let (lease, server) = match placed {
         Ok(p) => p,
         Err(refusal) => {
             let (code, msg) = refusal_message(&ctx.cfg, refusal);
@@ -72,10 +73,9 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<SessionCtx>, 
     };
 
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut server) => {
-            if let Ok((up, down)) = r {
-                m.bytes_from_clients.inc_by(up);
-                m.bytes_to_clients.inc_by(down);
+        r = pipe::pipe(&client, &server, &m.bytes_from_clients, &m.bytes_to_clients) => {
+            if let Err(e) = r {
+                debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, error = %e, "session ended");
             }
         }
         _ = lease.drain.cancelled() => {
