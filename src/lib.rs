@@ -14,3 +14,4 @@ pub mod config;
 pub mod discovery;
 pub mod proxy;
 pub mod topology;
+pub mod vip;
