@@ -24,6 +24,7 @@ use crate::discovery::{self, ClusterHandle};
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
 use crate::topology::ClusterView;
+use crate::vip;
 
 /// How long open sessions may take to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -43,6 +44,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub clusters: Vec<ClusterHandle>,
     pub listeners: Vec<(Arc<ListenerConfig>, Arc<Pool>)>,
+    pub vips: Vec<vip::driver::SharedVipStatus>,
 }
 
 /// Runs the proxy until SIGTERM or SIGINT.
@@ -85,10 +87,26 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         tokio::spawn(listener::run(sock, ctx, stop.clone(), tracker.clone()));
         pools.push((cfg, pool));
     }
+    // VIPs: each VRRP instance runs until `vip_stop`, which is cancelled first on the way
+    // out so the backup takes over while this host still drains its sessions.
+    let vip_stop = CancellationToken::new();
+    let mut vip_tasks = Vec::new();
+    let mut vip_status = Vec::new();
+    for v in &config.vips {
+        let st = vip::driver::initial_status(v);
+        vip_status.push(st.clone());
+        let (v, stop) = (v.clone(), vip_stop.clone());
+        vip_tasks.push(tokio::spawn(async move {
+            if let Err(e) = vip::driver::run(v.clone(), st, stop).await {
+                error!("{e}; this host will not hold {}", v.addr);
+            }
+        }));
+    }
     let shared = Arc::new(Shared {
         metrics,
         clusters: config.clusters.iter().map(|c| clusters[&c.name].clone()).collect(),
         listeners: pools,
+        vips: vip_status,
     });
     if let Some(sock) = admin_sock {
         tokio::spawn(admin::serve(sock, shared.clone(), stop.clone()));
@@ -105,6 +123,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
     };
     info!(graceful, open = tracker.len(), "stopping");
+    vip_stop.cancel();
+    for t in vip_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     stop.cancel();
     tracker.close();
     if graceful && tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {

@@ -26,6 +26,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Floating addresses.
+    Vip {
+        #[command(subcommand)]
+        cmd: VipCmd,
+    },
     /// Show clusters, members and listeners of a running proxy (from its admin endpoint).
     Status {
         /// Admin endpoint of the proxy.
@@ -34,6 +39,16 @@ enum Cmd {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    /// Remove every VIP of the configuration from its interface (for ExecStopPost after a
+    /// crash, so two hosts never answer for one address). Exit 0 whether it was there or not.
+    Release {
+        #[arg(short, long, default_value = "/etc/pgfront/pgfront.toml")]
+        config: PathBuf,
     },
 }
 
@@ -89,6 +104,34 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Status { admin, json } => status(&admin, json),
+        Cmd::Vip { cmd: VipCmd::Release { config } } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut code = ExitCode::SUCCESS;
+            for v in &cfg.vips {
+                match rt.block_on(pgfront::vip::driver::release(v)) {
+                    Ok(true) => println!("{}: removed {}/{} from {}", v.name, v.addr, v.prefix, v.interface),
+                    Ok(false) => println!("{}: {}/{} was not on {}", v.name, v.addr, v.prefix, v.interface),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        code = ExitCode::FAILURE;
+                    }
+                }
+            }
+            code
+        }
     }
 }
 

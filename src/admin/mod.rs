@@ -35,6 +35,7 @@ pub struct Status {
     pub version: &'static str,
     pub clusters: Vec<ClusterStatus>,
     pub listeners: Vec<ListenerStatus>,
+    pub vips: Vec<crate::vip::driver::VipStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,7 +119,8 @@ pub fn status(shared: &Shared) -> Status {
             pool: pool.status(),
         })
         .collect();
-    Status { version: env!("CARGO_PKG_VERSION"), clusters, listeners }
+    let vips = shared.vips.iter().filter_map(|v| v.lock().ok().map(|s| s.clone())).collect();
+    Status { version: env!("CARGO_PKG_VERSION"), clusters, listeners, vips }
 }
 
 /// Serves the admin routes until `stop` is cancelled.
@@ -241,6 +243,19 @@ fn page(s: &Status) -> String {
             servers.join("<br>")
         );
     }
-    h.push_str("</table></body></html>");
+    h.push_str("</table>");
+    if !s.vips.is_empty() {
+        h.push_str("<h2>VIPs</h2><table><tr><th>vip</th><th>address</th><th>interface</th><th>vrid</th><th>state</th><th>priority</th><th>master seen</th><th>transitions</th><th>GARPs</th></tr>");
+        for v in &s.vips {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&v.name), esc(&v.address), esc(&v.interface), v.vrid, v.state, v.priority,
+                esc(v.master_seen.as_deref().unwrap_or("-")), v.transitions, v.garps_sent
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</body></html>");
     h
 }

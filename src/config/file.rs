@@ -22,6 +22,37 @@ pub struct FileConfig {
     pub clusters: Vec<Spanned<FileCluster>>,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Spanned<FileListener>>,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<Spanned<FileVip>>,
+}
+
+/// `[[vip]]`: a floating address this host holds while it is the elected master.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileVip {
+    pub name: String,
+    /// `"198.51.100.10/24"`.
+    pub address: String,
+    pub interface: String,
+    pub election: Option<FileElection>,
+    pub vrid: u8,
+    pub priority: Option<u8>,
+    pub version: Option<u8>,
+    pub advert_interval: Option<HumanDuration>,
+    pub preempt: Option<bool>,
+    pub preempt_delay: Option<HumanDuration>,
+    pub auth_pass: Option<String>,
+    #[serde(default)]
+    pub unicast_peers: Vec<std::net::IpAddr>,
+    pub garp_count: Option<u32>,
+    pub garp_interval: Option<HumanDuration>,
+    pub garp_refresh: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileElection {
+    Vrrp,
 }
 
 /// `[admin]`: the HTTP endpoint for metrics and status.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use file::{FileBalance, FileCluster, FileConfig, FileEtcdApi, FileListener, FileRole};
+use file::{FileBalance, FileCluster, FileConfig, FileEtcdApi, FileListener, FileRole, FileVip};
 
 pub const DEFAULT_NAMESPACE: &str = "/service/";
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -26,6 +26,13 @@ pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 pub const DEFAULT_BACKLOG: u32 = 1024;
+pub const DEFAULT_VRRP_PRIORITY: u8 = 100;
+pub const DEFAULT_VRRP_VERSION: u8 = 3;
+/// Sub-second by default (VRRPv3): a dead holder is replaced in ~0.36 s.
+pub const DEFAULT_ADVERT_INTERVAL_V3: Duration = Duration::from_millis(100);
+pub const DEFAULT_ADVERT_INTERVAL_V2: Duration = Duration::from_secs(1);
+pub const DEFAULT_GARP_COUNT: u32 = 3;
+pub const DEFAULT_GARP_INTERVAL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,6 +51,29 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub clusters: Vec<Arc<ClusterConfig>>,
     pub listeners: Vec<Arc<ListenerConfig>>,
+    pub vips: Vec<Arc<VipConfig>>,
+}
+
+/// A floating address elected by VRRP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipConfig {
+    pub name: String,
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+    pub interface: String,
+    pub vrid: u8,
+    pub priority: u8,
+    pub version: crate::vip::packet::Version,
+    pub advert_interval: Duration,
+    pub preempt: bool,
+    pub preempt_delay: Duration,
+    pub auth_pass: Option<String>,
+    /// Empty: multicast (224.0.0.18 / ff02::12).
+    pub unicast_peers: Vec<std::net::IpAddr>,
+    pub garp_count: u32,
+    pub garp_interval: Duration,
+    /// `None`: no periodic re-announcement while master.
+    pub garp_refresh: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +251,20 @@ impl Resolver<'_> {
             }
             listeners.push(Arc::new(l));
         }
-        Ok(Config { admin: file.admin.map(|a| a.into_inner().listen), clusters, listeners })
+        let mut vips = Vec::new();
+        let mut vnames = HashSet::new();
+        for (i, v) in file.vips.into_iter().enumerate() {
+            let span = v.span();
+            let v = self.vip(i, span.clone(), v.into_inner())?;
+            if !vnames.insert(v.name.clone()) {
+                return Err(self.err(span, format!("vip[{i}].name"), format!("duplicate vip name {:?}", v.name)));
+            }
+            if vips.iter().any(|o: &Arc<VipConfig>| o.interface == v.interface && o.vrid == v.vrid && o.addr.is_ipv4() == v.addr.is_ipv4()) {
+                return Err(self.err(span, format!("vip[{i}].vrid"), format!("vrid {} is used twice on {}", v.vrid, v.interface)));
+            }
+            vips.push(Arc::new(v));
+        }
+        Ok(Config { admin: file.admin.map(|a| a.into_inner().listen), clusters, listeners, vips })
     }
 
     fn cluster(&self, i: usize, span: std::ops::Range<usize>, c: FileCluster) -> Result<ClusterConfig, ConfigError> {
@@ -390,6 +433,81 @@ impl Resolver<'_> {
             max_replica_lag: l.max_replica_lag.map(|s| s.0),
             drain_grace: l.drain_grace.map_or(Duration::ZERO, |d| d.0),
             backlog,
+        })
+    }
+}
+
+impl Resolver<'_> {
+    fn vip(&self, i: usize, span: std::ops::Range<usize>, v: FileVip) -> Result<VipConfig, ConfigError> {
+        use crate::vip::packet::Version;
+        let bad = |name: &str, reason: String| self.err(span.clone(), format!("vip[{i}].{name}"), reason);
+        if !valid_name(&v.name) {
+            return Err(bad("name", format!("{:?}: use letters, digits, '-', '_' or '.'", v.name)));
+        }
+        let (addr, prefix) = v
+            .address
+            .split_once('/')
+            .and_then(|(a, p)| Some((a.parse::<std::net::IpAddr>().ok()?, p.parse::<u8>().ok()?)))
+            .filter(|(a, p)| *p <= if a.is_ipv4() { 32 } else { 128 })
+            .ok_or_else(|| bad("address", format!("{:?}: write ADDRESS/PREFIX, e.g. \"198.51.100.10/24\"", v.address)))?;
+        if v.interface.is_empty() || v.interface.len() > 15 {
+            return Err(bad("interface", format!("{:?} is not an interface name", v.interface)));
+        }
+        if v.vrid == 0 {
+            return Err(bad("vrid", "must be between 1 and 255".into()));
+        }
+        let priority = v.priority.unwrap_or(DEFAULT_VRRP_PRIORITY);
+        if !(1..=254).contains(&priority) {
+            return Err(bad("priority", "must be between 1 and 254 (255 is the address owner's)".into()));
+        }
+        let version = match v.version.unwrap_or(DEFAULT_VRRP_VERSION) {
+            2 => Version::V2,
+            3 => Version::V3,
+            n => return Err(bad("version", format!("{n}: VRRP version is 2 or 3"))),
+        };
+        if version == Version::V2 && addr.is_ipv6() {
+            return Err(bad("version", "IPv6 needs VRRP version 3".into()));
+        }
+        let advert_interval = v.advert_interval.map(|d| d.0).unwrap_or(match version {
+            Version::V2 => DEFAULT_ADVERT_INTERVAL_V2,
+            Version::V3 => DEFAULT_ADVERT_INTERVAL_V3,
+        });
+        match version {
+            Version::V2 if advert_interval.subsec_nanos() != 0 || !(1..=255).contains(&advert_interval.as_secs()) => {
+                return Err(bad("advert_interval", "VRRPv2 advertises whole seconds, 1s to 255s (use version = 3 below a second)".into()));
+            }
+            Version::V3 if advert_interval.as_millis() % 10 != 0 || !(10..=40950).contains(&advert_interval.as_millis()) => {
+                return Err(bad("advert_interval", "VRRPv3 advertises in centiseconds, 10ms to 40.95s".into()));
+            }
+            _ => {}
+        }
+        if let Some(p) = &v.auth_pass {
+            if version != Version::V2 {
+                return Err(bad("auth_pass", "authentication exists in VRRP version 2 only".into()));
+            }
+            if p.is_empty() || p.len() > 8 {
+                return Err(bad("auth_pass", "1 to 8 characters (keepalived uses the first 8)".into()));
+            }
+        }
+        if let Some(p) = v.unicast_peers.iter().find(|p| p.is_ipv4() != addr.is_ipv4()) {
+            return Err(bad("unicast_peers", format!("{p} is not of the address family of {addr}")));
+        }
+        Ok(VipConfig {
+            name: v.name,
+            addr,
+            prefix,
+            interface: v.interface,
+            vrid: v.vrid,
+            priority,
+            version,
+            advert_interval,
+            preempt: v.preempt.unwrap_or(true),
+            preempt_delay: v.preempt_delay.map_or(Duration::ZERO, |d| d.0),
+            auth_pass: v.auth_pass,
+            unicast_peers: v.unicast_peers,
+            garp_count: v.garp_count.unwrap_or(DEFAULT_GARP_COUNT),
+            garp_interval: v.garp_interval.map_or(DEFAULT_GARP_INTERVAL, |d| d.0),
+            garp_refresh: v.garp_refresh.map(|d| d.0).filter(|d| !d.is_zero()),
         })
     }
 }

@@ -5,5 +5,8 @@
 //! I/O: `netlink` (add/remove the address), `garp` (gratuitous ARP), `driver` (raw VRRP
 //! socket, timers, and the glue that turns the state machine's actions into I/O).
 
+pub mod driver;
 pub mod fsm;
+pub mod garp;
+pub mod netlink;
 pub mod packet;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Fails with the install command when a binary the tests need is missing.

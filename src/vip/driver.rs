@@ -1,0 +1,330 @@
+//! The I/O around one VRRP instance: a raw IP-protocol-112 socket on the interface (multicast
+//! joined, or unicast peers), the state machine's timers, and its actions carried out through
+//! netlink (address) and pnet (gratuitous ARP).
+//!
+//! Received packets are checked as RFC 5798 §7.1 asks before the state machine sees them: TTL
+//! 255, our VRID, a valid checksum, the same version, and for VRRPv2 the same password. A bad
+//! packet is counted and logged at debug level, never fatal.
+//!
+//! On start a VIP found on the interface is removed (a crash may have left it); on stop a
+//! master sends a priority-0 advertisement and removes it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::fsm::{Action, FsmConfig, Heard, State, Vrrp};
+use super::garp::{self, Announcer};
+use super::netlink::{self, Netlink};
+use super::packet::{self, Advert, Version};
+use crate::config::VipConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VipError {
+    #[error("vip {name}: {reason}")]
+    Setup { name: String, reason: String },
+    #[error("vip {name}: {source}")]
+    Netlink { name: String, source: netlink::NetlinkError },
+    #[error("vip {name}: {source}")]
+    Garp { name: String, source: garp::GarpError },
+    #[error("vip {name}: raw VRRP socket: {source}")]
+    Socket { name: String, source: std::io::Error },
+}
+
+/// What the admin endpoint shows of a VIP.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    pub interface: String,
+    pub vrid: u8,
+    pub version: Version,
+    pub state: State,
+    pub priority: u8,
+    pub master_seen: Option<String>,
+    pub transitions: u64,
+    pub garps_sent: u64,
+    pub bad_packets: u64,
+}
+
+pub type SharedVipStatus = Arc<Mutex<VipStatus>>;
+
+pub fn initial_status(cfg: &VipConfig) -> SharedVipStatus {
+    Arc::new(Mutex::new(VipStatus {
+        name: cfg.name.clone(),
+        address: format!("{}/{}", cfg.addr, cfg.prefix),
+        interface: cfg.interface.clone(),
+        vrid: cfg.vrid,
+        version: cfg.version,
+        state: State::Initialize,
+        priority: cfg.priority,
+        master_seen: None,
+        transitions: 0,
+        garps_sent: 0,
+        bad_packets: 0,
+    }))
+}
+
+/// The interface's own address of the VIP's family (not the VIP): source of adverts and
+/// tie-breaker between equal priorities.
+fn local_addr(cfg: &VipConfig) -> Option<IpAddr> {
+    let iface = garp::interface(&cfg.interface)?;
+    iface.ips.iter().map(|n| n.ip()).find(|ip| ip.is_ipv4() == cfg.addr.is_ipv4() && *ip != cfg.addr)
+}
+
+fn open_socket(cfg: &VipConfig, local: Ipv4Addr) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(packet::IPPROTO_VRRP))))?;
+    // Bound to the device, not to an address: a raw socket bound to an address only receives
+    // packets sent to that address, and adverts go to 224.0.0.18.
+    s.bind_device(Some(cfg.interface.as_bytes()))?;
+    s.set_ttl_v4(255)?;
+    s.set_multicast_ttl_v4(255)?;
+    s.set_multicast_loop_v4(false)?;
+    s.set_multicast_if_v4(&local)?;
+    let index = netlink::ifindex(&cfg.interface).map_err(|e| std::io::Error::other(e.to_string()))?;
+    s.join_multicast_v4_n(&packet::MCAST_V4, &InterfaceIndexOrAddress::Index(index))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+struct Driver {
+    cfg: Arc<VipConfig>,
+    local: Ipv4Addr,
+    vip: Ipv4Addr,
+    sock: AsyncFd<Socket>,
+    netlink: Netlink,
+    announcer: Option<Announcer>,
+    fsm: Vrrp,
+    status: SharedVipStatus,
+    auth: Option<[u8; 8]>,
+}
+
+/// Releases the VIP if it is configured on its interface (after a crash, or for
+/// `pgfront vip release`). Returns whether it was there.
+pub async fn release(cfg: &VipConfig) -> Result<bool, VipError> {
+    let nl = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
+    nl.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })
+}
+
+/// Runs one VRRP instance until `stop`; then hands over cleanly.
+pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, stop: CancellationToken) -> Result<(), VipError> {
+    let setup = |reason: String| VipError::Setup { name: cfg.name.clone(), reason };
+    let IpAddr::V4(vip) = cfg.addr else {
+        return Err(setup("IPv6 VIPs are not supported yet by the VRRP driver".into()));
+    };
+    let Some(IpAddr::V4(local)) = local_addr(&cfg) else {
+        return Err(setup(format!("interface {} has no IPv4 address of its own", cfg.interface)));
+    };
+    let netlink = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
+    if netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })? {
+        warn!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, "removed a VIP left on the interface (crash?); it is taken again only if elected");
+    }
+    let sock = open_socket(&cfg, local)
+        .and_then(|s| {
+            // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is not
+            // reused) for as long as it is registered.
+            unsafe { AsyncFd::register(s) }.map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .map_err(|source| VipError::Socket { name: cfg.name.clone(), source })?;
+    let announcer = match Announcer::open(&cfg.interface) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            error!(vip = %cfg.name, error = %e, "gratuitous ARP unavailable; clients learn the VIP's MAC by ARP only");
+            None
+        }
+    };
+    let fsm = Vrrp::new(FsmConfig {
+        version: cfg.version,
+        priority: cfg.priority,
+        interval: cfg.advert_interval,
+        preempt: cfg.preempt,
+        preempt_delay: cfg.preempt_delay,
+        local_addr: IpAddr::V4(local),
+    });
+    let auth = cfg.auth_pass.as_deref().map(packet::auth_bytes);
+    let mut d = Driver { cfg: cfg.clone(), local, vip, sock, netlink, announcer, fsm, status, auth };
+    info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
+          version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, "VRRP instance starting");
+    d.fsm.handle_startup(Instant::now());
+    d.run(stop).await
+}
+
+impl Driver {
+    async fn run(&mut self, stop: CancellationToken) -> Result<(), VipError> {
+        let mut refresh = self.cfg.garp_refresh.map(|p| tokio::time::interval_at(Instant::now() + p, p));
+        loop {
+            self.act().await;
+            let deadline = self.fsm.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => self.fsm.handle_timeout(Instant::now()),
+                r = self.sock.readable() => {
+                    let mut packets = Vec::new();
+                    match r {
+                        Ok(mut guard) => {
+                            let mut buf = [0u8; 1500];
+                            loop {
+                                match std::io::Read::read(&mut guard.get_inner(), &mut buf) {
+                                    Ok(n) => packets.push(buf[..n].to_vec()),
+                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                        guard.clear_ready();
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        warn!(vip = %self.cfg.name, error = %e, "VRRP receive");
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => return Err(VipError::Socket { name: self.cfg.name.clone(), source: e }),
+                    }
+                    for p in packets {
+                        self.on_packet(&p);
+                    }
+                }
+                _ = async { refresh.as_mut().unwrap().tick().await }, if refresh.is_some() && self.fsm.state() == State::Master => {
+                    self.announce_once();
+                }
+                _ = stop.cancelled() => {
+                    self.fsm.handle_shutdown(Instant::now());
+                    self.act().await;
+                    info!(vip = %self.cfg.name, "VRRP instance stopped");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// RFC 5798 §7.1 checks on a raw IPv4 packet, then the state machine.
+    fn on_packet(&mut self, raw: &[u8]) {
+        let bad = |d: &mut Driver, why: String| {
+            debug!(vip = %d.cfg.name, "ignoring VRRP packet: {why}");
+            if let Ok(mut s) = d.status.lock() {
+                s.bad_packets += 1;
+            }
+        };
+        if raw.len() < 20 || raw[0] >> 4 != 4 {
+            return bad(self, "not IPv4".into());
+        }
+        let ihl = usize::from(raw[0] & 0x0f) * 4;
+        if ihl < 20 || raw.len() < ihl {
+            return bad(self, "bad IP header length".into());
+        }
+        let src = IpAddr::from([raw[12], raw[13], raw[14], raw[15]]);
+        let dst = IpAddr::from([raw[16], raw[17], raw[18], raw[19]]);
+        if src == IpAddr::V4(self.local) {
+            return;
+        }
+        if raw[8] != 255 {
+            return bad(self, format!("TTL {} from {src} (must be 255)", raw[8]));
+        }
+        let a = match packet::decode(&raw[ihl..], src, dst) {
+            Ok(a) => a,
+            Err(e) => return bad(self, format!("from {src}: {e}")),
+        };
+        if a.vrid != self.cfg.vrid {
+            return; // another virtual router on the segment
+        }
+        if a.version != self.cfg.version {
+            return bad(self, format!("from {src}: version {:?}, we run {:?}", a.version, self.cfg.version));
+        }
+        if a.version == Version::V2 && a.auth != self.auth {
+            return bad(self, format!("from {src}: authentication mismatch"));
+        }
+        if !a.addrs.contains(&self.cfg.addr) {
+            debug!(vip = %self.cfg.name, %src, addrs = ?a.addrs, "advertisement lists other addresses than ours");
+        }
+        self.fsm.handle_advert(Instant::now(), Heard { src, priority: a.priority, interval: a.interval() });
+    }
+
+    fn send_advert(&self, priority: u8) {
+        let a = Advert {
+            version: self.cfg.version,
+            vrid: self.cfg.vrid,
+            priority,
+            interval_cs: (self.cfg.advert_interval.as_millis() / 10).min(0x0fff) as u16,
+            addrs: vec![self.cfg.addr],
+            auth: self.auth,
+        };
+        let dsts: Vec<IpAddr> =
+            if self.cfg.unicast_peers.is_empty() { vec![IpAddr::V4(packet::MCAST_V4)] } else { self.cfg.unicast_peers.clone() };
+        for dst in dsts {
+            let IpAddr::V4(d4) = dst else { continue };
+            let bytes = packet::encode(&a, IpAddr::V4(self.local), dst);
+            if let Err(e) = self.sock.get_ref().send_to(&bytes, &SockAddr::from(SocketAddrV4::new(d4, 0))) {
+                warn!(vip = %self.cfg.name, %dst, error = %e, "VRRP send");
+            }
+        }
+    }
+
+    fn announce_once(&mut self) {
+        if let Some(a) = self.announcer.as_mut() {
+            match a.announce(self.vip) {
+                Ok(()) => {
+                    if let Ok(mut s) = self.status.lock() {
+                        s.garps_sent += 1;
+                    }
+                }
+                Err(e) => warn!(vip = %self.cfg.name, error = %e, "gratuitous ARP"),
+            }
+        }
+    }
+
+    async fn act(&mut self) {
+        while let Some(a) = self.fsm.poll_action() {
+            match a {
+                Action::SendAdvert { priority } => self.send_advert(priority),
+                Action::AddAddresses => {
+                    if let Err(e) = self.netlink.add(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
+                        error!(vip = %self.cfg.name, error = %e, "cannot add the VIP");
+                    }
+                }
+                Action::DelAddresses => {
+                    if let Err(e) = self.netlink.del(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
+                        error!(vip = %self.cfg.name, error = %e, "cannot remove the VIP");
+                    }
+                }
+                Action::Announce => {
+                    // A burst: the first at once, the rest spaced so a lost frame is repeated.
+                    self.announce_once();
+                    let (n, every) = (self.cfg.garp_count.saturating_sub(1), self.cfg.garp_interval);
+                    if n > 0 {
+                        let cfg = self.cfg.clone();
+                        let status = self.status.clone();
+                        let vip = self.vip;
+                        tokio::spawn(async move {
+                            let Ok(mut a) = Announcer::open(&cfg.interface) else { return };
+                            for _ in 0..n {
+                                tokio::time::sleep(every).await;
+                                if status.lock().map(|s| s.state != State::Master).unwrap_or(true) {
+                                    return;
+                                }
+                                if a.announce(vip).is_ok() {
+                                    if let Ok(mut s) = status.lock() {
+                                        s.garps_sent += 1;
+                                    }
+                                }
+                            }
+                        });
+                    }
+                }
+                Action::StateChanged { from, to } => {
+                    info!(vip = %self.cfg.name, addr = %self.cfg.addr, from = ?from, to = ?to,
+                          master_seen = ?self.fsm.master_seen, priority = self.fsm.priority(), "VRRP state change");
+                }
+            }
+        }
+        if let Ok(mut s) = self.status.lock() {
+            s.state = self.fsm.state();
+            s.priority = self.fsm.priority();
+            s.transitions = self.fsm.transitions;
+            s.master_seen = self.fsm.master_seen.map(|(a, p)| format!("{a} (priority {p})"));
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The floating VIP, tested on a private segment built in network namespaces (see
+//! tests/common/netns.rs; nothing reaches the host's own interfaces): two pgfront instances
+//! elect one holder, a crash or a clean stop moves the VIP and the client follows thanks to
+//! the gratuitous ARP, preempt and nopreempt behave, garbage VRRP packets change nothing, and a
+//! mixed pair pgfront + keepalived 2.2 elects whichever has the higher priority.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::netns::*;
+use common::*;
+
+const ADMIN: u16 = 7000;
+
+struct Vrrp {
+    priority: u8,
+    version: u8,
+    interval: &'static str,
+    preempt: bool,
+}
+
+fn config(host: &str, vrrp: Option<&Vrrp>) -> String {
+    let mut c = format!(
+        "[admin]\nlisten = \"0.0.0.0:{ADMIN}\"\n[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n\
+         [[listener]]\nname = \"{host}\"\ncluster = \"c\"\nbind = \"0.0.0.0:5432\"\n"
+    );
+    if let Some(v) = vrrp {
+        c.push_str(&format!(
+            "[[vip]]\nname = \"rw\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\nvrid = 51\npriority = {}\nversion = {}\n\
+             advert_interval = \"{}\"\npreempt = {}\n",
+            v.priority, v.version, v.interval, v.preempt
+        ));
+        if v.version == 2 {
+            c.push_str("auth_pass = \"secret\"\n");
+        }
+    }
+    c
+}
+
+/// pgfront running inside namespace `n` of `seg`.
+fn start_pgfront(seg: &Segment, dir: &std::path::Path, n: &str, vrrp: Option<&Vrrp>) -> Proc {
+    let cfg = dir.join(format!("{n}.toml"));
+    std::fs::write(&cfg, config(n, vrrp)).unwrap();
+    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    cmd.args(["proxy", "-c", cfg.to_str().unwrap()]).env("RUST_LOG", "info,pgfront::vip=debug");
+    Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
+}
+
+fn start_keepalived(seg: &Segment, dir: &std::path::Path, n: &str, priority: u8, version: u8, interval: &str) -> Proc {
+    let bin = require("keepalived", "keepalived");
+    let cfg = dir.join(format!("{n}-keepalived.conf"));
+    let auth = if version == 2 { "  authentication {\n    auth_type PASS\n    auth_pass secret\n  }\n" } else { "" };
+    std::fs::write(
+        &cfg,
+        format!(
+            "global_defs {{\n  router_id {n}\n  vrrp_version {version}\n  script_user root\n  enable_script_security\n}}\n\
+             vrrp_instance rw {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int {interval}\n{auth}\
+               virtual_ipaddress {{\n    {VIP}/24 dev eth0\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let pid = |k: &str| dir.join(format!("{n}-{k}.pid")).to_str().unwrap().to_owned();
+    let mut cmd = seg.cmd(n, bin.to_str().unwrap());
+    cmd.args(["-n", "-l", "-D", "-P", "-f", cfg.to_str().unwrap(), "-p", &pid("main"), "-r", &pid("vrrp"), "-c", &pid("checkers")]);
+    Proc::spawn(&format!("{n}-keepalived"), cmd, &dir.join(format!("{n}-keepalived.log")), false)
+}
+
+/// Which host answers on the VIP, asked from the client namespace.
+fn answers(seg: &Segment) -> Option<String> {
+    seg.run_in("cli", || who_answers(ADMIN, Duration::from_millis(500)))
+}
+
+fn wait_holder(seg: &Segment, n: &str, other: &str, limit: Duration) {
+    wait_for(&format!("{n} to hold the VIP alone"), limit, || (seg.holds_vip(n) && !seg.holds_vip(other)).then_some(()));
+    wait_for(&format!("the client to reach {n} on the VIP"), limit, || (answers(seg).as_deref() == Some(n)).then_some(()));
+}
+
+/// Injects a failure, and returns how long until the client is served by `new`: a probe
+/// starts a short connect every 10 ms without waiting for the previous one.
+fn failover(seg: &Segment, new: &str, inject: impl FnOnce()) -> Duration {
+    let want = new.to_owned();
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    let probe = {
+        let path = format!("/var/run/netns/{}", seg.ns("cli"));
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(&path).unwrap();
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let t_inject = rx.recv().unwrap();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<Instant>();
+            let end = t_inject + Duration::from_secs(15);
+            while Instant::now() < end {
+                if let Ok(t) = done_rx.try_recv() {
+                    return Some(t - t_inject);
+                }
+                let (want, done_tx) = (want.clone(), done_tx.clone());
+                // Threads inherit this thread's network namespace.
+                std::thread::spawn(move || {
+                    if who_answers(ADMIN, Duration::from_millis(300)).as_deref() == Some(want.as_str()) {
+                        let _ = done_tx.send(Instant::now());
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done_rx.try_recv().ok().map(|t| t - t_inject)
+        })
+    };
+    // A random offset within the advert interval, as a real failure would fall.
+    std::thread::sleep(Duration::from_millis(200 + u64::from(std::process::id() % 97)));
+    let t = Instant::now();
+    inject();
+    tx.send(t).unwrap();
+    probe.join().unwrap().unwrap_or_else(|| panic!("the client was not served by {new} within 15 s"))
+}
+
+fn vip_status(seg: &Segment) -> Option<serde_json::Value> {
+    seg.run_in("cli", || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&format!("{VIP}:{ADMIN}").parse().unwrap(), Duration::from_secs(1)).ok()?;
+        s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
+        let mut b = String::new();
+        s.read_to_string(&mut b).ok()?;
+        serde_json::from_str::<serde_json::Value>(b.split_once("\r\n\r\n")?.1).ok().map(|v| v["vips"][0].clone())
+    })
+}
+
+#[test]
+fn pgfront_pair_elects_moves_and_hands_over() {
+    let seg = Segment::new("a");
+    let dir = tempfile::tempdir().unwrap();
+    let v = |priority, preempt| Vrrp { priority, version: 3, interval: "100ms", preempt };
+    let mut lb1 = start_pgfront(&seg, dir.path(), "lb1", Some(&v(150, true)));
+    let mut lb2 = start_pgfront(&seg, dir.path(), "lb2", Some(&v(100, true)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_holder(&seg, "lb1", "lb2", Duration::from_secs(10));
+
+        // Crash of the holder: the whole process dies, its VIP stays configured (as after a
+        // real crash); the backup takes over and its gratuitous ARP moves the client.
+        let t = failover(&seg, "lb2", || lb1.signal_group(libc::SIGKILL));
+        eprintln!("pgfront pair, VRRPv3 100 ms: holder SIGKILLed -> client served by the backup in {t:?}");
+        assert!(seg.holds_vip("lb2"));
+        assert!(seg.holds_vip("lb1"), "a crash leaves the address behind");
+        let out = seg
+            .cmd("lb1", env!("CARGO_BIN_EXE_pgfront"))
+            .args(["vip", "release", "-c", dir.path().join("lb1.toml").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("removed 198.51.100.10/24 from eth0"));
+        assert!(!seg.holds_vip("lb1"), "`pgfront vip release` removed it");
+
+        // Restarted with the higher priority and preempt: it takes the VIP back.
+        lb1.stop(Duration::from_secs(1));
+        lb1 = start_pgfront(&seg, dir.path(), "lb1", Some(&v(150, true)));
+        wait_holder(&seg, "lb1", "lb2", Duration::from_secs(10));
+
+        // Clean stop: a priority-0 advert hands over at once.
+        let t = failover(&seg, "lb2", || lb1.signal(libc::SIGTERM));
+        eprintln!("pgfront pair, VRRPv3 100 ms: clean stop -> client served by the backup in {t:?}");
+        wait_for("lb1 to exit", Duration::from_secs(40), || (!lb1.running()).then_some(()));
+        assert!(!seg.holds_vip("lb1"), "a clean stop removes the address");
+
+        // nopreempt: a higher-priority host that joins later leaves the master in place.
+        lb1 = start_pgfront(&seg, dir.path(), "lb1", Some(&v(150, false)));
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(seg.holds_vip("lb2") && !seg.holds_vip("lb1"), "nopreempt keeps the current master");
+
+        // Garbage VRRP packets (random bytes, wrong checksums, wrong TTL) from the client
+        // namespace change nothing, and are counted.
+        let before = vip_status(&seg).unwrap();
+        seg.run_in("cli", || {
+            use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(112))).unwrap();
+            s.set_multicast_ttl_v4(255).unwrap();
+            s.set_ttl_v4(255).unwrap();
+            let mut x: u64 = 0x9e3779b97f4a7c15;
+            for i in 0..500u32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = (x % 60) as usize;
+                let mut p: Vec<u8> = (0..len).map(|k| (x >> (k % 8 * 8)) as u8 ^ k as u8).collect();
+                if i % 3 == 0 && p.len() >= 8 {
+                    p[0] = 0x31; // looks like VRRPv3 for vrid…
+                    p[1] = 51; // …ours, with a high priority: only the checksum stops it
+                    p[2] = 254;
+                }
+                let dst: std::net::SocketAddr = if i % 2 == 0 { "224.0.0.18:0".parse().unwrap() } else { "198.51.100.12:0".parse().unwrap() };
+                let _ = s.send_to(&p, &SockAddr::from(dst));
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(seg.holds_vip("lb2") && !seg.holds_vip("lb1"), "garbage changed nothing");
+        let after = vip_status(&seg).unwrap();
+        assert_eq!(after["state"], "master");
+        assert_eq!(after["transitions"], before["transitions"]);
+        assert!(after["bad_packets"].as_u64().unwrap() > before["bad_packets"].as_u64().unwrap(), "bad packets are counted: {after}");
+        assert!(lb1.running() && lb2.running(), "nobody crashed");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.log_tail(30), lb2.log_tail(30));
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn mixed_pair_with_keepalived_elects_the_higher_priority() {
+    let seg = Segment::new("b");
+    let dir = tempfile::tempdir().unwrap();
+    // lb2 runs keepalived for the VIP and pgfront (no VIP) to answer the client.
+    let _lb2_proxy = start_pgfront(&seg, dir.path(), "lb2", None);
+    let mut ka = start_keepalived(&seg, dir.path(), "lb2", 200, 2, "1");
+    let lb1 = start_pgfront(&seg, dir.path(), "lb1", Some(&Vrrp { priority: 100, version: 2, interval: "1s", preempt: true }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // keepalived has the higher priority: it holds the VIP; pgfront follows as backup.
+        wait_holder(&seg, "lb2", "lb1", Duration::from_secs(15));
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(!seg.holds_vip("lb1"), "pgfront accepts keepalived's adverts (VRRPv2 with auth)");
+        // keepalived dies: pgfront takes over.
+        let t = failover(&seg, "lb1", || ka.signal_group(libc::SIGKILL));
+        eprintln!("mixed pair, VRRPv2 1 s: keepalived SIGKILLed -> pgfront serves the client in {t:?}");
+        ka.stop(Duration::from_secs(1));
+        let _ = Command::new("ip").args(["-n", &seg.ns("lb2"), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]).output();
+        // keepalived comes back with a lower priority: pgfront stays master and keepalived
+        // accepts pgfront's adverts.
+        ka = start_keepalived(&seg, dir.path(), "lb2", 50, 2, "1");
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(seg.holds_vip("lb1") && !seg.holds_vip("lb2"), "keepalived accepts pgfront's adverts as master");
+        // pgfront stops cleanly: keepalived takes over at once on the priority-0 advert.
+        let t = failover(&seg, "lb2", || lb1.signal(libc::SIGTERM));
+        eprintln!("mixed pair, VRRPv2 1 s: pgfront clean stop -> keepalived serves the client in {t:?}");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- lb1 ---\n{}\n--- keepalived ---\n{}", lb1.log_tail(30), ka.log_tail(30));
+        std::panic::resume_unwind(e);
+    }
+}
