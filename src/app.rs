@@ -92,12 +92,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let vip_stop = CancellationToken::new();
     let mut vip_tasks = Vec::new();
     let mut vip_status = Vec::new();
+    let fitness = fitness(&config, &clusters);
     for v in &config.vips {
         let st = vip::driver::initial_status(v);
         vip_status.push(st.clone());
-        let (v, stop) = (v.clone(), vip_stop.clone());
+        let (v, stop, fit) = (v.clone(), vip_stop.clone(), fitness.clone());
         vip_tasks.push(tokio::spawn(async move {
-            if let Err(e) = vip::driver::run(v.clone(), st, stop).await {
+            if let Err(e) = vip::driver::run(v.clone(), st, fit, stop).await {
                 error!("{e}; this host will not hold {}", v.addr);
             }
         }));
@@ -138,6 +139,22 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The proxy is fit to hold a VIP while every cluster behind a primary listener has etcd
+/// reachable and a routable primary.
+fn fitness(config: &Config, clusters: &HashMap<String, ClusterHandle>) -> vip::driver::Fitness {
+    let watched: Vec<ClusterHandle> = config
+        .listeners
+        .iter()
+        .filter(|l| l.role == crate::config::Role::Primary)
+        .filter_map(|l| clusters.get(&l.cluster).cloned())
+        .collect();
+    Arc::new(move || {
+        watched.iter().all(|c| {
+            c.health.etcd_up.load(std::sync::atomic::Ordering::Relaxed) && c.view.borrow().primary().is_some()
+        })
+    })
 }
 
 /// Applies every new view of the cluster to one listener's pool, as soon as it arrives.

@@ -7,113 +7,10 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::*;
 use common::*;
-
-const ADMIN: u16 = 7000;
-
-struct Vrrp {
-    priority: u8,
-    version: u8,
-    interval: &'static str,
-    preempt: bool,
-}
-
-fn config(host: &str, vrrp: Option<&Vrrp>) -> String {
-    let mut c = format!(
-        "[admin]\nlisten = \"0.0.0.0:{ADMIN}\"\n[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n\
-         [[listener]]\nname = \"{host}\"\ncluster = \"c\"\nbind = \"0.0.0.0:5432\"\n"
-    );
-    if let Some(v) = vrrp {
-        c.push_str(&format!(
-            "[[vip]]\nname = \"rw\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\nvrid = 51\npriority = {}\nversion = {}\n\
-             advert_interval = \"{}\"\npreempt = {}\n",
-            v.priority, v.version, v.interval, v.preempt
-        ));
-        if v.version == 2 {
-            c.push_str("auth_pass = \"secret\"\n");
-        }
-    }
-    c
-}
-
-/// pgfront running inside namespace `n` of `seg`.
-fn start_pgfront(seg: &Segment, dir: &std::path::Path, n: &str, vrrp: Option<&Vrrp>) -> Proc {
-    let cfg = dir.join(format!("{n}.toml"));
-    std::fs::write(&cfg, config(n, vrrp)).unwrap();
-    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
-    cmd.args(["proxy", "-c", cfg.to_str().unwrap()]).env("RUST_LOG", "info,pgfront::vip=debug");
-    Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
-}
-
-fn start_keepalived(seg: &Segment, dir: &std::path::Path, n: &str, priority: u8, version: u8, interval: &str) -> Proc {
-    let bin = require("keepalived", "keepalived");
-    let cfg = dir.join(format!("{n}-keepalived.conf"));
-    let auth = if version == 2 { "  authentication {\n    auth_type PASS\n    auth_pass secret\n  }\n" } else { "" };
-    std::fs::write(
-        &cfg,
-        format!(
-            "global_defs {{\n  router_id {n}\n  vrrp_version {version}\n  script_user root\n  enable_script_security\n}}\n\
-             vrrp_instance rw {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int {interval}\n{auth}\
-               virtual_ipaddress {{\n    {VIP}/24 dev eth0\n  }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    let pid = |k: &str| dir.join(format!("{n}-{k}.pid")).to_str().unwrap().to_owned();
-    let mut cmd = seg.cmd(n, bin.to_str().unwrap());
-    cmd.args(["-n", "-l", "-D", "-P", "-f", cfg.to_str().unwrap(), "-p", &pid("main"), "-r", &pid("vrrp"), "-c", &pid("checkers")]);
-    Proc::spawn(&format!("{n}-keepalived"), cmd, &dir.join(format!("{n}-keepalived.log")), false)
-}
-
-/// Which host answers on the VIP, asked from the client namespace.
-fn answers(seg: &Segment) -> Option<String> {
-    seg.run_in("cli", || who_answers(ADMIN, Duration::from_millis(500)))
-}
-
-fn wait_holder(seg: &Segment, n: &str, other: &str, limit: Duration) {
-    wait_for(&format!("{n} to hold the VIP alone"), limit, || (seg.holds_vip(n) && !seg.holds_vip(other)).then_some(()));
-    wait_for(&format!("the client to reach {n} on the VIP"), limit, || (answers(seg).as_deref() == Some(n)).then_some(()));
-}
-
-/// Injects a failure, and returns how long until the client is served by `new`: a probe
-/// starts a short connect every 10 ms without waiting for the previous one.
-fn failover(seg: &Segment, new: &str, inject: impl FnOnce()) -> Duration {
-    let want = new.to_owned();
-    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
-    let probe = {
-        let path = format!("/var/run/netns/{}", seg.ns("cli"));
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let f = std::fs::File::open(&path).unwrap();
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let t_inject = rx.recv().unwrap();
-            let (done_tx, done_rx) = std::sync::mpsc::channel::<Instant>();
-            let end = t_inject + Duration::from_secs(15);
-            while Instant::now() < end {
-                if let Ok(t) = done_rx.try_recv() {
-                    return Some(t - t_inject);
-                }
-                let (want, done_tx) = (want.clone(), done_tx.clone());
-                // Threads inherit this thread's network namespace.
-                std::thread::spawn(move || {
-                    if who_answers(ADMIN, Duration::from_millis(300)).as_deref() == Some(want.as_str()) {
-                        let _ = done_tx.send(Instant::now());
-                    }
-                });
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            done_rx.try_recv().ok().map(|t| t - t_inject)
-        })
-    };
-    // A random offset within the advert interval, as a real failure would fall.
-    std::thread::sleep(Duration::from_millis(200 + u64::from(std::process::id() % 97)));
-    let t = Instant::now();
-    inject();
-    tx.send(t).unwrap();
-    probe.join().unwrap().unwrap_or_else(|| panic!("the client was not served by {new} within 15 s"))
-}
 
 fn vip_status(seg: &Segment) -> Option<serde_json::Value> {
     seg.run_in("cli", || {
@@ -234,6 +131,27 @@ fn mixed_pair_with_keepalived_elects_the_higher_priority() {
     }));
     if let Err(e) = result {
         eprintln!("--- lb1 ---\n{}\n--- keepalived ---\n{}", lb1.log_tail(30), ka.log_tail(30));
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn unfit_proxy_lowers_its_priority_and_hands_over() {
+    let seg = Segment::new("c");
+    let dir = tempfile::tempdir().unwrap();
+    let v = |priority| Vrrp { priority, version: 3, interval: "100ms", preempt: true };
+    // lb1 has the higher priority but no etcd (so no routable primary): after 1 s of that,
+    // its priority drops by 100 and lb2, whose ties are off, preempts.
+    let lb1 = start_pgfront_with(&seg, dir.path(), "lb1", Some(&v(150)), "health_weight = 100\nunhealthy_after = \"1s\"\n");
+    let lb2 = start_pgfront(&seg, dir.path(), "lb2", Some(&v(100)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_holder(&seg, "lb2", "lb1", Duration::from_secs(15));
+        let log = std::fs::read_to_string(&lb1.log).unwrap();
+        assert!(log.contains("priority lowered"), "{log}");
+        assert!(log.contains("from=Master to=Backup"), "lb1 was master before it stood down: {log}");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.log_tail(30), lb2.log_tail(30));
         std::panic::resume_unwind(e);
     }
 }

@@ -47,6 +47,9 @@ pub struct FileVip {
     pub garp_count: Option<u32>,
     pub garp_interval: Option<HumanDuration>,
     pub garp_refresh: Option<HumanDuration>,
+    pub health_weight: Option<u8>,
+    pub unhealthy_after: Option<HumanDuration>,
+    pub healthy_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

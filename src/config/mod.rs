@@ -33,6 +33,9 @@ pub const DEFAULT_ADVERT_INTERVAL_V3: Duration = Duration::from_millis(100);
 pub const DEFAULT_ADVERT_INTERVAL_V2: Duration = Duration::from_secs(1);
 pub const DEFAULT_GARP_COUNT: u32 = 3;
 pub const DEFAULT_GARP_INTERVAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_HEALTH_WEIGHT: u8 = 50;
+pub const DEFAULT_UNHEALTHY_AFTER: Duration = Duration::from_secs(3);
+pub const DEFAULT_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -74,6 +77,10 @@ pub struct VipConfig {
     pub garp_interval: Duration,
     /// `None`: no periodic re-announcement while master.
     pub garp_refresh: Option<Duration>,
+    /// Subtracted from the priority while the proxy is unfit (0: health ties off).
+    pub health_weight: u8,
+    pub unhealthy_after: Duration,
+    pub healthy_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -508,6 +515,9 @@ impl Resolver<'_> {
             garp_count: v.garp_count.unwrap_or(DEFAULT_GARP_COUNT),
             garp_interval: v.garp_interval.map_or(DEFAULT_GARP_INTERVAL, |d| d.0),
             garp_refresh: v.garp_refresh.map(|d| d.0).filter(|d| !d.is_zero()),
+            health_weight: v.health_weight.unwrap_or(DEFAULT_HEALTH_WEIGHT),
+            unhealthy_after: v.unhealthy_after.map_or(DEFAULT_UNHEALTHY_AFTER, |d| d.0),
+            healthy_after: v.healthy_after.map_or(DEFAULT_HEALTHY_AFTER, |d| d.0),
         })
     }
 }

@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::fsm::{Action, FsmConfig, Heard, State, Vrrp};
 use super::garp::{self, Announcer};
+use super::health::Health;
 use super::netlink::{self, Netlink};
 use super::packet::{self, Advert, Version};
 use crate::config::VipConfig;
@@ -103,6 +104,8 @@ struct Driver {
     fsm: Vrrp,
     status: SharedVipStatus,
     auth: Option<[u8; 8]>,
+    fitness: Fitness,
+    health: Health,
 }
 
 /// Releases the VIP if it is configured on its interface (after a crash, or for
@@ -112,8 +115,14 @@ pub async fn release(cfg: &VipConfig) -> Result<bool, VipError> {
     nl.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })
 }
 
+/// Tells whether the proxy is fit to hold the VIP right now (before hysteresis).
+pub type Fitness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How often fitness is sampled.
+const HEALTH_EVERY: Duration = Duration::from_millis(250);
+
 /// Runs one VRRP instance until `stop`; then hands over cleanly.
-pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, stop: CancellationToken) -> Result<(), VipError> {
+pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, fitness: Fitness, stop: CancellationToken) -> Result<(), VipError> {
     let setup = |reason: String| VipError::Setup { name: cfg.name.clone(), reason };
     let IpAddr::V4(vip) = cfg.addr else {
         return Err(setup("IPv6 VIPs are not supported yet by the VRRP driver".into()));
@@ -148,7 +157,8 @@ pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, stop: Cancellatio
         local_addr: IpAddr::V4(local),
     });
     let auth = cfg.auth_pass.as_deref().map(packet::auth_bytes);
-    let mut d = Driver { cfg: cfg.clone(), local, vip, sock, netlink, announcer, fsm, status, auth };
+    let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
+    let mut d = Driver { cfg: cfg.clone(), local, vip, sock, netlink, announcer, fsm, status, auth, fitness, health };
     info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
           version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, "VRRP instance starting");
     d.fsm.handle_startup(Instant::now());
@@ -158,6 +168,8 @@ pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, stop: Cancellatio
 impl Driver {
     async fn run(&mut self, stop: CancellationToken) -> Result<(), VipError> {
         let mut refresh = self.cfg.garp_refresh.map(|p| tokio::time::interval_at(Instant::now() + p, p));
+        let mut health_tick = tokio::time::interval(HEALTH_EVERY);
+        health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.act().await;
             let deadline = self.fsm.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -190,6 +202,20 @@ impl Driver {
                 }
                 _ = async { refresh.as_mut().unwrap().tick().await }, if refresh.is_some() && self.fsm.state() == State::Master => {
                     self.announce_once();
+                }
+                _ = health_tick.tick(), if self.cfg.health_weight > 0 => {
+                    let now = Instant::now();
+                    let was = self.health.healthy();
+                    let fit = self.health.observe(now, (self.fitness)());
+                    if fit != was {
+                        let p = if fit { self.cfg.priority } else { self.cfg.priority.saturating_sub(self.cfg.health_weight).max(1) };
+                        if fit {
+                            info!(vip = %self.cfg.name, priority = p, "proxy healthy again: priority restored");
+                        } else {
+                            warn!(vip = %self.cfg.name, priority = p, "proxy unfit (no routable primary or etcd unreachable): priority lowered");
+                        }
+                        self.fsm.set_priority(now, p);
+                    }
                 }
                 _ = stop.cancelled() => {
                     self.fsm.handle_shutdown(Instant::now());

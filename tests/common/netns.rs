@@ -11,7 +11,7 @@
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const SUBNET: &str = "198.51.100";
 pub const VIP: &str = "198.51.100.10";
@@ -116,3 +116,118 @@ pub fn who_answers(port: u16, limit: Duration) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     v["listeners"][0]["name"].as_str().map(str::to_owned)
 }
+
+/// The admin port of every pgfront in the namespaces (each has its own stack).
+pub const ADMIN: u16 = 7000;
+
+pub struct Vrrp {
+    pub priority: u8,
+    pub version: u8,
+    pub interval: &'static str,
+    pub preempt: bool,
+}
+
+/// Health ties off: these namespaces have no etcd, so every proxy is "unfit" and equal
+/// weights would only shift both priorities alike; the health test turns them on.
+pub const NO_TIES: &str = "health_weight = 0\n";
+
+pub fn config_with(host: &str, vrrp: Option<&Vrrp>, extra: &str) -> String {
+    let mut c = format!(
+        "[admin]\nlisten = \"0.0.0.0:{ADMIN}\"\n[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n\
+         [[listener]]\nname = \"{host}\"\ncluster = \"c\"\nbind = \"0.0.0.0:5432\"\n"
+    );
+    if let Some(v) = vrrp {
+        c.push_str(&format!(
+            "[[vip]]\nname = \"rw\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\nvrid = 51\npriority = {}\nversion = {}\n\
+             advert_interval = \"{}\"\npreempt = {}\n",
+            v.priority, v.version, v.interval, v.preempt
+        ));
+        if v.version == 2 {
+            c.push_str("auth_pass = \"secret\"\n");
+        }
+        c.push_str(extra);
+    }
+    c
+}
+
+/// pgfront running inside namespace `n` of `seg`.
+pub fn start_pgfront(seg: &Segment, dir: &std::path::Path, n: &str, vrrp: Option<&Vrrp>) -> super::Proc {
+    start_pgfront_with(seg, dir, n, vrrp, NO_TIES)
+}
+
+pub fn start_pgfront_with(seg: &Segment, dir: &std::path::Path, n: &str, vrrp: Option<&Vrrp>, extra: &str) -> super::Proc {
+    let cfg = dir.join(format!("{n}.toml"));
+    std::fs::write(&cfg, config_with(n, vrrp, extra)).unwrap();
+    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    cmd.args(["proxy", "-c", cfg.to_str().unwrap()]).env("RUST_LOG", "info,pgfront::vip=debug");
+    super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
+}
+
+pub fn start_keepalived(seg: &Segment, dir: &std::path::Path, n: &str, priority: u8, version: u8, interval: &str) -> super::Proc {
+    let bin = super::require("keepalived", "keepalived");
+    let cfg = dir.join(format!("{n}-keepalived.conf"));
+    let auth = if version == 2 { "  authentication {\n    auth_type PASS\n    auth_pass secret\n  }\n" } else { "" };
+    std::fs::write(
+        &cfg,
+        format!(
+            "global_defs {{\n  router_id {n}\n  vrrp_version {version}\n  script_user root\n  enable_script_security\n}}\n\
+             vrrp_instance rw {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int {interval}\n{auth}\
+               virtual_ipaddress {{\n    {VIP}/24 dev eth0\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let pid = |k: &str| dir.join(format!("{n}-{k}.pid")).to_str().unwrap().to_owned();
+    let mut cmd = seg.cmd(n, bin.to_str().unwrap());
+    cmd.args(["-n", "-l", "-D", "-P", "-f", cfg.to_str().unwrap(), "-p", &pid("main"), "-r", &pid("vrrp"), "-c", &pid("checkers")]);
+    super::Proc::spawn(&format!("{n}-keepalived"), cmd, &dir.join(format!("{n}-keepalived.log")), false)
+}
+
+/// Which host answers on the VIP, asked from the client namespace.
+pub fn answers(seg: &Segment) -> Option<String> {
+    seg.run_in("cli", || who_answers(ADMIN, Duration::from_millis(500)))
+}
+
+pub fn wait_holder(seg: &Segment, n: &str, other: &str, limit: Duration) {
+    super::wait_for(&format!("{n} to hold the VIP alone"), limit, || (seg.holds_vip(n) && !seg.holds_vip(other)).then_some(()));
+    super::wait_for(&format!("the client to reach {n} on the VIP"), limit, || (answers(seg).as_deref() == Some(n)).then_some(()));
+}
+
+/// Injects a failure, and returns how long until the client is served by `new`: a probe
+/// starts a short connect every 10 ms without waiting for the previous one.
+pub fn failover(seg: &Segment, new: &str, inject: impl FnOnce()) -> Duration {
+    let want = new.to_owned();
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    let probe = {
+        let path = format!("/var/run/netns/{}", seg.ns("cli"));
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(&path).unwrap();
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let t_inject = rx.recv().unwrap();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<Instant>();
+            let end = t_inject + Duration::from_secs(15);
+            while Instant::now() < end {
+                if let Ok(t) = done_rx.try_recv() {
+                    return Some(t - t_inject);
+                }
+                let (want, done_tx) = (want.clone(), done_tx.clone());
+                // Threads inherit this thread's network namespace.
+                std::thread::spawn(move || {
+                    if who_answers(ADMIN, Duration::from_millis(300)).as_deref() == Some(want.as_str()) {
+                        let _ = done_tx.send(Instant::now());
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            done_rx.try_recv().ok().map(|t| t - t_inject)
+        })
+    };
+    // A random offset within the advert interval (up to 1 s), as a real failure would fall.
+    let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000;
+    std::thread::sleep(Duration::from_millis(100 + u64::from(jitter)));
+    let t = Instant::now();
+    inject();
+    tx.send(t).unwrap();
+    probe.join().unwrap().unwrap_or_else(|| panic!("the client was not served by {new} within 15 s"))
+}
+
