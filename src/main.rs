@@ -67,10 +67,11 @@ fn main() -> ExitCode {
         Cmd::Config { cmd: ConfigCmd::Check { config } } => match Config::load(&config) {
             Ok(c) => {
                 println!(
-                    "{}: OK ({} cluster(s), {} listener(s))",
+                    "{}: OK ({} cluster(s), {} listener(s), {} vip(s))",
                     config.display(),
                     c.clusters.len(),
-                    c.listeners.len()
+                    c.listeners.len(),
+                    c.vips.len()
                 );
                 ExitCode::SUCCESS
             }

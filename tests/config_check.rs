@@ -28,7 +28,7 @@ fn shipped_example_is_valid() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OK (1 cluster(s), 2 listener(s))"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK (1 cluster(s), 2 listener(s), 1 vip(s))"));
 }
 
 #[test]
@@ -48,6 +48,10 @@ fn bad_configs_name_the_line_and_field() {
         (GOOD.replace("bind =", "queue_timeout = \"soon\"\nbind ="), "invalid duration \"soon\""),
         (GOOD.replace("[[listener]]", "[[listener]]\nrole = \"writer\""), "unknown variant `writer`"),
         (GOOD.replace("http://127.0.0.1:2379", "127.0.0.1:2379"), "FILE:4: cluster[0].etcd_endpoints"),
+        (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10\"\ninterface = \"eth0\"\nvrid = 1\n"), "FILE:11: vip[0].address"),
+        (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 1\nversion = 2\nadvert_interval = \"100ms\"\n"), "vip[0].advert_interval: VRRPv2 advertises whole seconds"),
+        (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 1\nauth_pass = \"x\"\n"), "vip[0].auth_pass: authentication exists in VRRP version 2 only"),
+        (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 1\nelection = \"etcd\"\n"), "unknown variant `etcd`"),
     ];
     for (text, want) in cases {
         let (ok, _, err) = check(&text);

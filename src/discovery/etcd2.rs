@@ -16,8 +16,6 @@ use super::keys::KeyMap;
 use super::{DiscoveryError, SourceEvent};
 use crate::config::ClusterConfig;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const ECODE_KEY_NOT_FOUND: u64 = 100;
 const ECODE_EVENT_INDEX_CLEARED: u64 = 401;
 
@@ -47,34 +45,17 @@ struct Reply {
 pub async fn run(cfg: Arc<ClusterConfig>, tx: mpsc::Sender<SourceEvent>, stop: CancellationToken) {
     let client = http::client();
     let auth = cfg.credentials.as_ref().map(|c| http::basic_auth(&c.username, &c.password));
-    let mut backoff = BACKOFF_MIN;
-    let mut endpoint = 0usize;
-    loop {
-        let base = cfg.endpoints[endpoint % cfg.endpoints.len()].trim_end_matches('/').to_owned();
-        let mut src = V2 { cfg: &cfg, client: &client, auth: auth.as_deref(), base: &base, tx: &tx, got_keys: false };
-        let r = tokio::select! {
-            r = src.session() => r,
-            _ = stop.cancelled() => return,
-        };
-        let got_keys = src.got_keys;
-        match r {
-            Ok(()) => return,
-            Err(e) => {
-                if tx.send(SourceEvent::Down(e)).await.is_err() {
-                    return;
-                }
-            }
+    // Each new session tries the next endpoint.
+    super::supervise(tx.clone(), stop, |attempt| {
+        let base = cfg.endpoints[attempt % cfg.endpoints.len()].trim_end_matches('/').to_owned();
+        let (cfg, client, auth, tx) = (cfg.clone(), client.clone(), auth.clone(), tx.clone());
+        async move {
+            let mut src = V2 { cfg: &cfg, client: &client, auth: auth.as_deref(), base: &base, tx: &tx, got_keys: false };
+            let r = src.session().await;
+            (r, src.got_keys)
         }
-        endpoint += 1;
-        if got_keys {
-            backoff = BACKOFF_MIN;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
+    })
+    .await
 }
 
 struct V2<'a> {

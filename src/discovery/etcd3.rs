@@ -15,34 +15,16 @@ use super::keys::KeyMap;
 use super::{DiscoveryError, SourceEvent};
 use crate::config::ClusterConfig;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
 pub async fn run(cfg: Arc<ClusterConfig>, tx: mpsc::Sender<SourceEvent>, stop: CancellationToken) {
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let mut got_keys = false;
-        let r = tokio::select! {
-            r = session(&cfg, &tx, &mut got_keys) => r,
-            _ = stop.cancelled() => return,
-        };
-        match r {
-            Ok(()) => return, // the cluster task is gone
-            Err(e) => {
-                if tx.send(SourceEvent::Down(e)).await.is_err() {
-                    return;
-                }
-            }
+    super::supervise(tx.clone(), stop, |_| {
+        let (cfg, tx) = (cfg.clone(), tx.clone());
+        async move {
+            let mut got_keys = false;
+            let r = session(&cfg, &tx, &mut got_keys).await;
+            (r, got_keys)
         }
-        if got_keys {
-            backoff = BACKOFF_MIN;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
+    })
+    .await
 }
 
 fn endpoints(cfg: &ClusterConfig) -> String {

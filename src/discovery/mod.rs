@@ -53,6 +53,43 @@ pub enum SourceEvent {
     Down(DiscoveryError),
 }
 
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Runs a source's `session` again and again until `stop`: each failure is reported as
+/// `Down` and followed by a backoff (100 ms doubling to 2 s, back to 100 ms after a session
+/// that read the keys). `session(attempt)` returns its result and whether it read the keys;
+/// `Ok` means the cluster task is gone.
+pub(crate) async fn supervise<F, Fut>(tx: mpsc::Sender<SourceEvent>, stop: CancellationToken, mut session: F)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = (Result<(), DiscoveryError>, bool)>,
+{
+    let mut backoff = BACKOFF_MIN;
+    for attempt in 0.. {
+        let (r, got_keys) = tokio::select! {
+            r = session(attempt) => r,
+            _ = stop.cancelled() => return,
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                if tx.send(SourceEvent::Down(e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if got_keys {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
 /// Health of a cluster's discovery, shared with the admin endpoint.
 #[derive(Debug, Default)]
 pub struct ClusterHealth {
