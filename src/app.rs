@@ -97,8 +97,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         let st = vip::driver::initial_status(v);
         vip_status.push(st.clone());
         let (v, stop, fit) = (v.clone(), vip_stop.clone(), fitness.clone());
+        let etcd = match &v.election {
+            crate::config::Election::Etcd { cluster, .. } => config.clusters.iter().find(|c| &c.name == cluster).cloned(),
+            crate::config::Election::Vrrp => None,
+        };
         vip_tasks.push(tokio::spawn(async move {
-            if let Err(e) = vip::driver::run(v.clone(), st, fit, stop).await {
+            let r = match etcd {
+                Some(etcd) => vip::lease::run(v.clone(), etcd, st, fit, stop).await,
+                None => vip::driver::run(v.clone(), st, fit, stop).await,
+            };
+            if let Err(e) = r {
                 error!("{e}; this host will not hold {}", v.addr);
             }
         }));

@@ -155,3 +155,82 @@ fn unfit_proxy_lowers_its_priority_and_hands_over() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// etcd inside the client namespace, reachable from both LB hosts over the segment.
+fn start_etcd_in(seg: &Segment, dir: &std::path::Path) -> Proc {
+    let bin = require("etcd", "etcd-server");
+    let mut cmd = seg.cmd("cli", bin.to_str().unwrap());
+    let url = format!("http://{SUBNET}.100:2379");
+    cmd.args([
+        "--name", "seg", "--data-dir", dir.join("etcd").to_str().unwrap(),
+        "--listen-client-urls", &url, "--advertise-client-urls", &url,
+        "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+        "--initial-cluster", "seg=http://127.0.0.1:2380",
+    ]);
+    let p = Proc::spawn("etcd", cmd, &dir.join("etcd.log"), false);
+    wait_for("etcd in the client namespace", Duration::from_secs(20), || {
+        let health = format!("{url}/health");
+        seg.run_in("cli", move || http_get(&health)).filter(|(s, _)| *s == 200).map(|_| ())
+    });
+    p
+}
+
+fn start_lease_host(seg: &Segment, dir: &std::path::Path, n: &str) -> Proc {
+    let cfg = dir.join(format!("{n}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"0.0.0.0:{ADMIN}\"\n[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"http://{SUBNET}.100:2379\"]\n\
+             etcd_timeout = \"1s\"\n[[listener]]\nname = \"{n}\"\ncluster = \"c\"\nbind = \"0.0.0.0:5432\"\n\
+             [[vip]]\nname = \"rw\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\nelection = \"etcd\"\netcd_cluster = \"c\"\n\
+             lease_ttl = \"3s\"\nhealth_weight = 0\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
+    Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
+}
+
+#[test]
+fn etcd_lease_election_moves_the_vip() {
+    let seg = Segment::new("d");
+    let dir = tempfile::tempdir().unwrap();
+    let _etcd = start_etcd_in(&seg, dir.path());
+    let mut lb1 = start_lease_host(&seg, dir.path(), "lb1");
+    let mut lb2 = Proc::spawn("placeholder", Command::new("true"), &dir.path().join("none.log"), false);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_holder(&seg, "lb1", "lb2", Duration::from_secs(15));
+        lb2 = start_lease_host(&seg, dir.path(), "lb2");
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(seg.holds_vip("lb1") && !seg.holds_vip("lb2"), "the first holder keeps the VIP");
+
+        // Holder killed: the other takes over once the lease (3 s) expires.
+        let t = failover(&seg, "lb2", || lb1.signal_group(libc::SIGKILL));
+        eprintln!("etcd lease 3 s: holder SIGKILLed -> client served by the other host in {t:?}");
+        assert!(t >= Duration::from_secs(1), "not before the lease could expire: {t:?}");
+        let _ = Command::new("ip").args(["-n", &seg.ns("lb1"), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]).output();
+        lb1.stop(Duration::from_secs(1));
+        lb1 = start_lease_host(&seg, dir.path(), "lb1");
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(seg.holds_vip("lb2") && !seg.holds_vip("lb1"));
+
+        // etcd unreachable from the holder: it removes the VIP itself before its lease can
+        // expire, and the other host takes over: a short gap, never two holders.
+        seg.link("lb2", false);
+        wait_for("lb2 to drop the VIP without etcd", Duration::from_secs(10), || (!seg.holds_vip("lb2")).then_some(()));
+        wait_for("lb1 to take over", Duration::from_secs(10), || seg.holds_vip("lb1").then_some(()));
+        seg.link("lb2", true);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(seg.holds_vip("lb1") && !seg.holds_vip("lb2"), "one holder after the partition heals");
+        wait_for("the client to reach lb1", Duration::from_secs(10), || (answers(&seg).as_deref() == Some("lb1")).then_some(()));
+
+        // A clean stop releases key and VIP at once.
+        let t = failover(&seg, "lb2", || lb1.signal(libc::SIGTERM));
+        eprintln!("etcd lease: clean stop -> client served by the other host in {t:?}");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.log_tail(30), lb2.log_tail(30));
+        std::panic::resume_unwind(e);
+    }
+}

@@ -35,7 +35,7 @@ pub struct FileVip {
     pub address: String,
     pub interface: String,
     pub election: Option<FileElection>,
-    pub vrid: u8,
+    pub vrid: Option<u8>,
     pub priority: Option<u8>,
     pub version: Option<u8>,
     pub advert_interval: Option<HumanDuration>,
@@ -47,6 +47,9 @@ pub struct FileVip {
     pub garp_count: Option<u32>,
     pub garp_interval: Option<HumanDuration>,
     pub garp_refresh: Option<HumanDuration>,
+    pub etcd_cluster: Option<String>,
+    pub etcd_key: Option<String>,
+    pub lease_ttl: Option<HumanDuration>,
     pub health_weight: Option<u8>,
     pub unhealthy_after: Option<HumanDuration>,
     pub healthy_after: Option<HumanDuration>,
@@ -56,6 +59,7 @@ pub struct FileVip {
 #[serde(rename_all = "lowercase")]
 pub enum FileElection {
     Vrrp,
+    Etcd,
 }
 
 /// `[admin]`: the HTTP endpoint for metrics and status.

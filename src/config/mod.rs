@@ -57,10 +57,21 @@ pub struct Config {
     pub vips: Vec<Arc<VipConfig>>,
 }
 
-/// A floating address elected by VRRP.
+/// How the holder of a VIP is elected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Election {
+    Vrrp,
+    /// A key under a lease in the etcd of `cluster`: the first host to create it holds the VIP.
+    Etcd { cluster: String, key: String, ttl: Duration },
+}
+
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// A floating address elected by VRRP or an etcd lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VipConfig {
     pub name: String,
+    pub election: Election,
     pub addr: std::net::IpAddr,
     pub prefix: u8,
     pub interface: String,
@@ -262,11 +273,15 @@ impl Resolver<'_> {
         let mut vnames = HashSet::new();
         for (i, v) in file.vips.into_iter().enumerate() {
             let span = v.span();
-            let v = self.vip(i, span.clone(), v.into_inner())?;
+            let v = self.vip(i, span.clone(), v.into_inner(), &names)?;
             if !vnames.insert(v.name.clone()) {
                 return Err(self.err(span, format!("vip[{i}].name"), format!("duplicate vip name {:?}", v.name)));
             }
-            if vips.iter().any(|o: &Arc<VipConfig>| o.interface == v.interface && o.vrid == v.vrid && o.addr.is_ipv4() == v.addr.is_ipv4()) {
+            if v.election == Election::Vrrp
+                && vips.iter().any(|o: &Arc<VipConfig>| {
+                    o.election == Election::Vrrp && o.interface == v.interface && o.vrid == v.vrid && o.addr.is_ipv4() == v.addr.is_ipv4()
+                })
+            {
                 return Err(self.err(span, format!("vip[{i}].vrid"), format!("vrid {} is used twice on {}", v.vrid, v.interface)));
             }
             vips.push(Arc::new(v));
@@ -445,7 +460,7 @@ impl Resolver<'_> {
 }
 
 impl Resolver<'_> {
-    fn vip(&self, i: usize, span: std::ops::Range<usize>, v: FileVip) -> Result<VipConfig, ConfigError> {
+    fn vip(&self, i: usize, span: std::ops::Range<usize>, v: FileVip, clusters: &HashSet<String>) -> Result<VipConfig, ConfigError> {
         use crate::vip::packet::Version;
         let bad = |name: &str, reason: String| self.err(span.clone(), format!("vip[{i}].{name}"), reason);
         if !valid_name(&v.name) {
@@ -460,9 +475,25 @@ impl Resolver<'_> {
         if v.interface.is_empty() || v.interface.len() > 15 {
             return Err(bad("interface", format!("{:?} is not an interface name", v.interface)));
         }
-        if v.vrid == 0 {
-            return Err(bad("vrid", "must be between 1 and 255".into()));
-        }
+        let election = match v.election.unwrap_or(file::FileElection::Vrrp) {
+            file::FileElection::Vrrp => Election::Vrrp,
+            file::FileElection::Etcd => {
+                let cluster = v.etcd_cluster.clone().ok_or_else(|| bad("etcd_cluster", "election = \"etcd\" needs the name of a [[cluster]] whose etcd to use".into()))?;
+                if !clusters.contains(&cluster) {
+                    return Err(bad("etcd_cluster", format!("no [[cluster]] is named {cluster:?}")));
+                }
+                let ttl = v.lease_ttl.map_or(DEFAULT_LEASE_TTL, |d| d.0);
+                if ttl.subsec_nanos() != 0 || ttl.as_secs() < 2 {
+                    return Err(bad("lease_ttl", "whole seconds, at least 2s".into()));
+                }
+                let key = v.etcd_key.clone().unwrap_or_else(|| format!("/pgfront/vip/{}", v.name));
+                Election::Etcd { cluster, key, ttl }
+            }
+        };
+        let vrid = match (&election, v.vrid) {
+            (Election::Vrrp, None | Some(0)) => return Err(bad("vrid", "VRRP needs a vrid between 1 and 255".into())),
+            (_, vrid) => vrid.unwrap_or(0),
+        };
         let priority = v.priority.unwrap_or(DEFAULT_VRRP_PRIORITY);
         if !(1..=254).contains(&priority) {
             return Err(bad("priority", "must be between 1 and 254 (255 is the address owner's)".into()));
@@ -501,10 +532,11 @@ impl Resolver<'_> {
         }
         Ok(VipConfig {
             name: v.name,
+            election,
             addr,
             prefix,
             interface: v.interface,
-            vrid: v.vrid,
+            vrid,
             priority,
             version,
             advert_interval,

@@ -31,7 +31,8 @@ fn endpoints(cfg: &ClusterConfig) -> String {
     cfg.endpoints.join(",")
 }
 
-async fn connect(cfg: &ClusterConfig) -> Result<Client, DiscoveryError> {
+/// A client for `cfg`'s etcd: credentials, TLS, and every request bounded by `etcd_timeout`.
+pub(crate) async fn connect(cfg: &ClusterConfig) -> Result<Client, DiscoveryError> {
     let mut opts = ConnectOptions::new()
         .with_timeout(cfg.etcd_timeout)
         .with_connect_timeout(cfg.etcd_timeout)

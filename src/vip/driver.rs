@@ -108,6 +108,30 @@ struct Driver {
     health: Health,
 }
 
+/// The rest of a takeover burst (the first gratuitous ARP is sent by the caller at once): the
+/// others spaced by `garp_interval` so a lost frame is repeated, stopped if mastership ends.
+pub(crate) fn announce_rest(cfg: &Arc<VipConfig>, vip: Ipv4Addr, status: &SharedVipStatus) {
+    let (n, every) = (cfg.garp_count.saturating_sub(1), cfg.garp_interval);
+    if n == 0 {
+        return;
+    }
+    let (cfg, status) = (cfg.clone(), status.clone());
+    tokio::spawn(async move {
+        let Ok(mut a) = Announcer::open(&cfg.interface) else { return };
+        for _ in 0..n {
+            tokio::time::sleep(every).await;
+            if status.lock().map(|s| s.state != State::Master).unwrap_or(true) {
+                return;
+            }
+            if a.announce(vip).is_ok() {
+                if let Ok(mut s) = status.lock() {
+                    s.garps_sent += 1;
+                }
+            }
+        }
+    });
+}
+
 /// Releases the VIP if it is configured on its interface (after a crash, or for
 /// `pgfront vip release`). Returns whether it was there.
 pub async fn release(cfg: &VipConfig) -> Result<bool, VipError> {
@@ -317,28 +341,8 @@ impl Driver {
                     }
                 }
                 Action::Announce => {
-                    // A burst: the first at once, the rest spaced so a lost frame is repeated.
                     self.announce_once();
-                    let (n, every) = (self.cfg.garp_count.saturating_sub(1), self.cfg.garp_interval);
-                    if n > 0 {
-                        let cfg = self.cfg.clone();
-                        let status = self.status.clone();
-                        let vip = self.vip;
-                        tokio::spawn(async move {
-                            let Ok(mut a) = Announcer::open(&cfg.interface) else { return };
-                            for _ in 0..n {
-                                tokio::time::sleep(every).await;
-                                if status.lock().map(|s| s.state != State::Master).unwrap_or(true) {
-                                    return;
-                                }
-                                if a.announce(vip).is_ok() {
-                                    if let Ok(mut s) = status.lock() {
-                                        s.garps_sent += 1;
-                                    }
-                                }
-                            }
-                        });
-                    }
+                    announce_rest(&self.cfg, self.vip, &self.status);
                 }
                 Action::StateChanged { from, to } => {
                     info!(vip = %self.cfg.name, addr = %self.cfg.addr, from = ?from, to = ?to,

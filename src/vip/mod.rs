@@ -1,5 +1,5 @@
-//! The floating virtual IP: VRRP (interoperable with keepalived) elects which load-balancer
-//! host holds it.
+//! The floating virtual IP: VRRP (interoperable with keepalived) or an etcd lease (`lease`)
+//! elects which load-balancer host holds it.
 //!
 //! Pure cores: `packet` (VRRP v2/v3 codec), `fsm` (the RFC 5798 state machine) and `health`
 //! (hysteresis of the proxy's fitness to hold the VIP).
@@ -10,5 +10,6 @@ pub mod driver;
 pub mod fsm;
 pub mod garp;
 pub mod health;
+pub mod lease;
 pub mod netlink;
 pub mod packet;
