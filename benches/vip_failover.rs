@@ -20,6 +20,8 @@ enum Pair {
     Pgfront,
     /// keepalived holds the VIP, pgfront is the backup that takes over.
     Mixed,
+    /// pgfront's etcd-lease election (lease_ttl 3 s; etcd in the client namespace).
+    EtcdLease,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -47,14 +49,22 @@ fn start(seg: &Segment, dir: &std::path::Path, n: &str, keepalived: bool, priori
 }
 
 fn one_run(seg: &Segment, dir: &std::path::Path, pair: Pair, v3: bool, failure: Failure) -> Duration {
-    let (ka1, ka2) = match pair {
-        Pair::Keepalived => (true, true),
-        Pair::Pgfront => (false, false),
-        Pair::Mixed => (true, false),
+    let (mut lb1, lb2) = if pair == Pair::EtcdLease {
+        let lb1 = Host { vrrp: start_lease_host(seg, dir, "lb1"), _proxy: None };
+        wait_holder(seg, "lb1", "lb2", Duration::from_secs(20));
+        (lb1, Host { vrrp: start_lease_host(seg, dir, "lb2"), _proxy: None })
+    } else {
+        let (ka1, ka2) = match pair {
+            Pair::Keepalived => (true, true),
+            Pair::Pgfront => (false, false),
+            _ => (true, false),
+        };
+        (start(seg, dir, "lb1", ka1, 150, v3), start(seg, dir, "lb2", ka2, 100, v3))
     };
-    let mut lb1 = start(seg, dir, "lb1", ka1, 150, v3);
-    let lb2 = start(seg, dir, "lb2", ka2, 100, v3);
-    wait_holder(seg, "lb1", "lb2", Duration::from_secs(20));
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_holder(seg, "lb1", "lb2", Duration::from_secs(20)))) {
+        eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.vrrp.log_tail(40), lb2.vrrp.log_tail(40));
+        std::panic::resume_unwind(e);
+    }
     // Let the backup settle on the master's adverts.
     std::thread::sleep(Duration::from_millis(if v3 { 500 } else { 2500 }));
     let t = failover(seg, "lb2", || match failure {
@@ -85,7 +95,16 @@ fn main() {
     let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let seg = Segment::new("bench");
     let dir = tempfile::tempdir().unwrap();
+    let _etcd = start_etcd_in(&seg, dir.path());
     let mut rows = Vec::new();
+    let only_vrrp = std::env::var("BENCH_ONLY_VRRP").is_ok();
+    for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop].into_iter().filter(|_| !only_vrrp) {
+        let times: Vec<Duration> = (0..runs).map(|_| one_run(&seg, dir.path(), Pair::EtcdLease, true, failure)).collect();
+        let m = median(times.clone());
+        println!("etcd-lease {:<10} median {:>7.3} s  runs {:?}", format!("{failure:?}"), m.as_secs_f64(),
+                 times.iter().map(|t| (t.as_secs_f64() * 1000.0).round() / 1000.0).collect::<Vec<_>>());
+        rows.push((true, Pair::EtcdLease, failure, m));
+    }
     for v3 in [true, false] {
         for pair in [Pair::Keepalived, Pair::Pgfront, Pair::Mixed] {
             for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop] {
@@ -117,5 +136,9 @@ fn main() {
                 get(Pair::Mixed).as_secs_f64()
             );
         }
+    }
+    for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop] {
+        let m = rows.iter().find(|r| r.1 == Pair::EtcdLease && format!("{:?}", r.2) == format!("{failure:?}")).unwrap().3;
+        println!("{:<22} {:<10} {:>10.3} s (pgfront, etcd lease, lease_ttl 3 s)", "etcd lease", format!("{failure:?}"), m.as_secs_f64());
     }
 }

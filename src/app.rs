@@ -71,7 +71,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let stop = CancellationToken::new();
     let kill = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let metrics = Arc::new(Metrics::new());
+    let vip_status: Vec<_> = config.vips.iter().map(|v| vip::driver::initial_status(v)).collect();
+    let mut metrics = Metrics::new();
+    metrics.register_vips(vip_status.clone());
+    let metrics = Arc::new(metrics);
 
     let mut clusters = HashMap::new();
     for c in &config.clusters {
@@ -91,11 +94,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // out so the backup takes over while this host still drains its sessions.
     let vip_stop = CancellationToken::new();
     let mut vip_tasks = Vec::new();
-    let mut vip_status = Vec::new();
     let fitness = fitness(&config, &clusters);
-    for v in &config.vips {
-        let st = vip::driver::initial_status(v);
-        vip_status.push(st.clone());
+    for (v, st) in config.vips.iter().zip(vip_status.iter().cloned()) {
         let (v, stop, fit) = (v.clone(), vip_stop.clone(), fitness.clone());
         let etcd = match &v.election {
             crate::config::Election::Etcd { cluster, .. } => config.clusters.iter().find(|c| &c.name == cluster).cloned(),

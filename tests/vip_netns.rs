@@ -95,6 +95,9 @@ fn pgfront_pair_elects_moves_and_hands_over() {
         assert_eq!(after["transitions"], before["transitions"]);
         assert!(after["bad_packets"].as_u64().unwrap() > before["bad_packets"].as_u64().unwrap(), "bad packets are counted: {after}");
         assert!(lb1.running() && lb2.running(), "nobody crashed");
+        let metrics = seg.run_in("cli", || http_get(&format!("http://{VIP}:{ADMIN}/metrics"))).unwrap().1;
+        assert!(metrics.contains("pgfront_vip_master{vip=\"rw\",address=\"198.51.100.10/24\"} 1"), "{metrics}");
+        assert!(metrics.contains("pgfront_vip_bad_packets_total{vip=\"rw\""), "{metrics}");
     }));
     if let Err(e) = result {
         eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.log_tail(30), lb2.log_tail(30));
@@ -154,42 +157,6 @@ fn unfit_proxy_lowers_its_priority_and_hands_over() {
         eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.log_tail(30), lb2.log_tail(30));
         std::panic::resume_unwind(e);
     }
-}
-
-/// etcd inside the client namespace, reachable from both LB hosts over the segment.
-fn start_etcd_in(seg: &Segment, dir: &std::path::Path) -> Proc {
-    let bin = require("etcd", "etcd-server");
-    let mut cmd = seg.cmd("cli", bin.to_str().unwrap());
-    let url = format!("http://{SUBNET}.100:2379");
-    cmd.args([
-        "--name", "seg", "--data-dir", dir.join("etcd").to_str().unwrap(),
-        "--listen-client-urls", &url, "--advertise-client-urls", &url,
-        "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-        "--initial-cluster", "seg=http://127.0.0.1:2380",
-    ]);
-    let p = Proc::spawn("etcd", cmd, &dir.join("etcd.log"), false);
-    wait_for("etcd in the client namespace", Duration::from_secs(20), || {
-        let health = format!("{url}/health");
-        seg.run_in("cli", move || http_get(&health)).filter(|(s, _)| *s == 200).map(|_| ())
-    });
-    p
-}
-
-fn start_lease_host(seg: &Segment, dir: &std::path::Path, n: &str) -> Proc {
-    let cfg = dir.join(format!("{n}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "[admin]\nlisten = \"0.0.0.0:{ADMIN}\"\n[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"http://{SUBNET}.100:2379\"]\n\
-             etcd_timeout = \"1s\"\n[[listener]]\nname = \"{n}\"\ncluster = \"c\"\nbind = \"0.0.0.0:5432\"\n\
-             [[vip]]\nname = \"rw\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\nelection = \"etcd\"\netcd_cluster = \"c\"\n\
-             lease_ttl = \"3s\"\nhealth_weight = 0\n"
-        ),
-    )
-    .unwrap();
-    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
-    cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
-    Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! histograms, labels `cluster`, `listener`, `member`. One registry per process; the data path
 //! only touches atomics through handles taken once per listener or cluster.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -10,6 +13,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::topology::Backend;
+use crate::vip::driver::{SharedVipStatus, VipStatus};
+use crate::vip::fsm::State;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -113,6 +118,13 @@ impl Metrics {
         m
     }
 
+    /// Exposes the state of the VIPs, read from their shared status at each scrape.
+    pub fn register_vips(&mut self, vips: Vec<SharedVipStatus>) {
+        if !vips.is_empty() {
+            self.registry.register_collector(Box::new(VipCollector(vips)));
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut s = String::new();
         // Writing into a String cannot fail.
@@ -186,4 +198,46 @@ pub struct ClusterMetrics {
     pub etcd_up: Gauge,
     pub etcd_errors: Counter,
     pub key_errors: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+    address: String,
+}
+
+/// `pgfront_vip_*`: one sample per VIP, read from the drivers' shared status.
+#[derive(Debug)]
+struct VipCollector(Vec<SharedVipStatus>);
+
+impl Collector for VipCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snaps: Vec<VipStatus> = self.0.iter().filter_map(|s| s.lock().ok().map(|s| s.clone())).collect();
+        let labels = |v: &VipStatus| VipLabels { vip: v.name.clone(), address: v.address.clone() };
+        type Get = fn(&VipStatus) -> u64;
+        let gauges: [(&str, &str, Get); 2] = [
+            ("pgfront_vip_master", "1 while this host holds the VIP", |v| u64::from(v.state == State::Master)),
+            ("pgfront_vip_priority", "Priority this host advertises (lowered by health ties)", |v| u64::from(v.priority)),
+        ];
+        for (name, help, get) in gauges {
+            let mut d = encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            for v in &snaps {
+                let l = labels(v);
+                ConstGauge::new(get(v) as i64).encode(d.encode_family(&l)?)?;
+            }
+        }
+        let counters: [(&str, &str, Get); 3] = [
+            ("pgfront_vip_transitions", "State changes of the VIP election", |v| v.transitions),
+            ("pgfront_vip_garps_sent", "Gratuitous ARPs sent", |v| v.garps_sent),
+            ("pgfront_vip_bad_packets", "VRRP packets rejected (checksum, TTL, version, authentication)", |v| v.bad_packets),
+        ];
+        for (name, help, get) in counters {
+            let mut d = encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+            for v in &snaps {
+                let l = labels(v);
+                ConstCounter::new(get(v)).encode(d.encode_family(&l)?)?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -177,6 +177,11 @@ pub fn start_keepalived(seg: &Segment, dir: &std::path::Path, n: &str, priority:
     )
     .unwrap();
     let pid = |k: &str| dir.join(format!("{n}-{k}.pid")).to_str().unwrap().to_owned();
+    // A SIGKILLed keepalived leaves its pid files; with the pid reused, the next one would
+    // refuse to start ("daemon is already running").
+    for k in ["main", "vrrp", "checkers"] {
+        let _ = std::fs::remove_file(pid(k));
+    }
     let mut cmd = seg.cmd(n, bin.to_str().unwrap());
     cmd.args(["-n", "-l", "-D", "-P", "-f", cfg.to_str().unwrap(), "-p", &pid("main"), "-r", &pid("vrrp"), "-c", &pid("checkers")]);
     super::Proc::spawn(&format!("{n}-keepalived"), cmd, &dir.join(format!("{n}-keepalived.log")), false)
@@ -229,5 +234,42 @@ pub fn failover(seg: &Segment, new: &str, inject: impl FnOnce()) -> Duration {
     inject();
     tx.send(t).unwrap();
     probe.join().unwrap().unwrap_or_else(|| panic!("the client was not served by {new} within 15 s"))
+}
+
+
+/// etcd inside the client namespace, reachable from both LB hosts over the segment.
+pub fn start_etcd_in(seg: &Segment, dir: &std::path::Path) -> super::Proc {
+    let bin = super::require("etcd", "etcd-server");
+    let mut cmd = seg.cmd("cli", bin.to_str().unwrap());
+    let url = format!("http://{SUBNET}.100:2379");
+    cmd.args([
+        "--name", "seg", "--data-dir", dir.join("etcd").to_str().unwrap(),
+        "--listen-client-urls", &url, "--advertise-client-urls", &url,
+        "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+        "--initial-cluster", "seg=http://127.0.0.1:2380",
+    ]);
+    let p = super::Proc::spawn("etcd", cmd, &dir.join("etcd.log"), false);
+    super::wait_for("etcd in the client namespace", Duration::from_secs(20), || {
+        let health = format!("{url}/health");
+        seg.run_in("cli", move || super::http_get(&health)).filter(|(s, _)| *s == 200).map(|_| ())
+    });
+    p
+}
+
+pub fn start_lease_host(seg: &Segment, dir: &std::path::Path, n: &str) -> super::Proc {
+    let cfg = dir.join(format!("{n}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"0.0.0.0:{ADMIN}\"\n[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"http://{SUBNET}.100:2379\"]\n\
+             etcd_timeout = \"1s\"\n[[listener]]\nname = \"{n}\"\ncluster = \"c\"\nbind = \"0.0.0.0:5432\"\n\
+             [[vip]]\nname = \"rw\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\nelection = \"etcd\"\netcd_cluster = \"c\"\n\
+             lease_ttl = \"3s\"\nhealth_weight = 0\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
+    super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
 
