@@ -51,7 +51,8 @@ fn bad_configs_name_the_line_and_field() {
         (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10\"\ninterface = \"eth0\"\nvrid = 1\n"), "FILE:11: vip[0].address"),
         (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 1\nversion = 2\nadvert_interval = \"100ms\"\n"), "vip[0].advert_interval: VRRPv2 advertises whole seconds"),
         (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 1\nauth_pass = \"x\"\n"), "vip[0].auth_pass: authentication exists in VRRP version 2 only"),
-        (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 1\nelection = \"etcd\"\n"), "unknown variant `etcd`"),
+        (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 1\nelection = \"etcd\"\n"), "vip[0].etcd_cluster: election = \"etcd\" needs the name of a [[cluster]]"),
+        (format!("{GOOD}[[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nelection = \"raft\"\n"), "unknown variant `raft`"),
     ];
     for (text, want) in cases {
         let (ok, _, err) = check(&text);
