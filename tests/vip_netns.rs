@@ -201,3 +201,47 @@ fn etcd_lease_election_moves_the_vip() {
         std::panic::resume_unwind(e);
     }
 }
+
+#[test]
+fn ipv6_vip_moves_with_unsolicited_neighbour_advertisements() {
+    let seg = Segment::new("e");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("ip").args(["-n", &seg.ns("cli"), "addr", "add", "2001:db8::100/64", "dev", "eth0", "nodad"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let host = |n: &str, priority: u8| {
+        let cfg = dir.path().join(format!("{n}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[admin]\nlisten = \"[::]:{ADMIN}\"\n[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n\
+                 [[listener]]\nname = \"{n}\"\ncluster = \"c\"\nbind = \"[::]:5432\"\n\
+                 [[vip]]\nname = \"rw6\"\naddress = \"{VIP6}/64\"\ninterface = \"eth0\"\nvrid = 61\npriority = {priority}\n\
+                 version = 3\nadvert_interval = \"100ms\"\nhealth_weight = 0\n"
+            ),
+        )
+        .unwrap();
+        let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+        cmd.args(["proxy", "-c", cfg.to_str().unwrap()]).env("RUST_LOG", "info,pgfront::vip=debug");
+        Proc::spawn(n, cmd, &dir.path().join(format!("{n}.log")), false)
+    };
+    let lb1 = host("lb1", 150);
+    let lb2 = host("lb2", 100);
+    let target: std::net::SocketAddr = format!("[{VIP6}]:{ADMIN}").parse().unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("lb1 to hold the IPv6 VIP alone", Duration::from_secs(10), || {
+            (seg.holds("lb1", VIP6) && !seg.holds("lb2", VIP6)).then_some(())
+        });
+        wait_for("the client to reach lb1 over IPv6", Duration::from_secs(10), || {
+            (seg.run_in("cli", move || who_answers_at(target, Duration::from_millis(500))).as_deref() == Some("lb1")).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(!seg.holds("lb2", VIP6), "lb2 follows lb1's VRRPv3-over-IPv6 adverts");
+        let t = failover_at(&seg, target, "lb2", || lb1.signal_group(libc::SIGKILL));
+        eprintln!("IPv6 pgfront pair, VRRPv3 100 ms: holder SIGKILLed -> client served by the backup in {t:?}");
+        assert!(seg.holds("lb2", VIP6));
+    }));
+    if let Err(e) = result {
+        eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.log_tail(30), lb2.log_tail(30));
+        std::panic::resume_unwind(e);
+    }
+}

@@ -9,7 +9,8 @@
 //! On start a VIP found on the interface is removed (a crash may have left it); on stop a
 //! master sends a priority-0 advertisement and removes it.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,31 +74,106 @@ pub fn initial_status(cfg: &VipConfig) -> SharedVipStatus {
 }
 
 /// The interface's own address of the VIP's family (not the VIP): source of adverts and
-/// tie-breaker between equal priorities.
+/// tie-breaker between equal priorities. For IPv6 that is the link-local address (RFC 5798).
 fn local_addr(cfg: &VipConfig) -> Option<IpAddr> {
     let iface = garp::interface(&cfg.interface)?;
-    iface.ips.iter().map(|n| n.ip()).find(|ip| ip.is_ipv4() == cfg.addr.is_ipv4() && *ip != cfg.addr)
+    iface.ips.iter().map(|n| n.ip()).find(|ip| match (ip, cfg.addr) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => *ip != cfg.addr,
+        (IpAddr::V6(a), IpAddr::V6(_)) => a.segments()[0] & 0xffc0 == 0xfe80,
+        _ => false,
+    })
 }
 
-fn open_socket(cfg: &VipConfig, local: Ipv4Addr) -> std::io::Result<Socket> {
-    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(packet::IPPROTO_VRRP))))?;
-    // Bound to the device, not to an address: a raw socket bound to an address only receives
-    // packets sent to that address, and adverts go to 224.0.0.18.
-    s.bind_device(Some(cfg.interface.as_bytes()))?;
-    s.set_ttl_v4(255)?;
-    s.set_multicast_ttl_v4(255)?;
-    s.set_multicast_loop_v4(false)?;
-    s.set_multicast_if_v4(&local)?;
+fn setsockopt_int(s: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: a plain int option on a socket we own.
+    let r = unsafe {
+        libc::setsockopt(s.as_raw_fd(), level, name, (&value as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn open_socket(cfg: &VipConfig, local: IpAddr) -> std::io::Result<Socket> {
     let index = netlink::ifindex(&cfg.interface).map_err(|e| std::io::Error::other(e.to_string()))?;
-    s.join_multicast_v4_n(&packet::MCAST_V4, &InterfaceIndexOrAddress::Index(index))?;
+    let proto = Some(Protocol::from(i32::from(packet::IPPROTO_VRRP)));
+    let s = match local {
+        IpAddr::V4(local) => {
+            let s = Socket::new(Domain::IPV4, Type::RAW, proto)?;
+            s.set_ttl_v4(255)?;
+            s.set_multicast_ttl_v4(255)?;
+            s.set_multicast_loop_v4(false)?;
+            s.set_multicast_if_v4(&local)?;
+            s.join_multicast_v4_n(&packet::MCAST_V4, &InterfaceIndexOrAddress::Index(index))?;
+            s
+        }
+        IpAddr::V6(_) => {
+            let s = Socket::new(Domain::IPV6, Type::RAW, proto)?;
+            s.set_unicast_hops_v6(255)?;
+            s.set_multicast_hops_v6(255)?;
+            s.set_multicast_loop_v6(false)?;
+            s.set_multicast_if_v6(index)?;
+            s.join_multicast_v6(&packet::MCAST_V6, index)?;
+            // The kernel fills in (and checks) the VRRPv3 checksum at offset 6, over the
+            // pseudo-header with whatever source it picks; hop limit and destination of each
+            // received packet come as ancillary data.
+            setsockopt_int(&s, libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 6)?;
+            setsockopt_int(&s, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1)?;
+            setsockopt_int(&s, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+            s
+        }
+    };
+    // Bound to the device, not to an address: a raw socket bound to an address only receives
+    // packets sent to that address, and adverts go to the multicast group.
+    s.bind_device(Some(cfg.interface.as_bytes()))?;
     s.set_nonblocking(true)?;
     Ok(s)
 }
 
+/// One IPv6 datagram with its source, destination and hop limit (from ancillary data).
+fn recv_v6(s: &Socket, buf: &mut [u8]) -> std::io::Result<(usize, Ipv6Addr, Option<Ipv6Addr>, Option<u8>)> {
+    // SAFETY: recvmsg into buffers we own, sized as we tell the kernel; the control messages
+    // are read with read_unaligned through the CMSG_* helpers.
+    unsafe {
+        let mut src: libc::sockaddr_in6 = std::mem::zeroed();
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut control = [0u64; 32];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&mut src as *mut libc::sockaddr_in6).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(s.as_raw_fd(), &mut msg, 0);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (mut dst, mut hops) = (None, None);
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IPV6 {
+                let data = libc::CMSG_DATA(c);
+                if (*c).cmsg_type == libc::IPV6_HOPLIMIT {
+                    hops = Some(std::ptr::read_unaligned(data as *const libc::c_int) as u8);
+                } else if (*c).cmsg_type == libc::IPV6_PKTINFO {
+                    let pi = std::ptr::read_unaligned(data as *const libc::in6_pktinfo);
+                    dst = Some(Ipv6Addr::from(pi.ipi6_addr.s6_addr));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        Ok((n as usize, Ipv6Addr::from(src.sin6_addr.s6_addr), dst, hops))
+    }
+}
+
 struct Driver {
     cfg: Arc<VipConfig>,
-    local: Ipv4Addr,
-    vip: Ipv4Addr,
+    local: IpAddr,
+    vip: IpAddr,
+    ifindex: u32,
     sock: AsyncFd<Socket>,
     netlink: Netlink,
     announcer: Option<Announcer>,
@@ -110,7 +186,7 @@ struct Driver {
 
 /// The rest of a takeover burst (the first gratuitous ARP is sent by the caller at once): the
 /// others spaced by `garp_interval` so a lost frame is repeated, stopped if mastership ends.
-pub(crate) fn announce_rest(cfg: &Arc<VipConfig>, vip: Ipv4Addr, status: &SharedVipStatus) {
+pub(crate) fn announce_rest(cfg: &Arc<VipConfig>, vip: IpAddr, status: &SharedVipStatus) {
     let (n, every) = (cfg.garp_count.saturating_sub(1), cfg.garp_interval);
     if n == 0 {
         return;
@@ -148,12 +224,15 @@ const HEALTH_EVERY: Duration = Duration::from_millis(250);
 /// Runs one VRRP instance until `stop`; then hands over cleanly.
 pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, fitness: Fitness, stop: CancellationToken) -> Result<(), VipError> {
     let setup = |reason: String| VipError::Setup { name: cfg.name.clone(), reason };
-    let IpAddr::V4(vip) = cfg.addr else {
-        return Err(setup("IPv6 VIPs are not supported yet by the VRRP driver".into()));
+    let vip = cfg.addr;
+    let Some(local) = local_addr(&cfg) else {
+        return Err(setup(format!(
+            "interface {} has no {} address of its own",
+            cfg.interface,
+            if vip.is_ipv4() { "IPv4" } else { "link-local IPv6" }
+        )));
     };
-    let Some(IpAddr::V4(local)) = local_addr(&cfg) else {
-        return Err(setup(format!("interface {} has no IPv4 address of its own", cfg.interface)));
-    };
+    let ifindex = netlink::ifindex(&cfg.interface).map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
     let netlink = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
     if netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })? {
         warn!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, "removed a VIP left on the interface (crash?); it is taken again only if elected");
@@ -178,11 +257,11 @@ pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, fitness: Fitness,
         interval: cfg.advert_interval,
         preempt: cfg.preempt,
         preempt_delay: cfg.preempt_delay,
-        local_addr: IpAddr::V4(local),
+        local_addr: local,
     });
     let auth = cfg.auth_pass.as_deref().map(packet::auth_bytes);
     let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
-    let mut d = Driver { cfg: cfg.clone(), local, vip, sock, netlink, announcer, fsm, status, auth, fitness, health };
+    let mut d = Driver { cfg: cfg.clone(), local, vip, ifindex, sock, netlink, announcer, fsm, status, auth, fitness, health };
     info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
           version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, "VRRP instance starting");
     d.fsm.handle_startup(Instant::now());
@@ -205,8 +284,12 @@ impl Driver {
                         Ok(mut guard) => {
                             let mut buf = [0u8; 1500];
                             loop {
-                                match std::io::Read::read(&mut guard.get_inner(), &mut buf) {
-                                    Ok(n) => packets.push(buf[..n].to_vec()),
+                                let r = match self.local {
+                                    IpAddr::V4(_) => std::io::Read::read(&mut guard.get_inner(), &mut buf).map(|n| (buf[..n].to_vec(), None)),
+                                    IpAddr::V6(_) => recv_v6(guard.get_inner(), &mut buf).map(|(n, src, dst, hops)| (buf[..n].to_vec(), Some((src, dst, hops)))),
+                                };
+                                match r {
+                                    Ok(p) => packets.push(p),
                                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                                         guard.clear_ready();
                                         break;
@@ -220,8 +303,14 @@ impl Driver {
                         }
                         Err(e) => return Err(VipError::Socket { name: self.cfg.name.clone(), source: e }),
                     }
-                    for p in packets {
-                        self.on_packet(&p);
+                    for (p, v6) in packets {
+                        match v6 {
+                            None => self.on_packet_v4(&p),
+                            Some((src, dst, hops)) => {
+                                let dst = dst.map_or(IpAddr::V6(packet::MCAST_V6), IpAddr::V6);
+                                self.on_advert(&p, IpAddr::V6(src), dst, hops.unwrap_or(0));
+                            }
+                        }
                     }
                 }
                 _ = async { refresh.as_mut().unwrap().tick().await }, if refresh.is_some() && self.fsm.state() == State::Master => {
@@ -251,30 +340,37 @@ impl Driver {
         }
     }
 
-    /// RFC 5798 §7.1 checks on a raw IPv4 packet, then the state machine.
-    fn on_packet(&mut self, raw: &[u8]) {
-        let bad = |d: &mut Driver, why: String| {
-            debug!(vip = %d.cfg.name, "ignoring VRRP packet: {why}");
-            if let Ok(mut s) = d.status.lock() {
-                s.bad_packets += 1;
-            }
-        };
+    fn bad(&mut self, why: String) {
+        debug!(vip = %self.cfg.name, "ignoring VRRP packet: {why}");
+        if let Ok(mut s) = self.status.lock() {
+            s.bad_packets += 1;
+        }
+    }
+
+    /// A raw IPv4 packet (header included): its addresses and TTL, then `on_advert`.
+    fn on_packet_v4(&mut self, raw: &[u8]) {
         if raw.len() < 20 || raw[0] >> 4 != 4 {
-            return bad(self, "not IPv4".into());
+            return self.bad("not IPv4".into());
         }
         let ihl = usize::from(raw[0] & 0x0f) * 4;
         if ihl < 20 || raw.len() < ihl {
-            return bad(self, "bad IP header length".into());
+            return self.bad("bad IP header length".into());
         }
         let src = IpAddr::from([raw[12], raw[13], raw[14], raw[15]]);
         let dst = IpAddr::from([raw[16], raw[17], raw[18], raw[19]]);
-        if src == IpAddr::V4(self.local) {
+        self.on_advert(&raw[ihl..], src, dst, raw[8]);
+    }
+
+    /// RFC 5798 §7.1 checks on a VRRP payload, then the state machine.
+    fn on_advert(&mut self, payload: &[u8], src: IpAddr, dst: IpAddr, ttl: u8) {
+        let bad = |d: &mut Driver, why: String| d.bad(why);
+        if src == self.local {
             return;
         }
-        if raw[8] != 255 {
-            return bad(self, format!("TTL {} from {src} (must be 255)", raw[8]));
+        if ttl != 255 {
+            return bad(self, format!("TTL {ttl} from {src} (must be 255)"));
         }
-        let a = match packet::decode(&raw[ihl..], src, dst) {
+        let a = match packet::decode(payload, src, dst) {
             Ok(a) => a,
             Err(e) => return bad(self, format!("from {src}: {e}")),
         };
@@ -302,12 +398,18 @@ impl Driver {
             addrs: vec![self.cfg.addr],
             auth: self.auth,
         };
-        let dsts: Vec<IpAddr> =
-            if self.cfg.unicast_peers.is_empty() { vec![IpAddr::V4(packet::MCAST_V4)] } else { self.cfg.unicast_peers.clone() };
+        let group = match self.local {
+            IpAddr::V4(_) => IpAddr::V4(packet::MCAST_V4),
+            IpAddr::V6(_) => IpAddr::V6(packet::MCAST_V6),
+        };
+        let dsts: Vec<IpAddr> = if self.cfg.unicast_peers.is_empty() { vec![group] } else { self.cfg.unicast_peers.clone() };
         for dst in dsts {
-            let IpAddr::V4(d4) = dst else { continue };
-            let bytes = packet::encode(&a, IpAddr::V4(self.local), dst);
-            if let Err(e) = self.sock.get_ref().send_to(&bytes, &SockAddr::from(SocketAddrV4::new(d4, 0))) {
+            let bytes = packet::encode(&a, self.local, dst);
+            let to = match dst {
+                IpAddr::V4(d) => SockAddr::from(SocketAddrV4::new(d, 0)),
+                IpAddr::V6(d) => SockAddr::from(SocketAddrV6::new(d, 0, 0, self.ifindex)),
+            };
+            if let Err(e) = self.sock.get_ref().send_to(&bytes, &to) {
                 warn!(vip = %self.cfg.name, %dst, error = %e, "VRRP send");
             }
         }

@@ -9,7 +9,7 @@
 //! it: there is a short gap, never two holders. A standby that cannot reach etcd never takes
 //! the VIP. An unfit proxy (health ties, `health_weight > 0`) gives the key up.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ const TICK: Duration = Duration::from_millis(250);
 
 struct Holder {
     cfg: Arc<VipConfig>,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     netlink: Netlink,
     announcer: Option<Announcer>,
     status: SharedVipStatus,
@@ -84,9 +84,7 @@ pub async fn run(
     let Election::Etcd { key, ttl, .. } = cfg.election.clone() else {
         return Err(VipError::Setup { name: cfg.name.clone(), reason: "not an etcd-elected VIP".into() });
     };
-    let IpAddr::V4(vip) = cfg.addr else {
-        return Err(VipError::Setup { name: cfg.name.clone(), reason: "IPv6 VIPs are not supported yet".into() });
-    };
+    let vip = cfg.addr;
     let netlink = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
     if netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })? {
         warn!(vip = %cfg.name, addr = %cfg.addr, "removed a VIP left on the interface (crash?); it is taken again only if elected");

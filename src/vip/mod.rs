@@ -3,8 +3,9 @@
 //!
 //! Pure cores: `packet` (VRRP v2/v3 codec), `fsm` (the RFC 5798 state machine) and `health`
 //! (hysteresis of the proxy's fitness to hold the VIP).
-//! I/O: `netlink` (add/remove the address), `garp` (gratuitous ARP), `driver` (raw VRRP
-//! socket, timers, and the glue that turns the state machine's actions into I/O).
+//! I/O: `netlink` (add/remove the address), `garp` (gratuitous ARP / unsolicited neighbour
+//! advertisement), `driver` (raw VRRP socket for IPv4 or IPv6, timers, and the glue that turns
+//! the state machine's actions into I/O), `lease` (election by etcd lease instead of VRRP).
 
 pub mod driver;
 pub mod fsm;

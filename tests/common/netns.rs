@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 pub const SUBNET: &str = "198.51.100";
 pub const VIP: &str = "198.51.100.10";
+/// The IPv6 VIP (documentation prefix, inside the namespaces only).
+pub const VIP6: &str = "2001:db8::10";
 
 pub struct Segment {
     pub id: String,
@@ -38,7 +40,12 @@ impl Segment {
         }
         for n in ["lb1", "lb2", "cli"] {
             let out = Command::new("ip")
-                .args(["netns", "exec", &s.ns(n), "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.all.arp_ignore=0", "net.ipv4.conf.all.arp_accept=0"])
+                .args([
+                    "netns", "exec", &s.ns(n), "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv4.conf.all.arp_ignore=0", "net.ipv4.conf.all.arp_accept=0",
+                    // Link-local addresses usable at once (no ~1.5 s of duplicate address detection).
+                    "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                ])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "sysctl in {n}: {}", String::from_utf8_lossy(&out.stderr));
@@ -63,8 +70,13 @@ impl Segment {
 
     /// Whether the namespace `n` has the VIP on its eth0.
     pub fn holds_vip(&self, n: &str) -> bool {
-        let out = Command::new("ip").args(["-n", &self.ns(n), "-4", "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).contains(&format!(" {VIP}/"))
+        self.holds(n, VIP)
+    }
+
+    /// Whether the namespace `n` has `addr` on its eth0.
+    pub fn holds(&self, n: &str, addr: &str) -> bool {
+        let out = Command::new("ip").args(["-n", &self.ns(n), "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
     }
 
     pub fn link(&self, n: &str, up: bool) {
@@ -105,8 +117,12 @@ impl Drop for Segment {
 /// pgfront's `/status` (whose first listener is named after the host) or of keepalived's
 /// stand-in. Returns the host name, or None if nobody answered within `limit`.
 pub fn who_answers(port: u16, limit: Duration) -> Option<String> {
+    who_answers_at(format!("{VIP}:{port}").parse().unwrap(), limit)
+}
+
+/// `who_answers` for any address (e.g. `[2001:db8::10]:7000`).
+pub fn who_answers_at(addr: std::net::SocketAddr, limit: Duration) -> Option<String> {
     use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = format!("{VIP}:{port}").parse().unwrap();
     let mut s = std::net::TcpStream::connect_timeout(&addr, limit).ok()?;
     s.set_read_timeout(Some(limit)).ok()?;
     s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
@@ -200,6 +216,11 @@ pub fn wait_holder(seg: &Segment, n: &str, other: &str, limit: Duration) {
 /// Injects a failure, and returns how long until the client is served by `new`: a probe
 /// starts a short connect every 10 ms without waiting for the previous one.
 pub fn failover(seg: &Segment, new: &str, inject: impl FnOnce()) -> Duration {
+    failover_at(seg, format!("{VIP}:{ADMIN}").parse().unwrap(), new, inject)
+}
+
+/// `failover`, probing `target` (the VIP and admin port) from the client namespace.
+pub fn failover_at(seg: &Segment, target: std::net::SocketAddr, new: &str, inject: impl FnOnce()) -> Duration {
     let want = new.to_owned();
     let (tx, rx) = std::sync::mpsc::channel::<Instant>();
     let probe = {
@@ -218,7 +239,7 @@ pub fn failover(seg: &Segment, new: &str, inject: impl FnOnce()) -> Duration {
                 let (want, done_tx) = (want.clone(), done_tx.clone());
                 // Threads inherit this thread's network namespace.
                 std::thread::spawn(move || {
-                    if who_answers(ADMIN, Duration::from_millis(300)).as_deref() == Some(want.as_str()) {
+                    if who_answers_at(target, Duration::from_millis(300)).as_deref() == Some(want.as_str()) {
                         let _ = done_tx.send(Instant::now());
                     }
                 });
