@@ -132,7 +132,8 @@ fn main() {
     rt.block_on(async {
         let mut c = etcd_client::Client::connect([etcd.endpoint()], None).await.unwrap();
         c.put("/service/membench/leader", "m1", None).await.unwrap();
-        let member = format!(r#"{{"conn_url":"postgres://127.0.0.1:{backend_port}/x","role":"master","state":"running"}}"#);
+        let member =
+            format!(r#"{{"conn_url":"postgres://127.0.0.1:{backend_port}/x","role":"master","state":"running"}}"#);
         c.put("/service/membench/members/m1", member, None).await.unwrap();
     });
     let work = tempfile::tempdir().unwrap();
@@ -169,5 +170,9 @@ fn main() {
     let (hp_b, hp_t) = rt.block_on(measure("HAProxy 2.6", hp_port, hp.pid(), n));
     let (cb_b, cb_t) = rt.block_on(measure("tokio copy_bidirectional", base_port, base.pid(), n));
     println!("\npgfront / HAProxy: memory per idle connection {:.2}x, throughput {:.2}x", pf_b / hp_b, pf_t / hp_t);
-    println!("pgfront / copy_bidirectional: memory per idle connection {:.2}x, throughput {:.2}x", pf_b / cb_b, pf_t / cb_t);
+    println!(
+        "pgfront / copy_bidirectional: memory per idle connection {:.2}x, throughput {:.2}x",
+        pf_b / cb_b,
+        pf_t / cb_t
+    );
 }

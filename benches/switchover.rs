@@ -27,7 +27,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 fn haproxy(port: u16, pg: &Patroni, tuned: bool, dir: &std::path::Path) -> Proc {
     let bin = require("haproxy", "haproxy");
-    let checks = if tuned { "inter 1s fall 1 rise 1 on-marked-down shutdown-sessions" } else { "inter 3s fall 3 rise 2" };
+    let checks =
+        if tuned { "inter 1s fall 1 rise 1 on-marked-down shutdown-sessions" } else { "inter 3s fall 3 rise 2" };
     let mut cfg = format!(
         "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 4s\n  timeout client 30m\n  timeout server 30m\n  timeout check 2s\n\
          listen pg_rw\n  bind 127.0.0.1:{port}\n  balance leastconn\n  option httpchk OPTIONS /master\n  http-check expect status 200\n\
@@ -109,7 +110,12 @@ fn main() {
             let new = pg.cluster().unwrap().into_iter().find(|m| m.role == "replica").unwrap();
             pg.wait_replicated(new.port, "pgfront_probe");
             let stop = CancellationToken::new();
-            let writer = rt.spawn(write_loop(r.conninfo.clone(), Duration::from_millis(10), stop.clone(), Duration::from_secs(120)));
+            let writer = rt.spawn(write_loop(
+                r.conninfo.clone(),
+                Duration::from_millis(10),
+                stop.clone(),
+                Duration::from_secs(120),
+            ));
             std::thread::sleep(Duration::from_secs(2));
             let t0 = Instant::now();
             pg.switchover(&old.name, &new.name);
@@ -120,7 +126,14 @@ fn main() {
             std::thread::sleep(Duration::from_secs(2));
             stop.cancel();
             let st = rt.block_on(writer).unwrap();
-            println!("round {round} {:<22} {} -> {}: {} (patronictl took {:.2} s)", r.name, old.name, new.name, st.summary(), patronictl.as_secs_f64());
+            println!(
+                "round {round} {:<22} {} -> {}: {} (patronictl took {:.2} s)",
+                r.name,
+                old.name,
+                new.name,
+                st.summary(),
+                patronictl.as_secs_f64()
+            );
             results.push((r.name, st));
         }
     }
@@ -142,7 +155,23 @@ fn main() {
     }
     let run = |port: u16| -> f64 {
         let out = Command::new(&pgbench)
-            .args(["-S", "-n", "-c", "8", "-j", "2", "-T", &secs.to_string(), "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "postgres"])
+            .args([
+                "-S",
+                "-n",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                &secs.to_string(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "postgres",
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -159,7 +188,10 @@ fn main() {
         tps[2].1.push(run(hp_prod));
     }
     println!("\n== switchover: a client writing every 10 ms, one connection per write");
-    println!("{:<24} {:>12} {:>9} {:>10} {:>10} {:>8}", "route", "longest gap", "writes", "connect", "read-only", "broken");
+    println!(
+        "{:<24} {:>12} {:>9} {:>10} {:>10} {:>8}",
+        "route", "longest gap", "writes", "connect", "read-only", "broken"
+    );
     for (name, st) in &results {
         println!(
             "{:<24} {:>10.3} s {:>9} {:>10} {:>10} {:>8}",
@@ -175,7 +207,13 @@ fn main() {
     let direct = tps[0].1.iter().cloned().fold(0.0, f64::max);
     for (name, v) in &tps {
         let best = v.iter().cloned().fold(0.0, f64::max);
-        println!("{:<10} {:>10.0} tps  {:>5.1} % of direct   (runs: {:?})", name, best, 100.0 * best / direct, v.iter().map(|t| t.round()).collect::<Vec<_>>());
+        println!(
+            "{:<10} {:>10.0} tps  {:>5.1} % of direct   (runs: {:?})",
+            name,
+            best,
+            100.0 * best / direct,
+            v.iter().map(|t| t.round()).collect::<Vec<_>>()
+        );
     }
     drop(pf);
 }

@@ -43,7 +43,12 @@ fn start(seg: &Segment, dir: &std::path::Path, n: &str, keepalived: bool, priori
         let vrrp = start_keepalived(seg, dir, n, priority, if v3 { 3 } else { 2 }, if v3 { "0.1" } else { "1" });
         Host { vrrp, _proxy: Some(proxy) }
     } else {
-        let v = Vrrp { priority, version: if v3 { 3 } else { 2 }, interval: if v3 { "100ms" } else { "1s" }, preempt: true };
+        let v = Vrrp {
+            priority,
+            version: if v3 { 3 } else { 2 },
+            interval: if v3 { "100ms" } else { "1s" },
+            preempt: true,
+        };
         Host { vrrp: start_pgfront(seg, dir, n, Some(&v)), _proxy: None }
     }
 }
@@ -61,7 +66,9 @@ fn one_run(seg: &Segment, dir: &std::path::Path, pair: Pair, v3: bool, failure: 
         };
         (start(seg, dir, "lb1", ka1, 150, v3), start(seg, dir, "lb2", ka2, 100, v3))
     };
-    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_holder(seg, "lb1", "lb2", Duration::from_secs(20)))) {
+    if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_holder(seg, "lb1", "lb2", Duration::from_secs(20))
+    })) {
         eprintln!("--- lb1 ---\n{}\n--- lb2 ---\n{}", lb1.vrrp.log_tail(40), lb2.vrrp.log_tail(40));
         std::panic::resume_unwind(e);
     }
@@ -77,7 +84,9 @@ fn one_run(seg: &Segment, dir: &std::path::Path, pair: Pair, v3: bool, failure: 
     drop(lb1);
     drop(lb2);
     for n in ["lb1", "lb2"] {
-        let _ = std::process::Command::new("ip").args(["-n", &seg.ns(n), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &seg.ns(n), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"])
+            .output();
     }
     t
 }
@@ -99,10 +108,15 @@ fn main() {
     let mut rows = Vec::new();
     let only_vrrp = std::env::var("BENCH_ONLY_VRRP").is_ok();
     for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop].into_iter().filter(|_| !only_vrrp) {
-        let times: Vec<Duration> = (0..runs).map(|_| one_run(&seg, dir.path(), Pair::EtcdLease, true, failure)).collect();
+        let times: Vec<Duration> =
+            (0..runs).map(|_| one_run(&seg, dir.path(), Pair::EtcdLease, true, failure)).collect();
         let m = median(times.clone());
-        println!("etcd-lease {:<10} median {:>7.3} s  runs {:?}", format!("{failure:?}"), m.as_secs_f64(),
-                 times.iter().map(|t| (t.as_secs_f64() * 1000.0).round() / 1000.0).collect::<Vec<_>>());
+        println!(
+            "etcd-lease {:<10} median {:>7.3} s  runs {:?}",
+            format!("{failure:?}"),
+            m.as_secs_f64(),
+            times.iter().map(|t| (t.as_secs_f64() * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        );
         rows.push((true, Pair::EtcdLease, failure, m));
     }
     for v3 in [true, false] {
@@ -126,7 +140,9 @@ fn main() {
     println!("{:<22} {:<10} {:>12} {:>12} {:>12}", "advert", "failure", "keepalived", "pgfront", "mixed");
     for v3 in [false, true] {
         for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop] {
-            let get = |p: Pair| rows.iter().find(|r| r.0 == v3 && r.1 == p && format!("{:?}", r.2) == format!("{failure:?}")).unwrap().3;
+            let get = |p: Pair| {
+                rows.iter().find(|r| r.0 == v3 && r.1 == p && format!("{:?}", r.2) == format!("{failure:?}")).unwrap().3
+            };
             println!(
                 "{:<22} {:<10} {:>10.3} s {:>10.3} s {:>10.3} s",
                 if v3 { "100 ms (VRRPv3)" } else { "1 s (VRRPv2)" },
@@ -138,7 +154,13 @@ fn main() {
         }
     }
     for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop] {
-        let m = rows.iter().find(|r| r.1 == Pair::EtcdLease && format!("{:?}", r.2) == format!("{failure:?}")).unwrap().3;
-        println!("{:<22} {:<10} {:>10.3} s (pgfront, etcd lease, lease_ttl 3 s)", "etcd lease", format!("{failure:?}"), m.as_secs_f64());
+        let m =
+            rows.iter().find(|r| r.1 == Pair::EtcdLease && format!("{:?}", r.2) == format!("{failure:?}")).unwrap().3;
+        println!(
+            "{:<22} {:<10} {:>10.3} s (pgfront, etcd lease, lease_ttl 3 s)",
+            "etcd lease",
+            format!("{failure:?}"),
+            m.as_secs_f64()
+        );
     }
 }

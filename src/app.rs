@@ -98,7 +98,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     for (v, st) in config.vips.iter().zip(vip_status.iter().cloned()) {
         let (v, stop, fit) = (v.clone(), vip_stop.clone(), fitness.clone());
         let etcd = match &v.election {
-            crate::config::Election::Etcd { cluster, .. } => config.clusters.iter().find(|c| &c.name == cluster).cloned(),
+            crate::config::Election::Etcd { cluster, .. } => {
+                config.clusters.iter().find(|c| &c.name == cluster).cloned()
+            }
             crate::config::Election::Vrrp => None,
         };
         vip_tasks.push(tokio::spawn(async move {
@@ -159,14 +161,19 @@ fn fitness(config: &Config, clusters: &HashMap<String, ClusterHandle>) -> vip::d
         .filter_map(|l| clusters.get(&l.cluster).cloned())
         .collect();
     Arc::new(move || {
-        watched.iter().all(|c| {
-            c.health.etcd_up.load(std::sync::atomic::Ordering::Relaxed) && c.view.borrow().primary().is_some()
-        })
+        watched
+            .iter()
+            .all(|c| c.health.etcd_up.load(std::sync::atomic::Ordering::Relaxed) && c.view.borrow().primary().is_some())
     })
 }
 
 /// Applies every new view of the cluster to one listener's pool, as soon as it arrives.
-async fn follow(cfg: Arc<ListenerConfig>, pool: Arc<Pool>, mut view: watch::Receiver<Arc<ClusterView>>, stop: CancellationToken) {
+async fn follow(
+    cfg: Arc<ListenerConfig>,
+    pool: Arc<Pool>,
+    mut view: watch::Receiver<Arc<ClusterView>>,
+    stop: CancellationToken,
+) {
     loop {
         let v = view.borrow_and_update().clone();
         let targets = v.targets(cfg.role, cfg.max_replica_lag);

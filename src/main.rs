@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use pgfront::config::Config;
 
 #[derive(Parser)]
-#[command(name = "pgfront", version, about = "PostgreSQL HA front end: routes clients to the Patroni primary learned from etcd")]
+#[command(
+    name = "pgfront",
+    version,
+    about = "PostgreSQL HA front end: routes clients to the Patroni primary learned from etcd"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -211,7 +215,14 @@ fn status(admin: &str, json: bool) -> ExitCode {
             .flatten()
             .map(|sv| format!("{}={}", s(&sv["member"]), s(&sv["active"])))
             .collect();
-        println!("  {:<20} {:<22} {:<10} {:>6}  {}", s(&l["name"]), s(&l["bind"]), s(&l["role"]), s(&l["queued"]), servers.join(" "));
+        println!(
+            "  {:<20} {:<22} {:<10} {:>6}  {}",
+            s(&l["name"]),
+            s(&l["bind"]),
+            s(&l["role"]),
+            s(&l["queued"]),
+            servers.join(" ")
+        );
     }
     ExitCode::SUCCESS
 }

@@ -168,14 +168,13 @@ impl ClusterView {
 
     fn runs_as_primary(&self, m: &Member) -> bool {
         m.role == MemberRole::Primary
-            || (matches!(m.role, MemberRole::Replica | MemberRole::Promoted) && self.confirmed.as_deref() == Some(&m.name))
+            || (matches!(m.role, MemberRole::Replica | MemberRole::Promoted)
+                && self.confirmed.as_deref() == Some(&m.name))
     }
 
     fn switchover_pending(&self, leader: &str) -> bool {
         self.state.failover.as_ref().is_some_and(|f| {
-            !f.scheduled
-                && f.leader.as_deref().is_none_or(|l| l == leader)
-                && f.candidate.as_deref() != Some(leader)
+            !f.scheduled && f.leader.as_deref().is_none_or(|l| l == leader) && f.candidate.as_deref() != Some(leader)
         })
     }
 
@@ -317,7 +316,8 @@ mod tests {
     #[test]
     fn pending_switchover_holds_new_but_keeps_open_connections() {
         let mut v = three();
-        v.state.failover = Some(Failover { leader: Some("pg1".into()), candidate: Some("pg2".into()), scheduled: false });
+        v.state.failover =
+            Some(Failover { leader: Some("pg1".into()), candidate: Some("pg2".into()), scheduled: false });
         assert_eq!(v.primary_status(), PrimaryStatus::SwitchoverPending);
         let t = v.targets(Role::Primary, None);
         assert_eq!((names(&t.eligible), names(&t.keep)), (vec![], vec!["pg1"]));

@@ -46,7 +46,8 @@ bind = "127.0.0.1:{rw}"
         let new = pg.cluster().unwrap().into_iter().find(|m| m.role == "replica").unwrap();
         pg.wait_replicated(new.port, "pgfront_probe");
         let stop = CancellationToken::new();
-        let writer = rt.spawn(write_loop(conninfo(rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(60)));
+        let writer =
+            rt.spawn(write_loop(conninfo(rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(60)));
         std::thread::sleep(Duration::from_secs(1));
         pg.switchover(&l.name, &new.name);
         pf.wait_primary("legacy", &new.name, Duration::from_secs(30));

@@ -175,12 +175,18 @@ fn switchover_under_writes(env: &Env) {
     let new = cluster.iter().find(|m| m.role == "replica").unwrap().clone();
     env.pg.wait_replicated(new.port, "pgfront_probe");
     let stop = CancellationToken::new();
-    let writer = env.rt.spawn(write_loop(conninfo(env.rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(60)));
+    let writer =
+        env.rt.spawn(write_loop(conninfo(env.rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(60)));
     std::thread::sleep(Duration::from_secs(1));
     let t0 = std::time::Instant::now();
     env.pg.switchover(&old.name, &new.name);
     env.pf.wait_primary(CLUSTER, &new.name, Duration::from_secs(30));
-    eprintln!("switchover {} -> {}: pgfront routes to the new primary {:?} after patronictl started", old.name, new.name, t0.elapsed());
+    eprintln!(
+        "switchover {} -> {}: pgfront routes to the new primary {:?} after patronictl started",
+        old.name,
+        new.name,
+        t0.elapsed()
+    );
     std::thread::sleep(Duration::from_secs(1));
     stop.cancel();
     let st = env.rt.block_on(writer).unwrap();
@@ -196,7 +202,10 @@ fn switchover_under_writes(env: &Env) {
     assert!(st.writes.iter().any(|w| w.1 == old.port), "writes went to the old primary before");
     let log = env.pf.log();
     assert!(log.contains("primary takes no new connections"), "the failover key paused routing");
-    assert!(log.contains(&format!("old=\"{}\" new={} paused_ms=", old.name, new.name)) || log.contains(&format!("old={} new={}", old.name, new.name)));
+    assert!(
+        log.contains(&format!("old=\"{}\" new={} paused_ms=", old.name, new.name))
+            || log.contains(&format!("old={} new={}", old.name, new.name))
+    );
 }
 
 fn failover_drains_a_primary_that_still_runs(env: &mut Env) {
@@ -215,9 +224,11 @@ fn failover_drains_a_primary_that_still_runs(env: &mut Env) {
         env.pg.leader().filter(|l| l.name != old.name)
     });
     env.pf.wait_primary(CLUSTER, &new.name, Duration::from_secs(30));
-    let r = env.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), session.simple_query("SELECT 1")).await });
+    let r =
+        env.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), session.simple_query("SELECT 1")).await });
     assert!(matches!(r, Ok(Err(_))), "the session on the demoted primary was closed by pgfront: {r:?}");
-    let (port, rec) = env.rt.block_on(whoami(old.port)).expect("the old PostgreSQL still runs (so pgfront closed the session)");
+    let (port, rec) =
+        env.rt.block_on(whoami(old.port)).expect("the old PostgreSQL still runs (so pgfront closed the session)");
     assert_eq!((port, rec), (old.port, false));
     let (port, rec) = env.rt.block_on(whoami(env.rw)).unwrap();
     assert_eq!((port, rec), (new.port, false), "new sessions reach the new leader");
@@ -231,14 +242,19 @@ fn hard_failover(env: &mut Env) {
     env.pf.wait_primary(CLUSTER, &old.name, Duration::from_secs(10));
     let survivor = env.pg.members.iter().find(|m| m.name != old.name && m.proc.is_some()).unwrap().name.clone();
     wait_for("the survivor to stream from the leader", Duration::from_secs(60), || {
-        env.pg.cluster()?.iter().find(|m| m.name == survivor && (m.state == "streaming" || m.state == "running")).map(|_| ())
+        env.pg
+            .cluster()?
+            .iter()
+            .find(|m| m.name == survivor && (m.state == "streaming" || m.state == "running"))
+            .map(|_| ())
     });
     let session = env.rt.block_on(pg_connect(env.rw)).unwrap();
     env.pg.member_mut(&old.name).crash();
     let t0 = std::time::Instant::now();
     // A client that connects right after the crash is held until the new primary is up.
     let held = env.rt.spawn(whoami(env.rw));
-    let r = env.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), session.simple_query("SELECT 1")).await });
+    let r =
+        env.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), session.simple_query("SELECT 1")).await });
     assert!(matches!(r, Ok(Err(_))), "the session on the dead leader is closed: {r:?}");
     env.pf.wait_primary(CLUSTER, &survivor, Duration::from_secs(60));
     let (port, rec) = env.rt.block_on(held).unwrap().expect("the client held during the failover is served");

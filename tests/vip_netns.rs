@@ -15,7 +15,9 @@ use common::*;
 fn vip_status(seg: &Segment) -> Option<serde_json::Value> {
     seg.run_in("cli", || {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect_timeout(&format!("{VIP}:{ADMIN}").parse().unwrap(), Duration::from_secs(1)).ok()?;
+        let mut s =
+            std::net::TcpStream::connect_timeout(&format!("{VIP}:{ADMIN}").parse().unwrap(), Duration::from_secs(1))
+                .ok()?;
         s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
         let mut b = String::new();
         s.read_to_string(&mut b).ok()?;
@@ -84,7 +86,8 @@ fn pgfront_pair_elects_moves_and_hands_over() {
                     p[1] = 51; // …ours, with a high priority: only the checksum stops it
                     p[2] = 254;
                 }
-                let dst: std::net::SocketAddr = if i % 2 == 0 { "224.0.0.18:0".parse().unwrap() } else { "198.51.100.12:0".parse().unwrap() };
+                let dst: std::net::SocketAddr =
+                    if i % 2 == 0 { "224.0.0.18:0".parse().unwrap() } else { "198.51.100.12:0".parse().unwrap() };
                 let _ = s.send_to(&p, &SockAddr::from(dst));
             }
         });
@@ -93,7 +96,10 @@ fn pgfront_pair_elects_moves_and_hands_over() {
         let after = vip_status(&seg).unwrap();
         assert_eq!(after["state"], "master");
         assert_eq!(after["transitions"], before["transitions"]);
-        assert!(after["bad_packets"].as_u64().unwrap() > before["bad_packets"].as_u64().unwrap(), "bad packets are counted: {after}");
+        assert!(
+            after["bad_packets"].as_u64().unwrap() > before["bad_packets"].as_u64().unwrap(),
+            "bad packets are counted: {after}"
+        );
         assert!(lb1.running() && lb2.running(), "nobody crashed");
         let metrics = seg.run_in("cli", || http_get(&format!("http://{VIP}:{ADMIN}/metrics"))).unwrap().1;
         assert!(metrics.contains("pgfront_vip_master{vip=\"rw\",address=\"198.51.100.10/24\"} 1"), "{metrics}");
@@ -112,7 +118,12 @@ fn mixed_pair_with_keepalived_elects_the_higher_priority() {
     // lb2 runs keepalived for the VIP and pgfront (no VIP) to answer the client.
     let _lb2_proxy = start_pgfront(&seg, dir.path(), "lb2", None);
     let mut ka = start_keepalived(&seg, dir.path(), "lb2", 200, 2, "1");
-    let lb1 = start_pgfront(&seg, dir.path(), "lb1", Some(&Vrrp { priority: 100, version: 2, interval: "1s", preempt: true }));
+    let lb1 = start_pgfront(
+        &seg,
+        dir.path(),
+        "lb1",
+        Some(&Vrrp { priority: 100, version: 2, interval: "1s", preempt: true }),
+    );
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // keepalived has the higher priority: it holds the VIP; pgfront follows as backup.
         wait_holder(&seg, "lb2", "lb1", Duration::from_secs(15));
@@ -122,7 +133,9 @@ fn mixed_pair_with_keepalived_elects_the_higher_priority() {
         let t = failover(&seg, "lb1", || ka.signal_group(libc::SIGKILL));
         eprintln!("mixed pair, VRRPv2 1 s: keepalived SIGKILLed -> pgfront serves the client in {t:?}");
         ka.stop(Duration::from_secs(1));
-        let _ = Command::new("ip").args(["-n", &seg.ns("lb2"), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]).output();
+        let _ = Command::new("ip")
+            .args(["-n", &seg.ns("lb2"), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"])
+            .output();
         // keepalived comes back with a lower priority: pgfront stays master and keepalived
         // accepts pgfront's adverts.
         ka = start_keepalived(&seg, dir.path(), "lb2", 50, 2, "1");
@@ -145,7 +158,8 @@ fn unfit_proxy_lowers_its_priority_and_hands_over() {
     let v = |priority| Vrrp { priority, version: 3, interval: "100ms", preempt: true };
     // lb1 has the higher priority but no etcd (so no routable primary): after 1 s of that,
     // its priority drops by 100 and lb2, whose ties are off, preempts.
-    let lb1 = start_pgfront_with(&seg, dir.path(), "lb1", Some(&v(150)), "health_weight = 100\nunhealthy_after = \"1s\"\n");
+    let lb1 =
+        start_pgfront_with(&seg, dir.path(), "lb1", Some(&v(150)), "health_weight = 100\nunhealthy_after = \"1s\"\n");
     let lb2 = start_pgfront(&seg, dir.path(), "lb2", Some(&v(100)));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_holder(&seg, "lb2", "lb1", Duration::from_secs(15));
@@ -176,7 +190,9 @@ fn etcd_lease_election_moves_the_vip() {
         let t = failover(&seg, "lb2", || lb1.signal_group(libc::SIGKILL));
         eprintln!("etcd lease 3 s: holder SIGKILLed -> client served by the other host in {t:?}");
         assert!(t >= Duration::from_secs(1), "not before the lease could expire: {t:?}");
-        let _ = Command::new("ip").args(["-n", &seg.ns("lb1"), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]).output();
+        let _ = Command::new("ip")
+            .args(["-n", &seg.ns("lb1"), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"])
+            .output();
         lb1.stop(Duration::from_secs(1));
         lb1 = start_lease_host(&seg, dir.path(), "lb1");
         std::thread::sleep(Duration::from_secs(1));
@@ -190,7 +206,9 @@ fn etcd_lease_election_moves_the_vip() {
         seg.link("lb2", true);
         std::thread::sleep(Duration::from_secs(2));
         assert!(seg.holds_vip("lb1") && !seg.holds_vip("lb2"), "one holder after the partition heals");
-        wait_for("the client to reach lb1", Duration::from_secs(10), || (answers(&seg).as_deref() == Some("lb1")).then_some(()));
+        wait_for("the client to reach lb1", Duration::from_secs(10), || {
+            (answers(&seg).as_deref() == Some("lb1")).then_some(())
+        });
 
         // A clean stop releases key and VIP at once.
         let t = failover(&seg, "lb2", || lb1.signal(libc::SIGTERM));
@@ -206,7 +224,10 @@ fn etcd_lease_election_moves_the_vip() {
 fn ipv6_vip_moves_with_unsolicited_neighbour_advertisements() {
     let seg = Segment::new("e");
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("ip").args(["-n", &seg.ns("cli"), "addr", "add", "2001:db8::100/64", "dev", "eth0", "nodad"]).output().unwrap();
+    let out = Command::new("ip")
+        .args(["-n", &seg.ns("cli"), "addr", "add", "2001:db8::100/64", "dev", "eth0", "nodad"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let host = |n: &str, priority: u8| {
         let cfg = dir.path().join(format!("{n}.toml"));
@@ -232,7 +253,8 @@ fn ipv6_vip_moves_with_unsolicited_neighbour_advertisements() {
             (seg.holds("lb1", VIP6) && !seg.holds("lb2", VIP6)).then_some(())
         });
         wait_for("the client to reach lb1 over IPv6", Duration::from_secs(10), || {
-            (seg.run_in("cli", move || who_answers_at(target, Duration::from_millis(500))).as_deref() == Some("lb1")).then_some(())
+            (seg.run_in("cli", move || who_answers_at(target, Duration::from_millis(500))).as_deref() == Some("lb1"))
+                .then_some(())
         });
         std::thread::sleep(Duration::from_secs(1));
         assert!(!seg.holds("lb2", VIP6), "lb2 follows lb1's VRRPv3-over-IPv6 adverts");

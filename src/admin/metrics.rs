@@ -5,9 +5,9 @@
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -102,16 +102,32 @@ impl Metrics {
             "Clients answered with an ErrorResponse (reason: no_server, full, closed)",
             m.refused.clone(),
         );
-        r.register("pgfront_backend_connect_errors", "Backend connects that failed (retried when time allows)", m.connect_errors.clone());
-        r.register("pgfront_drained_connections", "Connections closed because their server lost its role", m.drained.clone());
+        r.register(
+            "pgfront_backend_connect_errors",
+            "Backend connects that failed (retried when time allows)",
+            m.connect_errors.clone(),
+        );
+        r.register(
+            "pgfront_drained_connections",
+            "Connections closed because their server lost its role",
+            m.drained.clone(),
+        );
         r.register("pgfront_queue_length", "Clients waiting for a server", m.queue.clone());
         r.register("pgfront_queue_wait_seconds", "Time queued clients waited", m.queue_wait.clone());
         r.register("pgfront_client_received_bytes", "Bytes received from clients", m.bytes_from_clients.clone());
         r.register("pgfront_client_sent_bytes", "Bytes sent to clients", m.bytes_to_clients.clone());
         r.register("pgfront_server_active_connections", "Connections open to each server", m.server_active.clone());
-        r.register("pgfront_cluster_primary_routable", "1 when a writable primary takes new connections", m.primary_routable.clone());
+        r.register(
+            "pgfront_cluster_primary_routable",
+            "1 when a writable primary takes new connections",
+            m.primary_routable.clone(),
+        );
         r.register("pgfront_cluster_leader_changes", "Changes of the routable primary", m.leader_changes.clone());
-        r.register("pgfront_cluster_routing_pause_seconds", "How long primary routing was paused at each change", m.routing_pause.clone());
+        r.register(
+            "pgfront_cluster_routing_pause_seconds",
+            "How long primary routing was paused at each change",
+            m.routing_pause.clone(),
+        );
         r.register("pgfront_etcd_up", "1 while etcd answers for this cluster", m.etcd_up.clone());
         r.register("pgfront_etcd_errors", "etcd requests or watches that failed", m.etcd_errors.clone());
         r.register("pgfront_etcd_key_errors", "Patroni keys that could not be parsed", m.key_errors.clone());
@@ -217,7 +233,9 @@ impl Collector for VipCollector {
         type Get = fn(&VipStatus) -> u64;
         let gauges: [(&str, &str, Get); 2] = [
             ("pgfront_vip_master", "1 while this host holds the VIP", |v| u64::from(v.state == State::Master)),
-            ("pgfront_vip_priority", "Priority this host advertises (lowered by health ties)", |v| u64::from(v.priority)),
+            ("pgfront_vip_priority", "Priority this host advertises (lowered by health ties)", |v| {
+                u64::from(v.priority)
+            }),
         ];
         for (name, help, get) in gauges {
             let mut d = encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
@@ -229,7 +247,9 @@ impl Collector for VipCollector {
         let counters: [(&str, &str, Get); 3] = [
             ("pgfront_vip_transitions", "State changes of the VIP election", |v| v.transitions),
             ("pgfront_vip_garps_sent", "Gratuitous ARPs sent", |v| v.garps_sent),
-            ("pgfront_vip_bad_packets", "VRRP packets rejected (checksum, TTL, version, authentication)", |v| v.bad_packets),
+            ("pgfront_vip_bad_packets", "VRRP packets rejected (checksum, TTL, version, authentication)", |v| {
+                v.bad_packets
+            }),
         ];
         for (name, help, get) in counters {
             let mut d = encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;

@@ -215,7 +215,9 @@ impl Pool {
                 drop(guard);
                 match rx.try_recv() {
                     Ok(b) => b,
-                    Err(_) => return Err(if self.lock().sel.has_eligible() { Refusal::Full } else { Refusal::NoServer }),
+                    Err(_) => {
+                        return Err(if self.lock().sel.has_eligible() { Refusal::Full } else { Refusal::NoServer })
+                    }
                 }
             }
         };

@@ -61,7 +61,14 @@ pub struct Selector {
 
 impl Selector {
     pub fn new(balance: Balance, maxconn: u32) -> Selector {
-        Selector { balance, maxconn: maxconn.max(1), servers: Vec::new(), queue: VecDeque::new(), next_waiter: 0, cursor: 0 }
+        Selector {
+            balance,
+            maxconn: maxconn.max(1),
+            servers: Vec::new(),
+            queue: VecDeque::new(),
+            next_waiter: 0,
+            cursor: 0,
+        }
     }
 
     pub fn servers(&self) -> &[Server] {
@@ -166,7 +173,8 @@ impl Selector {
             return None;
         }
         let start = self.cursor % n;
-        let open = |s: &Server| s.state == ServerState::Eligible && s.active < self.maxconn && !avoid.contains(&s.backend);
+        let open =
+            |s: &Server| s.state == ServerState::Eligible && s.active < self.maxconn && !avoid.contains(&s.backend);
         let order = (0..n).map(|k| (start + k) % n);
         let chosen = match self.balance {
             // Fewest active connections; among equals the first after the cursor, so ties

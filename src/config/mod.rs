@@ -62,7 +62,11 @@ pub struct Config {
 pub enum Election {
     Vrrp,
     /// A key under a lease in the etcd of `cluster`: the first host to create it holds the VIP.
-    Etcd { cluster: String, key: String, ttl: Duration },
+    Etcd {
+        cluster: String,
+        key: String,
+        ttl: Duration,
+    },
 }
 
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
@@ -184,16 +188,16 @@ pub struct ListenerConfig {
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(path, &text)
     }
 
     /// Parses and validates `text`, naming `path` in errors. Secret files named in the text are
     /// read relative to the working directory.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let file: FileConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
         Resolver { path, text }.resolve(file)
     }
 }
@@ -251,7 +255,11 @@ impl Resolver<'_> {
             let span = c.span();
             let c = self.cluster(i, span.clone(), c.into_inner())?;
             if !names.insert(c.name.clone()) {
-                return Err(self.err(span, format!("cluster[{i}].name"), format!("duplicate cluster name {:?}", c.name)));
+                return Err(self.err(
+                    span,
+                    format!("cluster[{i}].name"),
+                    format!("duplicate cluster name {:?}", c.name),
+                ));
             }
             clusters.push(Arc::new(c));
         }
@@ -262,10 +270,18 @@ impl Resolver<'_> {
             let span = l.span();
             let l = self.listener(i, span.clone(), l.into_inner(), &names)?;
             if !lnames.insert(l.name.clone()) {
-                return Err(self.err(span, format!("listener[{i}].name"), format!("duplicate listener name {:?}", l.name)));
+                return Err(self.err(
+                    span,
+                    format!("listener[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                ));
             }
             if !binds.insert(l.bind) {
-                return Err(self.err(span, format!("listener[{i}].bind"), format!("{} is bound by another listener", l.bind)));
+                return Err(self.err(
+                    span,
+                    format!("listener[{i}].bind"),
+                    format!("{} is bound by another listener", l.bind),
+                ));
             }
             listeners.push(Arc::new(l));
         }
@@ -279,10 +295,17 @@ impl Resolver<'_> {
             }
             if v.election == Election::Vrrp
                 && vips.iter().any(|o: &Arc<VipConfig>| {
-                    o.election == Election::Vrrp && o.interface == v.interface && o.vrid == v.vrid && o.addr.is_ipv4() == v.addr.is_ipv4()
+                    o.election == Election::Vrrp
+                        && o.interface == v.interface
+                        && o.vrid == v.vrid
+                        && o.addr.is_ipv4() == v.addr.is_ipv4()
                 })
             {
-                return Err(self.err(span, format!("vip[{i}].vrid"), format!("vrid {} is used twice on {}", v.vrid, v.interface)));
+                return Err(self.err(
+                    span,
+                    format!("vip[{i}].vrid"),
+                    format!("vrid {} is used twice on {}", v.vrid, v.interface),
+                ));
             }
             vips.push(Arc::new(v));
         }
@@ -353,7 +376,9 @@ impl Resolver<'_> {
             }
         }
         let check_password = match (c.check_password, c.check_password_file) {
-            (Some(_), Some(_)) => return Err(bad("check_password_file", "set check_password or check_password_file, not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(bad("check_password_file", "set check_password or check_password_file, not both".into()))
+            }
             (Some(p), None) => Some(p),
             (None, Some(file)) => Some(self.read_secret(span.clone(), &f("check_password_file"), &file)?),
             (None, None) => None,
@@ -373,7 +398,11 @@ impl Resolver<'_> {
         let etcd_timeout = dur(c.etcd_timeout, DEFAULT_ETCD_TIMEOUT);
         let resync_interval = dur(c.resync_interval, DEFAULT_RESYNC_INTERVAL);
         let confirm_interval = dur(c.confirm_interval, DEFAULT_CONFIRM_INTERVAL);
-        for (name, d) in [("etcd_timeout", etcd_timeout), ("resync_interval", resync_interval), ("confirm_interval", confirm_interval)] {
+        for (name, d) in [
+            ("etcd_timeout", etcd_timeout),
+            ("resync_interval", resync_interval),
+            ("confirm_interval", confirm_interval),
+        ] {
             if d.is_zero() {
                 return Err(bad(name, "must be greater than 0".into()));
             }
@@ -414,7 +443,9 @@ impl Resolver<'_> {
             FileBalance::Roundrobin => Balance::Roundrobin,
         };
         let name = match l.name {
-            Some(n) if !valid_name(&n) => return Err(bad("name", format!("{n:?}: use letters, digits, '-', '_' or '.'"))),
+            Some(n) if !valid_name(&n) => {
+                return Err(bad("name", format!("{n:?}: use letters, digits, '-', '_' or '.'")))
+            }
             Some(n) => n,
             None => format!("{}-{}", l.cluster, l.bind.port()),
         };
@@ -460,7 +491,13 @@ impl Resolver<'_> {
 }
 
 impl Resolver<'_> {
-    fn vip(&self, i: usize, span: std::ops::Range<usize>, v: FileVip, clusters: &HashSet<String>) -> Result<VipConfig, ConfigError> {
+    fn vip(
+        &self,
+        i: usize,
+        span: std::ops::Range<usize>,
+        v: FileVip,
+        clusters: &HashSet<String>,
+    ) -> Result<VipConfig, ConfigError> {
         use crate::vip::packet::Version;
         let bad = |name: &str, reason: String| self.err(span.clone(), format!("vip[{i}].{name}"), reason);
         if !valid_name(&v.name) {
@@ -471,14 +508,18 @@ impl Resolver<'_> {
             .split_once('/')
             .and_then(|(a, p)| Some((a.parse::<std::net::IpAddr>().ok()?, p.parse::<u8>().ok()?)))
             .filter(|(a, p)| *p <= if a.is_ipv4() { 32 } else { 128 })
-            .ok_or_else(|| bad("address", format!("{:?}: write ADDRESS/PREFIX, e.g. \"198.51.100.10/24\"", v.address)))?;
+            .ok_or_else(|| {
+                bad("address", format!("{:?}: write ADDRESS/PREFIX, e.g. \"198.51.100.10/24\"", v.address))
+            })?;
         if v.interface.is_empty() || v.interface.len() > 15 {
             return Err(bad("interface", format!("{:?} is not an interface name", v.interface)));
         }
         let election = match v.election.unwrap_or(file::FileElection::Vrrp) {
             file::FileElection::Vrrp => Election::Vrrp,
             file::FileElection::Etcd => {
-                let cluster = v.etcd_cluster.clone().ok_or_else(|| bad("etcd_cluster", "election = \"etcd\" needs the name of a [[cluster]] whose etcd to use".into()))?;
+                let cluster = v.etcd_cluster.clone().ok_or_else(|| {
+                    bad("etcd_cluster", "election = \"etcd\" needs the name of a [[cluster]] whose etcd to use".into())
+                })?;
                 if !clusters.contains(&cluster) {
                     return Err(bad("etcd_cluster", format!("no [[cluster]] is named {cluster:?}")));
                 }
@@ -512,9 +553,14 @@ impl Resolver<'_> {
         });
         match version {
             Version::V2 if advert_interval.subsec_nanos() != 0 || !(1..=255).contains(&advert_interval.as_secs()) => {
-                return Err(bad("advert_interval", "VRRPv2 advertises whole seconds, 1s to 255s (use version = 3 below a second)".into()));
+                return Err(bad(
+                    "advert_interval",
+                    "VRRPv2 advertises whole seconds, 1s to 255s (use version = 3 below a second)".into(),
+                ));
             }
-            Version::V3 if advert_interval.as_millis() % 10 != 0 || !(10..=40950).contains(&advert_interval.as_millis()) => {
+            Version::V3
+                if advert_interval.as_millis() % 10 != 0 || !(10..=40950).contains(&advert_interval.as_millis()) =>
+            {
                 return Err(bad("advert_interval", "VRRPv3 advertises in centiseconds, 10ms to 40.95s".into()));
             }
             _ => {}

@@ -61,7 +61,9 @@ fn bad_duration_and_size_are_explained() {
     let e = parse(&MINIMAL.replace("bind = ", "queue_timeout = \"3 parsecs\"\nbind = ")).unwrap_err().to_string();
     assert!(e.contains("invalid duration \"3 parsecs\""), "{e}");
     assert!(e.contains("line 9"), "{e}");
-    let e = parse(&MINIMAL.replace("bind = ", "role = \"replica\"\nmax_replica_lag = \"lots\"\nbind = ")).unwrap_err().to_string();
+    let e = parse(&MINIMAL.replace("bind = ", "role = \"replica\"\nmax_replica_lag = \"lots\"\nbind = "))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("invalid size \"lots\""), "{e}");
     let c = parse(&MINIMAL.replace("bind = ", "role = \"replica\"\nmax_replica_lag = \"16MiB\"\nbind = ")).unwrap();
     assert_eq!(c.listeners[0].max_replica_lag, Some(16 << 20));
@@ -89,7 +91,8 @@ fn etcd_settings_are_checked() {
     assert_eq!(field, "cluster[0].etcd_endpoints");
     let (_, field, _) = invalid(&MINIMAL.replace("scope = ", "username = \"root\"\nscope = "));
     assert_eq!(field, "cluster[0].password");
-    let (_, field, reason) = invalid(&MINIMAL.replace("scope = ", "password_file = \"/nonexistent/pw\"\nusername = \"u\"\nscope = "));
+    let (_, field, reason) =
+        invalid(&MINIMAL.replace("scope = ", "password_file = \"/nonexistent/pw\"\nusername = \"u\"\nscope = "));
     assert_eq!(field, "cluster[0].password_file");
     assert!(reason.contains("/nonexistent/pw"), "{reason}");
     let (_, field, _) = invalid(&MINIMAL.replace("scope = ", "etcd_api = \"v2\"\ntls_ca = \"/etc/hosts\"\nscope = "));
@@ -113,4 +116,3 @@ fn empty_file_says_what_is_missing() {
     let (line, field, _) = invalid("");
     assert_eq!((line, field.as_str()), (1, "cluster"));
 }
-

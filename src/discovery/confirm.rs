@@ -53,7 +53,11 @@ pub async fn run(member: Member, cfg: Arc<ClusterConfig>, tx: mpsc::Sender<Strin
 
 /// Runs both checks at once: true as soon as one says yes; false when every check that
 /// applies (`Some`) said no, or after `limit`.
-async fn first_yes(a: impl Future<Output = Option<bool>>, b: impl Future<Output = Option<bool>>, limit: Duration) -> bool {
+async fn first_yes(
+    a: impl Future<Output = Option<bool>>,
+    b: impl Future<Output = Option<bool>>,
+    limit: Duration,
+) -> bool {
     let (mut a_done, mut b_done) = (false, false);
     tokio::pin!(a, b);
     let timer = tokio::time::sleep(limit);
@@ -132,7 +136,10 @@ mod tests {
 
     #[test]
     fn status_url_from_api_url() {
-        assert_eq!(super::status_url("http://127.0.0.1:8008/patroni").as_deref(), Some("http://127.0.0.1:8008/patroni"));
+        assert_eq!(
+            super::status_url("http://127.0.0.1:8008/patroni").as_deref(),
+            Some("http://127.0.0.1:8008/patroni")
+        );
         assert_eq!(super::status_url("https://x/patroni"), None);
     }
 

@@ -50,7 +50,8 @@ pub async fn run(cfg: Arc<ClusterConfig>, tx: mpsc::Sender<SourceEvent>, stop: C
         let base = cfg.endpoints[attempt % cfg.endpoints.len()].trim_end_matches('/').to_owned();
         let (cfg, client, auth, tx) = (cfg.clone(), client.clone(), auth.clone(), tx.clone());
         async move {
-            let mut src = V2 { cfg: &cfg, client: &client, auth: auth.as_deref(), base: &base, tx: &tx, got_keys: false };
+            let mut src =
+                V2 { cfg: &cfg, client: &client, auth: auth.as_deref(), base: &base, tx: &tx, got_keys: false };
             let r = src.session().await;
             (r, src.got_keys)
         }

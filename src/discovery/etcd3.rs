@@ -44,7 +44,8 @@ pub(crate) async fn connect(cfg: &ClusterConfig) -> Result<Client, DiscoveryErro
     if let Some(t) = &cfg.tls {
         let mut tls = TlsOptions::new();
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| DiscoveryError::WatchEnded { reason: format!("cannot read {}: {e}", p.display()) })
+            std::fs::read(p)
+                .map_err(|e| DiscoveryError::WatchEnded { reason: format!("cannot read {}: {e}", p.display()) })
         };
         if let Some(ca) = &t.ca {
             tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
@@ -69,11 +70,7 @@ async fn read_all(client: &mut Client, cfg: &ClusterConfig, prefix: &str) -> Res
         .map_err(|_| DiscoveryError::Timeout { endpoints: endpoints(cfg), timeout })?
         .map_err(|source| DiscoveryError::Etcd3 { endpoints: endpoints(cfg), source })?;
     let rev = resp.header().map_or(0, |h| h.revision());
-    let keys = resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| Some((relative(kv.key(), prefix)?, kv.value().to_vec())))
-        .collect();
+    let keys = resp.kvs().iter().filter_map(|kv| Some((relative(kv.key(), prefix)?, kv.value().to_vec()))).collect();
     Ok((keys, rev))
 }
 
@@ -82,7 +79,11 @@ fn relative(key: &[u8], prefix: &str) -> Option<String> {
     k.strip_prefix(prefix).map(str::to_owned)
 }
 
-async fn session(cfg: &ClusterConfig, tx: &mpsc::Sender<SourceEvent>, got_keys: &mut bool) -> Result<(), DiscoveryError> {
+async fn session(
+    cfg: &ClusterConfig,
+    tx: &mpsc::Sender<SourceEvent>,
+    got_keys: &mut bool,
+) -> Result<(), DiscoveryError> {
     let prefix = cfg.prefix();
     let mut client = connect(cfg).await?;
     let (mut keys, mut rev) = read_all(&mut client, cfg, &prefix).await?;

@@ -36,7 +36,12 @@ pub struct Response {
 }
 
 /// GET `url`, with optional basic auth, the whole exchange bounded by `timeout`.
-pub async fn get(client: &HttpClient, url: &str, basic: Option<&str>, timeout: Duration) -> Result<Response, HttpError> {
+pub async fn get(
+    client: &HttpClient,
+    url: &str,
+    basic: Option<&str>,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
     let uri: hyper::Uri = url.parse().map_err(|_| HttpError::Url { url: url.to_owned() })?;
     let mut req = Request::get(uri);
     if let Some(b) = basic {
@@ -44,7 +49,8 @@ pub async fn get(client: &HttpClient, url: &str, basic: Option<&str>, timeout: D
     }
     let req = req.body(Empty::new()).map_err(|e| HttpError::Request { url: url.to_owned(), reason: e.to_string() })?;
     let fut = async {
-        let resp = client.request(req).await.map_err(|e| HttpError::Request { url: url.to_owned(), reason: e.to_string() })?;
+        let resp =
+            client.request(req).await.map_err(|e| HttpError::Request { url: url.to_owned(), reason: e.to_string() })?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp

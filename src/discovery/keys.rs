@@ -98,10 +98,12 @@ pub fn parse_cluster(keys: &KeyMap) -> (ClusterState, Vec<KeyError>) {
 }
 
 fn parse_member(key: &str, name: &str, value: &str) -> Result<Member, KeyError> {
-    let raw: RawMember = serde_json::from_str(value)
-        .map_err(|e| KeyError::Member { key: key.to_owned(), reason: e.to_string() })?;
+    let raw: RawMember =
+        serde_json::from_str(value).map_err(|e| KeyError::Member { key: key.to_owned(), reason: e.to_string() })?;
     let conn = match &raw.conn_url {
-        Some(url) => Some(parse_conn_url(url).ok_or_else(|| KeyError::ConnUrl { key: key.to_owned(), url: url.clone() })?),
+        Some(url) => {
+            Some(parse_conn_url(url).ok_or_else(|| KeyError::ConnUrl { key: key.to_owned(), url: url.clone() })?)
+        }
         None => None,
     };
     let tag = |t: &str| raw.tags.get(t).is_some_and(truthy);
@@ -211,7 +213,8 @@ mod tests {
 
     #[test]
     fn bad_member_is_reported_and_skipped() {
-        let keys = km(&[("leader", "pg1"), ("members/pg1", "{not json"), ("members/pg2", r#"{"conn_url":"mysql://x"}"#)]);
+        let keys =
+            km(&[("leader", "pg1"), ("members/pg1", "{not json"), ("members/pg2", r#"{"conn_url":"mysql://x"}"#)]);
         let (s, errs) = parse_cluster(&keys);
         assert!(s.members.is_empty());
         assert_eq!(errs.len(), 2);
@@ -222,7 +225,10 @@ mod tests {
     #[test]
     fn conn_urls() {
         assert_eq!(parse_conn_url("postgres://10.0.0.1:5433/postgres"), Some(("10.0.0.1".into(), 5433)));
-        assert_eq!(parse_conn_url("postgresql://u:p@db-01.example:6432/x?sslmode=require"), Some(("db-01.example".into(), 6432)));
+        assert_eq!(
+            parse_conn_url("postgresql://u:p@db-01.example:6432/x?sslmode=require"),
+            Some(("db-01.example".into(), 6432))
+        );
         assert_eq!(parse_conn_url("postgres://[::1]:5433/postgres"), Some(("::1".into(), 5433)));
         assert_eq!(parse_conn_url("postgres://[::1]/postgres"), Some(("::1".into(), 5432)));
         assert_eq!(parse_conn_url("postgres://host/postgres"), Some(("host".into(), 5432)));

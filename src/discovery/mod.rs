@@ -139,7 +139,12 @@ struct ClusterTask {
 const DNS_TTL: Duration = Duration::from_secs(60);
 
 impl ClusterTask {
-    fn new(cfg: Arc<ClusterConfig>, tx: watch::Sender<Arc<ClusterView>>, metrics: ClusterMetrics, health: Arc<ClusterHealth>) -> Self {
+    fn new(
+        cfg: Arc<ClusterConfig>,
+        tx: watch::Sender<Arc<ClusterView>>,
+        metrics: ClusterMetrics,
+        health: Arc<ClusterHealth>,
+    ) -> Self {
         ClusterTask {
             cfg,
             tx,
@@ -283,7 +288,8 @@ impl ClusterTask {
                 (None, None) => {}
             }
             self.routed = routed;
-        } else if routed.is_none() && self.paused_since.is_none() && self.seen_keys && status != PrimaryStatus::Routable {
+        } else if routed.is_none() && self.paused_since.is_none() && self.seen_keys && status != PrimaryStatus::Routable
+        {
             self.paused_since = Some((Instant::now(), None));
         }
         if **self.tx.borrow() != view {

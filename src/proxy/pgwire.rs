@@ -26,7 +26,9 @@ pub mod sqlstate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Startup {
     /// A StartupMessage with its protocol version.
-    Startup { version: u32 },
+    Startup {
+        version: u32,
+    },
     Cancel,
     /// The client closed or sent something that is not PostgreSQL.
     Invalid,

@@ -87,7 +87,13 @@ fn local_addr(cfg: &VipConfig) -> Option<IpAddr> {
 fn setsockopt_int(s: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
     // SAFETY: a plain int option on a socket we own.
     let r = unsafe {
-        libc::setsockopt(s.as_raw_fd(), level, name, (&value as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
     };
     if r == 0 {
         Ok(())
@@ -212,7 +218,9 @@ pub(crate) fn announce_rest(cfg: &Arc<VipConfig>, vip: IpAddr, status: &SharedVi
 /// `pgfront vip release`). Returns whether it was there.
 pub async fn release(cfg: &VipConfig) -> Result<bool, VipError> {
     let nl = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
-    nl.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })
+    nl.del(&cfg.interface, cfg.addr, cfg.prefix)
+        .await
+        .map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })
 }
 
 /// Tells whether the proxy is fit to hold the VIP right now (before hysteresis).
@@ -222,7 +230,12 @@ pub type Fitness = Arc<dyn Fn() -> bool + Send + Sync>;
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs one VRRP instance until `stop`; then hands over cleanly.
-pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, fitness: Fitness, stop: CancellationToken) -> Result<(), VipError> {
+pub async fn run(
+    cfg: Arc<VipConfig>,
+    status: SharedVipStatus,
+    fitness: Fitness,
+    stop: CancellationToken,
+) -> Result<(), VipError> {
     let setup = |reason: String| VipError::Setup { name: cfg.name.clone(), reason };
     let vip = cfg.addr;
     let Some(local) = local_addr(&cfg) else {
@@ -232,9 +245,14 @@ pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, fitness: Fitness,
             if vip.is_ipv4() { "IPv4" } else { "link-local IPv6" }
         )));
     };
-    let ifindex = netlink::ifindex(&cfg.interface).map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
+    let ifindex =
+        netlink::ifindex(&cfg.interface).map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
     let netlink = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
-    if netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })? {
+    if netlink
+        .del(&cfg.interface, cfg.addr, cfg.prefix)
+        .await
+        .map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?
+    {
         warn!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, "removed a VIP left on the interface (crash?); it is taken again only if elected");
     }
     let sock = open_socket(&cfg, local)
@@ -261,7 +279,8 @@ pub async fn run(cfg: Arc<VipConfig>, status: SharedVipStatus, fitness: Fitness,
     });
     let auth = cfg.auth_pass.as_deref().map(packet::auth_bytes);
     let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
-    let mut d = Driver { cfg: cfg.clone(), local, vip, ifindex, sock, netlink, announcer, fsm, status, auth, fitness, health };
+    let mut d =
+        Driver { cfg: cfg.clone(), local, vip, ifindex, sock, netlink, announcer, fsm, status, auth, fitness, health };
     info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
           version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, "VRRP instance starting");
     d.fsm.handle_startup(Instant::now());
@@ -402,7 +421,8 @@ impl Driver {
             IpAddr::V4(_) => IpAddr::V4(packet::MCAST_V4),
             IpAddr::V6(_) => IpAddr::V6(packet::MCAST_V6),
         };
-        let dsts: Vec<IpAddr> = if self.cfg.unicast_peers.is_empty() { vec![group] } else { self.cfg.unicast_peers.clone() };
+        let dsts: Vec<IpAddr> =
+            if self.cfg.unicast_peers.is_empty() { vec![group] } else { self.cfg.unicast_peers.clone() };
         for dst in dsts {
             let bytes = packet::encode(&a, self.local, dst);
             let to = match dst {

@@ -306,7 +306,9 @@ mod tests {
 
     #[test]
     fn master_yields_to_higher_priority_and_to_equal_priority_with_higher_address() {
-        for (p, src, yields) in [(150, "10.0.0.2", true), (100, "10.0.0.2", true), (100, "10.0.0.0", false), (50, "10.0.0.9", false)] {
+        for (p, src, yields) in
+            [(150, "10.0.0.2", true), (100, "10.0.0.2", true), (100, "10.0.0.0", false), (50, "10.0.0.9", false)]
+        {
             let t0 = Instant::now();
             let mut v = Vrrp::new(cfg(100, "10.0.0.1", true));
             v.handle_startup(t0);
@@ -315,7 +317,11 @@ mod tests {
             v.handle_advert(t0 + Duration::from_secs(1), heard(src, p));
             let a = drain(&mut v);
             if yields {
-                assert_eq!(a, vec![Action::DelAddresses, Action::StateChanged { from: State::Master, to: State::Backup }], "{p} {src}");
+                assert_eq!(
+                    a,
+                    vec![Action::DelAddresses, Action::StateChanged { from: State::Master, to: State::Backup }],
+                    "{p} {src}"
+                );
             } else {
                 assert!(a.is_empty(), "{p} {src}: {a:?}");
                 assert_eq!(v.state(), State::Master);
@@ -359,7 +365,11 @@ mod tests {
         assert!(v.poll_timeout().unwrap() > down);
         let last_in_delay = t0 + 9900 * MS;
         v.handle_advert(last_in_delay, heard("10.0.0.2", 100));
-        assert_eq!(v.poll_timeout(), Some(last_in_delay + v.master_down_interval()), "within the delay the lower master is followed");
+        assert_eq!(
+            v.poll_timeout(),
+            Some(last_in_delay + v.master_down_interval()),
+            "within the delay the lower master is followed"
+        );
         v.handle_advert(t0 + 10_050 * MS, heard("10.0.0.2", 100));
         assert_eq!(v.poll_timeout(), Some(last_in_delay + v.master_down_interval()), "after the delay, preempt");
     }
@@ -422,7 +432,9 @@ mod tests {
                 }
                 while let Some(a) = r[i].poll_action() {
                     match a {
-                        Action::SendAdvert { priority } if alive[1 - i] => r[1 - i].handle_advert(now, heard(addrs[i], priority)),
+                        Action::SendAdvert { priority } if alive[1 - i] => {
+                            r[1 - i].handle_advert(now, heard(addrs[i], priority))
+                        }
                         Action::StateChanged { .. } => last_change = now,
                         _ => {}
                     }

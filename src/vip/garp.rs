@@ -76,7 +76,11 @@ pub fn na_frame(mac: MacAddr, src: Ipv6Addr, target: Ipv6Addr) -> [u8; NA_LEN] {
         na.set_icmpv6_type(Icmpv6Types::NeighborAdvert);
         na.set_flags(NeighborAdvertFlags::Override);
         na.set_target_addr(target);
-        na.set_options(&[NdpOption { option_type: NdpOptionTypes::TargetLLAddr, length: 1, data: mac.octets().to_vec() }]);
+        na.set_options(&[NdpOption {
+            option_type: NdpOptionTypes::TargetLLAddr,
+            length: 1,
+            data: mac.octets().to_vec(),
+        }]);
     }
     let sum = icmpv6::checksum(&Icmpv6Packet::new(&buf[54..]).expect("an ICMPv6 packet"), &src, &ALL_NODES);
     buf[56..58].copy_from_slice(&sum.to_be_bytes());
@@ -107,7 +111,10 @@ impl Announcer {
         let cfg = datalink::Config { read_buffer_size: 2048, write_buffer_size: 2048, ..Default::default() };
         match datalink::channel(&iface, cfg) {
             Ok(Channel::Ethernet(tx, _rx)) => Ok(Announcer { ifname: ifname.to_owned(), mac, link_local, tx }),
-            Ok(_) => Err(GarpError::Channel { ifname: ifname.to_owned(), source: std::io::Error::other("not an Ethernet channel") }),
+            Ok(_) => Err(GarpError::Channel {
+                ifname: ifname.to_owned(),
+                source: std::io::Error::other("not an Ethernet channel"),
+            }),
             Err(source) => Err(GarpError::Channel { ifname: ifname.to_owned(), source }),
         }
     }
@@ -169,7 +176,8 @@ mod tests {
         assert_eq!(&f[80..86], &mac.octets());
         // The checksum verifies: the one's complement sum over pseudo-header and message is 0.
         let mut sum: u32 = 0;
-        let mut add = |b: &[u8]| b.chunks(2).for_each(|c| sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])));
+        let mut add =
+            |b: &[u8]| b.chunks(2).for_each(|c| sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])));
         add(&src.octets());
         add(&ALL_NODES.octets());
         add(&[0, 0, 0, 32, 0, 0, 0, 58]);

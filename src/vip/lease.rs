@@ -86,11 +86,17 @@ pub async fn run(
     };
     let vip = cfg.addr;
     let netlink = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
-    if netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })? {
+    if netlink
+        .del(&cfg.interface, cfg.addr, cfg.prefix)
+        .await
+        .map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?
+    {
         warn!(vip = %cfg.name, addr = %cfg.addr, "removed a VIP left on the interface (crash?); it is taken again only if elected");
     }
-    let announcer = Announcer::open(&cfg.interface).map_err(|e| warn!(vip = %cfg.name, error = %e, "gratuitous ARP unavailable")).ok();
-    let mut h = Holder { cfg: cfg.clone(), vip, netlink, announcer, status, };
+    let announcer = Announcer::open(&cfg.interface)
+        .map_err(|e| warn!(vip = %cfg.name, error = %e, "gratuitous ARP unavailable"))
+        .ok();
+    let mut h = Holder { cfg: cfg.clone(), vip, netlink, announcer, status };
     h.set_state(State::Backup);
     let me = format!("{}:{}", hostname(), std::process::id());
     let mut health = Health::new(cfg.unhealthy_after, cfg.healthy_after);

@@ -38,7 +38,12 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    async fn find(&self, index: u32, addr: IpAddr, prefix: u8) -> Result<Option<netlink_packet_route::address::AddressMessage>, rtnetlink::Error> {
+    async fn find(
+        &self,
+        index: u32,
+        addr: IpAddr,
+        prefix: u8,
+    ) -> Result<Option<netlink_packet_route::address::AddressMessage>, rtnetlink::Error> {
         self.handle
             .address()
             .get()
@@ -52,10 +57,13 @@ impl Netlink {
 
     pub async fn has(&self, ifname: &str, addr: IpAddr, prefix: u8) -> Result<bool, NetlinkError> {
         let index = ifindex(ifname)?;
-        self.find(index, addr, prefix)
-            .await
-            .map(|m| m.is_some())
-            .map_err(|source| NetlinkError::Request { op: "get", addr, prefix, ifname: ifname.to_owned(), source })
+        self.find(index, addr, prefix).await.map(|m| m.is_some()).map_err(|source| NetlinkError::Request {
+            op: "get",
+            addr,
+            prefix,
+            ifname: ifname.to_owned(),
+            source,
+        })
     }
 
     /// Adds the address (replacing it if present, so a retry is harmless).
@@ -66,9 +74,13 @@ impl Netlink {
             // Usable at once: no duplicate address detection (~1.5 s of "tentative").
             req.message_mut().header.flags |= netlink_packet_route::address::AddressHeaderFlags::Nodad;
         }
-        req.execute()
-            .await
-            .map_err(|source| NetlinkError::Request { op: "add", addr, prefix, ifname: ifname.to_owned(), source })
+        req.execute().await.map_err(|source| NetlinkError::Request {
+            op: "add",
+            addr,
+            prefix,
+            ifname: ifname.to_owned(),
+            source,
+        })
     }
 
     /// Removes the address if it is there. Returns whether it was.

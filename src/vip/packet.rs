@@ -233,9 +233,8 @@ mod tests {
     /// A VRRPv2 advert laid out as keepalived 2.2 sends it: vrid 51, priority 100, advert_int 1,
     /// auth_pass "secret", VIP 198.51.100.10. The checksum 0x1340 was computed independently
     /// (RFC 1071, in Python); interoperation with a live keepalived is tested in tests/vip_netns.rs.
-    const KEEPALIVED_V2: [u8; 20] = [
-        0x21, 0x33, 0x64, 0x01, 0x01, 0x01, 0x13, 0x40, 198, 51, 100, 10, b's', b'e', b'c', b'r', b'e', b't', 0, 0,
-    ];
+    const KEEPALIVED_V2: [u8; 20] =
+        [0x21, 0x33, 0x64, 0x01, 0x01, 0x01, 0x13, 0x40, 198, 51, 100, 10, b's', b'e', b'c', b'r', b'e', b't', 0, 0];
 
     #[test]
     fn golden_v2_with_simple_auth() {
@@ -256,7 +255,14 @@ mod tests {
 
     #[test]
     fn v3_checksum_covers_the_pseudo_header() {
-        let a = Advert { version: Version::V3, vrid: 7, priority: 150, interval_cs: 10, addrs: vec![v4("203.0.113.10")], auth: None };
+        let a = Advert {
+            version: Version::V3,
+            vrid: 7,
+            priority: 150,
+            interval_cs: 10,
+            addrs: vec![v4("203.0.113.10")],
+            auth: None,
+        };
         let p = encode(&a, v4("203.0.113.1"), v4("224.0.0.18"));
         assert_eq!(p.len(), 12);
         assert_eq!(&p[..6], &[0x31, 7, 150, 1, 0, 10]);
@@ -270,7 +276,14 @@ mod tests {
     #[test]
     fn v3_over_ipv6() {
         let src: IpAddr = "fe80::1".parse().unwrap();
-        let a = Advert { version: Version::V3, vrid: 9, priority: 100, interval_cs: 100, addrs: vec!["2001:db8::10".parse().unwrap()], auth: None };
+        let a = Advert {
+            version: Version::V3,
+            vrid: 9,
+            priority: 100,
+            interval_cs: 100,
+            addrs: vec!["2001:db8::10".parse().unwrap()],
+            auth: None,
+        };
         let p = encode(&a, src, IpAddr::V6(MCAST_V6));
         assert_eq!(p.len(), 24);
         assert_eq!(decode(&p, src, IpAddr::V6(MCAST_V6)).unwrap(), a);
@@ -297,7 +310,14 @@ mod tests {
     }
 
     fn arb_advert() -> impl Strategy<Value = (Advert, bool)> {
-        (any::<bool>(), any::<u8>(), any::<u8>(), 1u16..4096, proptest::collection::vec(any::<[u8; 4]>(), 0..8), proptest::option::of(any::<[u8; 8]>()))
+        (
+            any::<bool>(),
+            any::<u8>(),
+            any::<u8>(),
+            1u16..4096,
+            proptest::collection::vec(any::<[u8; 4]>(), 0..8),
+            proptest::option::of(any::<[u8; 8]>()),
+        )
             .prop_map(|(v3, vrid, priority, iv, addrs, auth)| {
                 let version = if v3 { Version::V3 } else { Version::V2 };
                 let interval_cs = if v3 { iv } else { (iv % 255).max(1) * 100 };

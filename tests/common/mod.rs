@@ -47,7 +47,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
 
 pub fn postgres_ids() -> (u32, u32) {
     let out = Command::new("id").args(["-u", "postgres"]).output().expect("id");
-    let uid = String::from_utf8_lossy(&out.stdout).trim().parse().expect("the postgres user exists (apt-get install postgresql-15)");
+    let uid = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("the postgres user exists (apt-get install postgresql-15)");
     let out = Command::new("id").args(["-g", "postgres"]).output().expect("id");
     let gid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     (uid, gid)
@@ -169,7 +172,9 @@ impl Etcd {
         let proc = Proc::spawn("etcd", cmd, &dir.path().join("etcd.log"), false);
         let e = Etcd { proc, port, dir };
         wait_for("etcd health", Duration::from_secs(20), || {
-            http_get(&format!("http://127.0.0.1:{port}/health")).filter(|(s, b)| *s == 200 && b.contains("true")).map(|_| ())
+            http_get(&format!("http://127.0.0.1:{port}/health"))
+                .filter(|(s, b)| *s == 200 && b.contains("true"))
+                .map(|_| ())
         });
         e
     }
@@ -250,7 +255,11 @@ impl Patroni {
         let patroni = require("patroni", "patroni");
         require(&format!("{PGBIN}/postgres"), "postgresql-15");
         if dcs == Dcs::Etcd2 {
-            let ok = Command::new("/usr/bin/python3").args(["-c", "import etcd"]).status().map(|s| s.success()).unwrap_or(false);
+            let ok = Command::new("/usr/bin/python3")
+                .args(["-c", "import etcd"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
             assert!(ok, "Patroni's etcd v2 support needs python3-etcd: apt-get install python3-etcd");
         }
         let dir = pg_tempdir();
@@ -335,7 +344,8 @@ postgresql:
         wait_for("a healthy Patroni cluster (leader + 2 streaming replicas)", limit, || {
             let c = self.cluster()?;
             let leader = c.iter().filter(|m| m.role == "leader" && m.state == "running").count();
-            let replicas = c.iter().filter(|m| m.role == "replica" && (m.state == "streaming" || m.state == "running")).count();
+            let replicas =
+                c.iter().filter(|m| m.role == "replica" && (m.state == "streaming" || m.state == "running")).count();
             (leader == 1 && replicas == 2).then_some(())
         })
     }
@@ -375,7 +385,11 @@ postgresql:
         for m in &self.members {
             let s = fs::read_to_string(self.dir.path().join(format!("{}.log", m.name))).unwrap_or_default();
             let v: Vec<&str> = s.lines().collect();
-            out.push_str(&format!("--- {} (last {lines} lines) ---\n{}\n", m.name, v[v.len().saturating_sub(lines)..].join("\n")));
+            out.push_str(&format!(
+                "--- {} (last {lines} lines) ---\n{}\n",
+                m.name,
+                v[v.len().saturating_sub(lines)..].join("\n")
+            ));
         }
         out
     }
@@ -391,13 +405,25 @@ postgresql:
     /// `patronictl switchover --leader L --candidate C --force`, waiting for it to finish.
     pub fn switchover(&self, leader: &str, candidate: &str) -> String {
         let out = Command::new(require("patronictl", "patroni"))
-            .args(["-c", self.members[0].config.to_str().unwrap(), "switchover", "--leader", leader, "--candidate", candidate, "--force"])
+            .args([
+                "-c",
+                self.members[0].config.to_str().unwrap(),
+                "switchover",
+                "--leader",
+                leader,
+                "--candidate",
+                candidate,
+                "--force",
+            ])
             .env("HOME", "/tmp")
             .output()
             .expect("patronictl");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         // patronictl 3.0 exits 0 even when Patroni refused the switchover.
-        assert!(out.status.success() && text.contains("Successfully switched over"), "patronictl switchover failed: {text}");
+        assert!(
+            out.status.success() && text.contains("Successfully switched over"),
+            "patronictl switchover failed: {text}"
+        );
         text
     }
 
@@ -465,7 +491,8 @@ impl Pgfront {
         let config = dir.path().join("pgfront.toml");
         fs::write(&config, config_text).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfront"));
-        cmd.args(["proxy", "-c", config.to_str().unwrap()]).env("RUST_LOG", std::env::var("PGFRONT_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.args(["proxy", "-c", config.to_str().unwrap()])
+            .env("RUST_LOG", std::env::var("PGFRONT_TEST_LOG").unwrap_or_else(|_| "info".into()));
         let proc = Proc::spawn("pgfront", cmd, &dir.path().join("pgfront.log"), false);
         let p = Pgfront { proc, admin, dir, config };
         wait_for("pgfront admin endpoint", Duration::from_secs(10), || p.status());
@@ -496,10 +523,7 @@ impl Pgfront {
 
     /// Value of one metric sample line, e.g. `pgfront_listener_refused_total{listener="rw",reason="full"}`.
     pub fn metric(&self, sample: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        self.metrics().lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
     }
 
     pub fn log(&self) -> String {
@@ -567,7 +591,12 @@ impl WriteStats {
 
 /// A client that opens a connection through `conninfo`, writes one row and closes, every
 /// `every`, until `stop` is cancelled or `limit` passes. The table `pgfront_probe` must exist.
-pub async fn write_loop(conninfo: String, every: Duration, stop: tokio_util::sync::CancellationToken, limit: Duration) -> WriteStats {
+pub async fn write_loop(
+    conninfo: String,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    limit: Duration,
+) -> WriteStats {
     let mut st = WriteStats::default();
     let start = tokio::time::Instant::now();
     let mut last_ok = start;
@@ -580,7 +609,10 @@ pub async fn write_loop(conninfo: String, every: Duration, stop: tokio_util::syn
             }
             Ok((client, conn)) => {
                 tokio::spawn(conn);
-                match client.query_one("INSERT INTO pgfront_probe DEFAULT VALUES RETURNING inet_server_port()", &[]).await {
+                match client
+                    .query_one("INSERT INTO pgfront_probe DEFAULT VALUES RETURNING inet_server_port()", &[])
+                    .await
+                {
                     Ok(row) => {
                         let now = tokio::time::Instant::now();
                         st.ok += 1;

@@ -41,10 +41,18 @@ impl Segment {
         for n in ["lb1", "lb2", "cli"] {
             let out = Command::new("ip")
                 .args([
-                    "netns", "exec", &s.ns(n), "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
-                    "net.ipv4.conf.all.arp_ignore=0", "net.ipv4.conf.all.arp_accept=0",
+                    "netns",
+                    "exec",
+                    &s.ns(n),
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv4.conf.all.arp_ignore=0",
+                    "net.ipv4.conf.all.arp_accept=0",
                     // Link-local addresses usable at once (no ~1.5 s of duplicate address detection).
-                    "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
                 ])
                 .output()
                 .unwrap();
@@ -171,7 +179,13 @@ pub fn start_pgfront(seg: &Segment, dir: &std::path::Path, n: &str, vrrp: Option
     start_pgfront_with(seg, dir, n, vrrp, NO_TIES)
 }
 
-pub fn start_pgfront_with(seg: &Segment, dir: &std::path::Path, n: &str, vrrp: Option<&Vrrp>, extra: &str) -> super::Proc {
+pub fn start_pgfront_with(
+    seg: &Segment,
+    dir: &std::path::Path,
+    n: &str,
+    vrrp: Option<&Vrrp>,
+    extra: &str,
+) -> super::Proc {
     let cfg = dir.join(format!("{n}.toml"));
     std::fs::write(&cfg, config_with(n, vrrp, extra)).unwrap();
     let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
@@ -179,7 +193,14 @@ pub fn start_pgfront_with(seg: &Segment, dir: &std::path::Path, n: &str, vrrp: O
     super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
 
-pub fn start_keepalived(seg: &Segment, dir: &std::path::Path, n: &str, priority: u8, version: u8, interval: &str) -> super::Proc {
+pub fn start_keepalived(
+    seg: &Segment,
+    dir: &std::path::Path,
+    n: &str,
+    priority: u8,
+    version: u8,
+    interval: &str,
+) -> super::Proc {
     let bin = super::require("keepalived", "keepalived");
     let cfg = dir.join(format!("{n}-keepalived.conf"));
     let auth = if version == 2 { "  authentication {\n    auth_type PASS\n    auth_pass secret\n  }\n" } else { "" };
@@ -199,7 +220,20 @@ pub fn start_keepalived(seg: &Segment, dir: &std::path::Path, n: &str, priority:
         let _ = std::fs::remove_file(pid(k));
     }
     let mut cmd = seg.cmd(n, bin.to_str().unwrap());
-    cmd.args(["-n", "-l", "-D", "-P", "-f", cfg.to_str().unwrap(), "-p", &pid("main"), "-r", &pid("vrrp"), "-c", &pid("checkers")]);
+    cmd.args([
+        "-n",
+        "-l",
+        "-D",
+        "-P",
+        "-f",
+        cfg.to_str().unwrap(),
+        "-p",
+        &pid("main"),
+        "-r",
+        &pid("vrrp"),
+        "-c",
+        &pid("checkers"),
+    ]);
     super::Proc::spawn(&format!("{n}-keepalived"), cmd, &dir.join(format!("{n}-keepalived.log")), false)
 }
 
@@ -209,8 +243,12 @@ pub fn answers(seg: &Segment) -> Option<String> {
 }
 
 pub fn wait_holder(seg: &Segment, n: &str, other: &str, limit: Duration) {
-    super::wait_for(&format!("{n} to hold the VIP alone"), limit, || (seg.holds_vip(n) && !seg.holds_vip(other)).then_some(()));
-    super::wait_for(&format!("the client to reach {n} on the VIP"), limit, || (answers(seg).as_deref() == Some(n)).then_some(()));
+    super::wait_for(&format!("{n} to hold the VIP alone"), limit, || {
+        (seg.holds_vip(n) && !seg.holds_vip(other)).then_some(())
+    });
+    super::wait_for(&format!("the client to reach {n} on the VIP"), limit, || {
+        (answers(seg).as_deref() == Some(n)).then_some(())
+    });
 }
 
 /// Injects a failure, and returns how long until the client is served by `new`: a probe
@@ -249,7 +287,8 @@ pub fn failover_at(seg: &Segment, target: std::net::SocketAddr, new: &str, injec
         })
     };
     // A random offset within the advert interval (up to 1 s), as a real failure would fall.
-    let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000;
+    let jitter =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()) % 1000;
     std::thread::sleep(Duration::from_millis(100 + u64::from(jitter)));
     let t = Instant::now();
     inject();
@@ -257,17 +296,26 @@ pub fn failover_at(seg: &Segment, target: std::net::SocketAddr, new: &str, injec
     probe.join().unwrap().unwrap_or_else(|| panic!("the client was not served by {new} within 15 s"))
 }
 
-
 /// etcd inside the client namespace, reachable from both LB hosts over the segment.
 pub fn start_etcd_in(seg: &Segment, dir: &std::path::Path) -> super::Proc {
     let bin = super::require("etcd", "etcd-server");
     let mut cmd = seg.cmd("cli", bin.to_str().unwrap());
     let url = format!("http://{SUBNET}.100:2379");
     cmd.args([
-        "--name", "seg", "--data-dir", dir.join("etcd").to_str().unwrap(),
-        "--listen-client-urls", &url, "--advertise-client-urls", &url,
-        "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-        "--initial-cluster", "seg=http://127.0.0.1:2380",
+        "--name",
+        "seg",
+        "--data-dir",
+        dir.join("etcd").to_str().unwrap(),
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--listen-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-cluster",
+        "seg=http://127.0.0.1:2380",
     ]);
     let p = super::Proc::spawn("etcd", cmd, &dir.join("etcd.log"), false);
     super::wait_for("etcd in the client namespace", Duration::from_secs(20), || {
@@ -293,4 +341,3 @@ pub fn start_lease_host(seg: &Segment, dir: &std::path::Path, n: &str) -> super:
     cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
     super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
-
