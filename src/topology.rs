@@ -198,11 +198,7 @@ impl ClusterView {
 
     /// The servers a listener of `role` may use; `max_lag` applies to replicas.
     pub fn targets(&self, role: Role, max_lag: Option<u64>) -> Targets {
-        let primary_keep = || {
-            self.leader()
-                .filter(|m| m.running() && (m.role == MemberRole::Primary || self.runs_as_primary(m)))
-                .and_then(Backend::of)
-        };
+        let primary_keep = || self.leader().filter(|m| m.running() && self.runs_as_primary(m)).and_then(Backend::of);
         let replicas = || {
             let eligible = self
                 .replicas()

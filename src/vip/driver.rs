@@ -178,11 +178,9 @@ fn recv_v6(s: &Socket, buf: &mut [u8]) -> std::io::Result<(usize, Ipv6Addr, Opti
 struct Driver {
     cfg: Arc<VipConfig>,
     local: IpAddr,
-    vip: IpAddr,
     ifindex: u32,
     sock: AsyncFd<Socket>,
-    netlink: Netlink,
-    announcer: Option<Announcer>,
+    addr: VipAddress,
     fsm: Vrrp,
     status: SharedVipStatus,
     auth: Option<[u8; 8]>,
@@ -190,28 +188,85 @@ struct Driver {
     health: Health,
 }
 
-/// The rest of a takeover burst (the first gratuitous ARP is sent by the caller at once): the
-/// others spaced by `garp_interval` so a lost frame is repeated, stopped if mastership ends.
-pub(crate) fn announce_rest(cfg: &Arc<VipConfig>, vip: IpAddr, status: &SharedVipStatus) {
-    let (n, every) = (cfg.garp_count.saturating_sub(1), cfg.garp_interval);
-    if n == 0 {
-        return;
-    }
-    let (cfg, status) = (cfg.clone(), status.clone());
-    tokio::spawn(async move {
-        let Ok(mut a) = Announcer::open(&cfg.interface) else { return };
-        for _ in 0..n {
-            tokio::time::sleep(every).await;
-            if status.lock().map(|s| s.state != State::Master).unwrap_or(true) {
-                return;
+/// The address itself, the same whichever election holds it: added and removed through
+/// netlink, announced by gratuitous ARP / unsolicited NA.
+pub(crate) struct VipAddress {
+    cfg: Arc<VipConfig>,
+    netlink: Netlink,
+    announcer: Option<Announcer>,
+    status: SharedVipStatus,
+}
+
+impl VipAddress {
+    /// Opens netlink and the announcer, and removes the address if a crash left it on the
+    /// interface: it is taken again only if this host is elected.
+    pub(crate) async fn open(cfg: &Arc<VipConfig>, status: SharedVipStatus) -> Result<VipAddress, VipError> {
+        let nl_err = |source| VipError::Netlink { name: cfg.name.clone(), source };
+        let netlink = Netlink::connect().map_err(nl_err)?;
+        if netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(nl_err)? {
+            warn!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface,
+                  "removed a VIP left on the interface (crash?); it is taken again only if elected");
+        }
+        let announcer = match Announcer::open(&cfg.interface) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                error!(vip = %cfg.name, error = %e, "address announcements unavailable; clients learn the VIP's MAC by ARP/ND only");
+                None
             }
-            if a.announce(vip).is_ok() {
-                if let Ok(mut s) = status.lock() {
-                    s.garps_sent += 1;
+        };
+        Ok(VipAddress { cfg: cfg.clone(), netlink, announcer, status })
+    }
+
+    pub(crate) async fn add(&mut self) {
+        if let Err(e) = self.netlink.add(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
+            error!(vip = %self.cfg.name, error = %e, "cannot add the VIP");
+        }
+    }
+
+    pub(crate) async fn remove(&mut self) {
+        if let Err(e) = self.netlink.del(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
+            error!(vip = %self.cfg.name, error = %e, "cannot remove the VIP");
+        }
+    }
+
+    /// One gratuitous ARP / unsolicited NA.
+    pub(crate) fn announce_once(&mut self) {
+        if let Some(a) = self.announcer.as_mut() {
+            match a.announce(self.cfg.addr) {
+                Ok(()) => {
+                    if let Ok(mut s) = self.status.lock() {
+                        s.garps_sent += 1;
+                    }
                 }
+                Err(e) => warn!(vip = %self.cfg.name, error = %e, "address announcement"),
             }
         }
-    });
+    }
+
+    /// The takeover burst: one announcement at once, the others `garp_interval` apart so a
+    /// lost frame is repeated, stopped if mastership ends meanwhile.
+    pub(crate) fn announce(&mut self) {
+        self.announce_once();
+        let (n, every) = (self.cfg.garp_count.saturating_sub(1), self.cfg.garp_interval);
+        if n == 0 {
+            return;
+        }
+        let (cfg, status) = (self.cfg.clone(), self.status.clone());
+        tokio::spawn(async move {
+            let Ok(mut a) = Announcer::open(&cfg.interface) else { return };
+            for _ in 0..n {
+                tokio::time::sleep(every).await;
+                if status.lock().map(|s| s.state != State::Master).unwrap_or(true) {
+                    return;
+                }
+                if a.announce(cfg.addr).is_ok() {
+                    if let Ok(mut s) = status.lock() {
+                        s.garps_sent += 1;
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Releases the VIP if it is configured on its interface (after a crash, or for
@@ -237,24 +292,15 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), VipError> {
     let setup = |reason: String| VipError::Setup { name: cfg.name.clone(), reason };
-    let vip = cfg.addr;
     let Some(local) = local_addr(&cfg) else {
         return Err(setup(format!(
             "interface {} has no {} address of its own",
             cfg.interface,
-            if vip.is_ipv4() { "IPv4" } else { "link-local IPv6" }
+            if cfg.addr.is_ipv4() { "IPv4" } else { "link-local IPv6" }
         )));
     };
     let ifindex =
         netlink::ifindex(&cfg.interface).map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
-    let netlink = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
-    if netlink
-        .del(&cfg.interface, cfg.addr, cfg.prefix)
-        .await
-        .map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?
-    {
-        warn!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, "removed a VIP left on the interface (crash?); it is taken again only if elected");
-    }
     let sock = open_socket(&cfg, local)
         .and_then(|s| {
             // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is not
@@ -262,13 +308,7 @@ pub async fn run(
             unsafe { AsyncFd::register(s) }.map_err(|e| std::io::Error::other(e.to_string()))
         })
         .map_err(|source| VipError::Socket { name: cfg.name.clone(), source })?;
-    let announcer = match Announcer::open(&cfg.interface) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            error!(vip = %cfg.name, error = %e, "gratuitous ARP unavailable; clients learn the VIP's MAC by ARP only");
-            None
-        }
-    };
+    let addr = VipAddress::open(&cfg, status.clone()).await?;
     let fsm = Vrrp::new(FsmConfig {
         version: cfg.version,
         priority: cfg.priority,
@@ -279,8 +319,7 @@ pub async fn run(
     });
     let auth = cfg.auth_pass.as_deref().map(packet::auth_bytes);
     let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
-    let mut d =
-        Driver { cfg: cfg.clone(), local, vip, ifindex, sock, netlink, announcer, fsm, status, auth, fitness, health };
+    let mut d = Driver { cfg: cfg.clone(), local, ifindex, sock, addr, fsm, status, auth, fitness, health };
     info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
           version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, "VRRP instance starting");
     d.fsm.handle_startup(Instant::now());
@@ -333,7 +372,7 @@ impl Driver {
                     }
                 }
                 _ = async { refresh.as_mut().unwrap().tick().await }, if refresh.is_some() && self.fsm.state() == State::Master => {
-                    self.announce_once();
+                    self.addr.announce_once();
                 }
                 _ = health_tick.tick(), if self.cfg.health_weight > 0 => {
                     let now = Instant::now();
@@ -382,25 +421,24 @@ impl Driver {
 
     /// RFC 5798 §7.1 checks on a VRRP payload, then the state machine.
     fn on_advert(&mut self, payload: &[u8], src: IpAddr, dst: IpAddr, ttl: u8) {
-        let bad = |d: &mut Driver, why: String| d.bad(why);
         if src == self.local {
             return;
         }
         if ttl != 255 {
-            return bad(self, format!("TTL {ttl} from {src} (must be 255)"));
+            return self.bad(format!("TTL {ttl} from {src} (must be 255)"));
         }
         let a = match packet::decode(payload, src, dst) {
             Ok(a) => a,
-            Err(e) => return bad(self, format!("from {src}: {e}")),
+            Err(e) => return self.bad(format!("from {src}: {e}")),
         };
         if a.vrid != self.cfg.vrid {
             return; // another virtual router on the segment
         }
         if a.version != self.cfg.version {
-            return bad(self, format!("from {src}: version {:?}, we run {:?}", a.version, self.cfg.version));
+            return self.bad(format!("from {src}: version {:?}, we run {:?}", a.version, self.cfg.version));
         }
         if a.version == Version::V2 && a.auth != self.auth {
-            return bad(self, format!("from {src}: authentication mismatch"));
+            return self.bad(format!("from {src}: authentication mismatch"));
         }
         if !a.addrs.contains(&self.cfg.addr) {
             debug!(vip = %self.cfg.name, %src, addrs = ?a.addrs, "advertisement lists other addresses than ours");
@@ -435,37 +473,13 @@ impl Driver {
         }
     }
 
-    fn announce_once(&mut self) {
-        if let Some(a) = self.announcer.as_mut() {
-            match a.announce(self.vip) {
-                Ok(()) => {
-                    if let Ok(mut s) = self.status.lock() {
-                        s.garps_sent += 1;
-                    }
-                }
-                Err(e) => warn!(vip = %self.cfg.name, error = %e, "gratuitous ARP"),
-            }
-        }
-    }
-
     async fn act(&mut self) {
         while let Some(a) = self.fsm.poll_action() {
             match a {
                 Action::SendAdvert { priority } => self.send_advert(priority),
-                Action::AddAddresses => {
-                    if let Err(e) = self.netlink.add(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
-                        error!(vip = %self.cfg.name, error = %e, "cannot add the VIP");
-                    }
-                }
-                Action::DelAddresses => {
-                    if let Err(e) = self.netlink.del(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
-                        error!(vip = %self.cfg.name, error = %e, "cannot remove the VIP");
-                    }
-                }
-                Action::Announce => {
-                    self.announce_once();
-                    announce_rest(&self.cfg, self.vip, &self.status);
-                }
+                Action::AddAddresses => self.addr.add().await,
+                Action::DelAddresses => self.addr.remove().await,
+                Action::Announce => self.addr.announce(),
                 Action::StateChanged { from, to } => {
                     info!(vip = %self.cfg.name, addr = %self.cfg.addr, from = ?from, to = ?to,
                           master_seen = ?self.fsm.master_seen, priority = self.fsm.priority(), "VRRP state change");

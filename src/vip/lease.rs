@@ -9,7 +9,6 @@
 //! it: there is a short gap, never two holders. A standby that cannot reach etcd never takes
 //! the VIP. An unfit proxy (health ties, `health_weight > 0`) gives the key up.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +17,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::driver::{announce_rest, Fitness, SharedVipStatus, VipError};
+use super::driver::{Fitness, SharedVipStatus, VipAddress, VipError};
 use super::fsm::State;
-use super::garp::Announcer;
 use super::health::Health;
-use super::netlink::Netlink;
 use crate::config::{ClusterConfig, Election, VipConfig};
 use crate::discovery::etcd3;
 
@@ -30,9 +27,7 @@ const TICK: Duration = Duration::from_millis(250);
 
 struct Holder {
     cfg: Arc<VipConfig>,
-    vip: IpAddr,
-    netlink: Netlink,
-    announcer: Option<Announcer>,
+    addr: VipAddress,
     status: SharedVipStatus,
 }
 
@@ -48,26 +43,15 @@ impl Holder {
     }
 
     async fn take(&mut self) {
-        if let Err(e) = self.netlink.add(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
-            warn!(vip = %self.cfg.name, error = %e, "cannot add the VIP");
-        }
+        self.addr.add().await;
         if self.set_state(State::Master) {
             info!(vip = %self.cfg.name, addr = %self.cfg.addr, "etcd lease election: this host holds the VIP");
         }
-        if let Some(a) = self.announcer.as_mut() {
-            if a.announce(self.vip).is_ok() {
-                if let Ok(mut s) = self.status.lock() {
-                    s.garps_sent += 1;
-                }
-            }
-        }
-        announce_rest(&self.cfg, self.vip, &self.status);
+        self.addr.announce();
     }
 
     async fn give_up(&mut self, why: &str) {
-        if let Err(e) = self.netlink.del(&self.cfg.interface, self.cfg.addr, self.cfg.prefix).await {
-            warn!(vip = %self.cfg.name, error = %e, "cannot remove the VIP");
-        }
+        self.addr.remove().await;
         if self.set_state(State::Backup) {
             info!(vip = %self.cfg.name, addr = %self.cfg.addr, "etcd lease election: VIP released ({why})");
         }
@@ -84,19 +68,8 @@ pub async fn run(
     let Election::Etcd { key, ttl, .. } = cfg.election.clone() else {
         return Err(VipError::Setup { name: cfg.name.clone(), reason: "not an etcd-elected VIP".into() });
     };
-    let vip = cfg.addr;
-    let netlink = Netlink::connect().map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?;
-    if netlink
-        .del(&cfg.interface, cfg.addr, cfg.prefix)
-        .await
-        .map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })?
-    {
-        warn!(vip = %cfg.name, addr = %cfg.addr, "removed a VIP left on the interface (crash?); it is taken again only if elected");
-    }
-    let announcer = Announcer::open(&cfg.interface)
-        .map_err(|e| warn!(vip = %cfg.name, error = %e, "gratuitous ARP unavailable"))
-        .ok();
-    let mut h = Holder { cfg: cfg.clone(), vip, netlink, announcer, status };
+    let addr = VipAddress::open(&cfg, status.clone()).await?;
+    let mut h = Holder { cfg: cfg.clone(), addr, status };
     h.set_state(State::Backup);
     let me = format!("{}:{}", hostname(), std::process::id());
     let mut health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
