@@ -41,10 +41,12 @@ echo "== building pgfront (release)"
 (cd "$here" && cargo build --release -q)
 PGFRONT="$here/target/release/pgfront"
 
-pids=()
+tail_pid=""
 cleanup() {
   trap - EXIT INT TERM
   echo; echo "== stopping the demo"
+  # The log follower is ours too: it must not outlive the demo.
+  [ -n "$tail_pid" ] && kill "$tail_pid" 2>/dev/null || true
   for f in "$DIR"/*.pid; do
     [ -f "$f" ] || continue
     pid=$(cat "$f")
@@ -71,6 +73,9 @@ fi
 mkdir -p "$DIR"
 $SUDO chown postgres: "$DIR" 2>/dev/null || true
 $SUDO chmod 0755 "$DIR"
+# Children started as postgres must be able to enter their working directory (the checkout may be
+# in a directory only root can enter, e.g. /root).
+cd "$DIR"
 
 as_postgres() {
   if [ "$(id -un)" = postgres ]; then "$@"; else $SUDO runuser -u postgres -- "$@"; fi
@@ -203,7 +208,7 @@ Logs of etcd and Patroni: $DIR/*.log. Ctrl-C here stops everything.
 
 EOF
 run_bg pgfront "$(id -un)" "$PGFRONT" proxy -c "$DIR/pgfront.toml"
-tail -n +1 -f "$DIR/pgfront.log" &
+# --pid: the follower also ends by itself when pgfront does.
+tail -n +1 --pid="$(cat "$DIR/pgfront.pid")" -f "$DIR/pgfront.log" &
 tail_pid=$!
 while kill -0 "$(cat "$DIR/pgfront.pid")" 2>/dev/null; do sleep 1; done
-kill $tail_pid 2>/dev/null || true
