@@ -67,6 +67,8 @@ impl Pki {
                 ),
             );
         }
+        // The server certificate is also a client one: with --client-cert-auth etcd 3.4's own gRPC
+        // gateway dials etcd with it.
         for (name, cn, ext, serial) in [
             ("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n", 2),
             ("client", "pgfront", "extendedKeyUsage=clientAuth\n", 3),
