@@ -364,14 +364,15 @@ impl Resolver<'_> {
             _ => return Err(bad("tls_cert", "tls_cert and tls_key go together".into())),
         };
         let tls = (c.tls_ca.is_some() || identity.is_some()).then(|| TlsFiles { ca: c.tls_ca, identity });
+        // TLS (v3 and v2): https:// endpoints need tls_ca, since neither client trusts the
+        // system roots; the files are parsed here, as the client will, so a bad file is an
+        // error at load time and not at the first connection.
+        if !tls.as_ref().is_some_and(|t| t.ca.is_some()) && c.etcd_endpoints.iter().any(|e| e.starts_with("https://")) {
+            return Err(bad("tls_ca", "https:// endpoints need tls_ca, the CA that signed etcd's certificates".into()));
+        }
         if let Some(t) = &tls {
-            if api == EtcdApi::V2 {
-                return Err(bad("tls_ca", "TLS is supported with etcd_api = \"v3\" only".into()));
-            }
-            for p in t.ca.iter().chain(t.identity.iter().flat_map(|(c, k)| [c, k])) {
-                if let Err(e) = std::fs::metadata(p) {
-                    return Err(bad("tls", format!("cannot read {}: {e}", p.display())));
-                }
+            if let Err(e) = crate::discovery::http::tls_client_config(t) {
+                return Err(bad(e.field(), e.to_string()));
             }
             if c.etcd_endpoints.iter().any(|e| e.starts_with("http://")) {
                 return Err(bad("etcd_endpoints", "TLS is configured: use https:// endpoints".into()));
