@@ -1,8 +1,27 @@
-//! The shell around `Selector` for one listener: waiters parked on oneshot channels, a RAII
-//! `Lease` per connection that gives its slot back on drop, and a drain token per server that
-//! closes the connections of a server that lost its role.
+//! The shell around `Selector` for one listener: queued clients parked on oneshot channels, a
+//! RAII `Lease` per connection that gives its slot back on drop, and a drain token per server
+//! that closes the connections of a server that lost its role.
+//!
+//! Who owns a slot (`Selector` counts it in `active` from the moment it is taken):
+//! - a `Lease`, whose `Drop` gives it back; or
+//! - between a grant to a queued client and that client's task running, a `Waiter::Granted`
+//!   entry in the waiter table. It is created under the lock, in `dispatch`, and removed only
+//!   by the `acquire` it belongs to: turned into a `Lease` when that task runs, or given back by
+//!   its `WaitGuard` when the `acquire` future is dropped first (client gone, shutdown). A
+//!   timeout settles under the same lock, so a grant that races it is used, never lost.
+//!
+//! So `active(s)` = leases on `s` + grants in transit to `s`, at all times, and a waiter entry
+//! exists exactly as long as its `acquire` future.
+//!
+//! Drain: a server keeps one `ServerHandle` for as long as the selector lists it, Draining
+//! included. Every slot carries the drain token its server had when the slot was granted, so a
+//! drain reaches the grants in transit too, and a lease is never given a token that no drain
+//! will cancel. A server that comes back from a drain gets a fresh token for new connections;
+//! the ones opened before keep theirs, and a later drain (say with a shorter grace) reaches
+//! them as well.
 //!
 //! The lock is a plain mutex held for a few hundred nanoseconds and never across an `.await`.
+//! Nothing whose `Drop` takes the lock (a `Lease`) is ever dropped while it is held.
 //! Topology changes are applied by the listener's own follower task as soon as they arrive
 //! (`apply`), never lazily at accept time.
 
@@ -34,18 +53,125 @@ pub enum Refusal {
 
 struct Inner {
     sel: Selector,
-    waiters: HashMap<WaiterId, oneshot::Sender<Backend>>,
+    /// One entry per `acquire` that is waiting: still queued, or granted a slot it has not
+    /// picked up yet.
+    waiters: HashMap<WaiterId, Waiter>,
+    /// One handle per server the selector lists.
     servers: HashMap<Backend, ServerHandle>,
 }
 
-/// Per-server handles, made once when the server appears so that a connection's setup only
-/// clones two `Arc`s.
-#[derive(Clone)]
-struct ServerHandle {
+enum Waiter {
+    /// In the selector's queue; the sender wakes the client when it is granted.
+    Queued(oneshot::Sender<()>),
+    /// Granted, not picked up yet: this entry owns the slot.
+    Granted(Grant),
+}
+
+/// A slot taken on a server, with the drain token the server had when it was taken.
+struct Grant {
+    backend: Backend,
     drain: CancellationToken,
     active: Gauge,
 }
 
+/// Per-server handles, made once when the server appears so that a connection's setup only
+/// clones two `Arc`s.
+struct ServerHandle {
+    /// Given to new slots on this server.
+    drain: CancellationToken,
+    active: Gauge,
+    /// `drain` is cancelled, or will be once the drain grace runs out.
+    drained: bool,
+    /// Tokens of connections opened before the server came back from a drain whose grace has
+    /// not run out yet: a new drain must reach them too.
+    older: Vec<CancellationToken>,
+}
+
+impl ServerHandle {
+    fn new(metrics: &ListenerMetrics, b: &Backend) -> ServerHandle {
+        ServerHandle {
+            drain: CancellationToken::new(),
+            active: metrics.server_active(b),
+            drained: false,
+            older: Vec::new(),
+        }
+    }
+
+    /// Closes every connection on this server, now or at `at`.
+    fn drain(&mut self, at: Option<Instant>) {
+        self.drained = true;
+        self.older.retain(|t| !t.is_cancelled());
+        for token in self.older.iter().chain([&self.drain]) {
+            match at {
+                None => token.cancel(),
+                Some(at) => {
+                    let token = token.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(at).await;
+                        token.cancel();
+                    });
+                }
+            }
+        }
+    }
+
+    /// The server takes new connections again: they get a fresh token.
+    fn revive(&mut self) {
+        let old = std::mem::take(&mut self.drain);
+        if !old.is_cancelled() {
+            self.older.push(old);
+        }
+        self.older.retain(|t| !t.is_cancelled());
+        self.drained = false;
+    }
+}
+
+impl Inner {
+    /// Takes the bookkeeping for a slot the selector just counted on `backend`.
+    fn grant(&mut self, backend: Backend, metrics: &ListenerMetrics) -> Grant {
+        // The selector only grants servers it lists, which all have a handle; be lenient anyway.
+        let h = self.servers.entry(backend.clone()).or_insert_with(|| ServerHandle::new(metrics, &backend));
+        h.active.inc();
+        Grant { backend, drain: h.drain.clone(), active: h.active.clone() }
+    }
+
+    /// Gives back one slot on `backend`; forgets the server's handle once the selector has.
+    fn release(&mut self, backend: &Backend, active: &Gauge) {
+        active.dec();
+        if self.sel.release(backend) {
+            self.servers.remove(backend);
+        }
+    }
+
+    /// Hands free slots to queued clients, in order. The grant is parked in the waiter table,
+    /// owned there until the client's `acquire` takes it or gives it back.
+    fn dispatch(&mut self, metrics: &ListenerMetrics) {
+        loop {
+            let grants = self.sel.poll_grants();
+            if grants.is_empty() {
+                break;
+            }
+            for (id, b) in grants {
+                let grant = self.grant(b, metrics);
+                match self.waiters.get_mut(&id) {
+                    Some(w @ Waiter::Queued(_)) => {
+                        if let Waiter::Queued(tx) = std::mem::replace(w, Waiter::Granted(grant)) {
+                            // The receiver outlives the waiter's guard, so this does not fail;
+                            // if it did, the entry still owns the slot and the guard frees it.
+                            let _ = tx.send(());
+                        }
+                    }
+                    // A queued id always has a `Queued` entry (both change under this lock).
+                    _ => self.release(&grant.backend, &grant.active),
+                }
+            }
+        }
+        metrics.queue.set(self.sel.queue_len() as i64);
+    }
+}
+
+/// One listener's pool of servers: the selector, the clients waiting for it and the drain
+/// tokens of its servers. Shared by the listener's sessions and its follower task.
 pub struct Pool {
     pub name: Arc<str>,
     inner: Mutex<Inner>,
@@ -57,31 +183,43 @@ pub struct Pool {
 pub struct Lease {
     pool: Arc<Pool>,
     pub backend: Backend,
-    /// Cancelled when the server is drained.
+    /// Cancelled when the server is drained (after the drain grace), including for leases
+    /// granted before the drain and picked up after it.
     pub drain: CancellationToken,
     active: Gauge,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.active.dec();
         let mut g = self.pool.lock();
-        g.sel.release(&self.backend);
-        self.pool.dispatch(&mut g);
+        g.release(&self.backend, &self.active);
+        g.dispatch(&self.pool.metrics);
     }
 }
 
-/// Removes a queued waiter whose `acquire` was dropped (client gone, timeout).
+/// Settles a waiter whose `acquire` future was dropped (client gone, shutdown): takes it out
+/// of the queue, or gives back the slot it was granted.
 struct WaitGuard<'a> {
     pool: &'a Pool,
     id: WaiterId,
+    armed: bool,
 }
 
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let mut g = self.pool.lock();
-        if g.sel.cancel(self.id) {
-            g.waiters.remove(&self.id);
+        match g.waiters.remove(&self.id) {
+            Some(Waiter::Queued(_)) => {
+                g.sel.cancel(self.id);
+            }
+            Some(Waiter::Granted(grant)) => {
+                g.release(&grant.backend, &grant.active);
+                g.dispatch(&self.pool.metrics);
+            }
+            None => {}
         }
         self.pool.metrics.queue.set(g.sel.queue_len() as i64);
     }
@@ -94,6 +232,7 @@ pub struct PoolStatus {
     pub servers: Vec<ServerStatus>,
 }
 
+/// One server of a pool as the status endpoint shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ServerStatus {
     pub member: String,
@@ -103,6 +242,7 @@ pub struct ServerStatus {
 }
 
 impl Pool {
+    /// An empty pool: servers arrive with the first `apply`.
     pub fn new(cfg: &ListenerConfig, metrics: ListenerMetrics) -> Arc<Pool> {
         Arc::new(Pool {
             name: Arc::from(cfg.name.as_str()),
@@ -127,102 +267,78 @@ impl Pool {
     pub fn apply(&self, targets: &Targets, grace: Duration) -> Vec<Backend> {
         let mut g = self.lock();
         let update = g.sel.update(&targets.eligible, &targets.keep);
+        // The grace counts from now, not from when a timer task first runs.
+        let at = (!grace.is_zero()).then(|| Instant::now() + grace);
         for b in &update.drained {
-            if let Some(ServerHandle { drain: token, .. }) = g.servers.remove(b) {
-                if grace.is_zero() {
-                    token.cancel();
-                } else {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(grace).await;
-                        token.cancel();
-                    });
+            if let Some(h) = g.servers.get_mut(b) {
+                h.drain(at);
+            }
+        }
+        let Inner { sel, servers, .. } = &mut *g;
+        // Handles live exactly as long as the selector lists their server.
+        servers.retain(|b, _| sel.servers().iter().any(|s| &s.backend == b));
+        for s in sel.servers() {
+            match servers.get_mut(&s.backend) {
+                Some(h) if h.drained && s.state == ServerState::Eligible => h.revive(),
+                Some(_) => {}
+                None => {
+                    servers.insert(s.backend.clone(), ServerHandle::new(&self.metrics, &s.backend));
                 }
             }
         }
-        let live: Vec<Backend> =
-            g.sel.servers().iter().filter(|s| s.state != ServerState::Draining).map(|s| s.backend.clone()).collect();
-        for b in live {
-            if !g.servers.contains_key(&b) {
-                let h = self.handle(&b);
-                g.servers.insert(b, h);
-            }
-        }
-        self.dispatch(&mut g);
+        g.dispatch(&self.metrics);
         drop(g);
         self.generation.send_modify(|n| *n += 1);
         update.drained
     }
 
-    /// Hands freed slots to queued clients, in order. A client that went away in the
-    /// meantime gives its slot straight back.
-    fn dispatch(&self, g: &mut Inner) {
-        loop {
-            let grants = g.sel.poll_grants();
-            if grants.is_empty() {
-                break;
-            }
-            for (id, b) in grants {
-                let delivered = g.waiters.remove(&id).is_some_and(|tx| tx.send(b.clone()).is_ok());
-                if !delivered {
-                    g.sel.release(&b);
-                }
-            }
-        }
-        self.metrics.queue.set(g.sel.queue_len() as i64);
-    }
-
-    fn handle(&self, b: &Backend) -> ServerHandle {
-        ServerHandle { drain: CancellationToken::new(), active: self.metrics.server_active(b) }
-    }
-
-    fn lease(self: &Arc<Self>, g: &mut Inner, backend: Backend) -> Lease {
-        let h = match g.servers.get(&backend) {
-            Some(h) => h.clone(),
-            None => {
-                let h = self.handle(&backend);
-                g.servers.insert(backend.clone(), h.clone());
-                h
-            }
-        };
-        h.active.inc();
-        Lease { pool: self.clone(), backend, drain: h.drain, active: h.active }
+    fn lease(self: &Arc<Self>, grant: Grant) -> Lease {
+        Lease { pool: self.clone(), backend: grant.backend, drain: grant.drain, active: grant.active }
     }
 
     /// A server for a new connection, waiting in the queue until `deadline` if none has room.
     /// `avoid`: servers that just refused this client.
+    ///
+    /// Cancel-safe: dropping the future at any point gives back whatever it holds (its place
+    /// in the queue, or a slot granted to it and not yet picked up).
     pub async fn acquire(self: &Arc<Self>, avoid: &[Backend], deadline: Instant) -> Result<Lease, Refusal> {
         let (id, mut rx) = {
             let mut g = self.lock();
             match g.sel.acquire(avoid) {
-                Acquire::Granted(b) => return Ok(self.lease(&mut g, b)),
+                Acquire::Granted(b) => {
+                    let grant = g.grant(b, &self.metrics);
+                    return Ok(self.lease(grant));
+                }
                 Acquire::Queued(id) => {
                     let (tx, rx) = oneshot::channel();
-                    g.waiters.insert(id, tx);
+                    g.waiters.insert(id, Waiter::Queued(tx));
                     self.metrics.queue.set(g.sel.queue_len() as i64);
                     (id, rx)
                 }
             }
         };
-        let guard = WaitGuard { pool: self, id };
+        // Declared after `rx`, so dropped before it: a grant is never left in a dead channel.
+        let mut guard = WaitGuard { pool: self, id, armed: true };
         let started = Instant::now();
-        let got = tokio::time::timeout_at(deadline, &mut rx).await;
+        let woken = tokio::time::timeout_at(deadline, &mut rx).await;
         self.metrics.queue_wait.observe(started.elapsed().as_secs_f64());
-        let backend = match got {
-            Ok(Ok(b)) => b,
-            Ok(Err(_)) => return Err(Refusal::Closed),
-            Err(_) => {
-                // Granted just as the timeout fired? Then the slot is ours: use it.
-                drop(guard);
-                match rx.try_recv() {
-                    Ok(b) => b,
-                    Err(_) => {
-                        return Err(if self.lock().sel.has_eligible() { Refusal::Full } else { Refusal::NoServer })
-                    }
-                }
-            }
-        };
+        // Woken, timed out or closed: settle under the lock, where no grant can slip in.
         let mut g = self.lock();
-        Ok(self.lease(&mut g, backend))
+        guard.armed = false;
+        match g.waiters.remove(&id) {
+            // Also when granted just as the timeout fired: the slot is ours, use it.
+            Some(Waiter::Granted(grant)) => Ok(self.lease(grant)),
+            Some(Waiter::Queued(_)) => {
+                g.sel.cancel(id);
+                self.metrics.queue.set(g.sel.queue_len() as i64);
+                Err(match woken {
+                    Ok(_) => Refusal::Closed,
+                    Err(_) if g.sel.has_eligible() => Refusal::Full,
+                    Err(_) => Refusal::NoServer,
+                })
+            }
+            None => Err(Refusal::Closed),
+        }
     }
 
     /// Whether another eligible server than those in `avoid` exists.
@@ -235,6 +351,7 @@ impl Pool {
         self.generation.subscribe()
     }
 
+    /// Queue length and per-server counts, read under the lock so they agree with each other.
     pub fn status(&self) -> PoolStatus {
         let g = self.lock();
         PoolStatus {
@@ -253,6 +370,7 @@ impl Pool {
         }
     }
 
+    /// The listener's metric handles, shared with its sessions.
     pub fn metrics(&self) -> &ListenerMetrics {
         &self.metrics
     }
@@ -263,3 +381,7 @@ impl ServerLabels {
         ServerLabels { listener: listener.to_owned(), member: b.member.to_string(), addr: b.addr.to_string() }
     }
 }
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

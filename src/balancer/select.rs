@@ -139,15 +139,17 @@ impl Selector {
         }
     }
 
-    /// A connection to `backend` ended.
-    pub fn release(&mut self, backend: &Backend) {
-        if let Some(i) = self.servers.iter().position(|s| &s.backend == backend) {
-            let s = &mut self.servers[i];
-            s.active = s.active.saturating_sub(1);
-            if s.state == ServerState::Draining && s.active == 0 {
-                self.servers.remove(i);
-            }
+    /// A connection to `backend` ended. Returns true if the server is no longer listed (it was
+    /// draining and this was its last connection), so the caller can forget what it keeps for it.
+    pub fn release(&mut self, backend: &Backend) -> bool {
+        let Some(i) = self.servers.iter().position(|s| &s.backend == backend) else { return true };
+        let s = &mut self.servers[i];
+        s.active = s.active.saturating_sub(1);
+        if s.state == ServerState::Draining && s.active == 0 {
+            self.servers.remove(i);
+            return true;
         }
+        false
     }
 
     /// Grants queued waiters, in order, as long as a server has room.
@@ -327,7 +329,8 @@ mod tests {
                     }
                     Op::Release(i) if !held.is_empty() => {
                         let g = held.remove(i % held.len());
-                        s.release(&g);
+                        let gone = s.release(&g);
+                        prop_assert_eq!(gone, !s.servers().iter().any(|x| x.backend == g), "release says whether the server is gone");
                     }
                     Op::Cancel(i) if !waiting.is_empty() => {
                         let id = waiting.remove(i % waiting.len());
