@@ -262,6 +262,14 @@ impl Pool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Applies a reloaded listener's balance and per-server limit to new connections; queued
+    /// clients keep their place and get the room a higher limit makes at once.
+    pub fn reconfigure(&self, cfg: &ListenerConfig) {
+        let mut g = self.lock();
+        g.sel.reconfigure(cfg.balance, cfg.server_maxconn);
+        g.dispatch(&self.metrics);
+    }
+
     /// Applies new targets, grants waiting clients, and drains servers that lost their role
     /// (their connections are closed after `grace`). Returns the drained servers.
     pub fn apply(&self, targets: &Targets, grace: Duration) -> Vec<Backend> {

@@ -75,6 +75,14 @@ impl Selector {
         &self.servers
     }
 
+    /// New limits from a reload. Open connections are never touched: a lower `maxconn` only
+    /// stops new grants until the count falls below it, and a higher one lets `poll_grants` hand
+    /// the new room to the queue, in order.
+    pub fn reconfigure(&mut self, balance: Balance, maxconn: u32) {
+        self.balance = balance;
+        self.maxconn = maxconn.max(1);
+    }
+
     pub fn queue_len(&self) -> usize {
         self.queue.len()
     }
@@ -231,6 +239,28 @@ mod tests {
         assert!(s.cancel(w2));
         assert!(!s.cancel(w1), "granted waiters are no longer queued");
         assert_eq!(s.queue_len(), 0);
+    }
+
+    #[test]
+    fn reconfigured_limits_never_touch_open_connections() {
+        let mut s = Selector::new(Balance::Leastconn, 3);
+        s.update(&[b(1)], &[]);
+        for _ in 0..3 {
+            granted(s.acquire(&[]));
+        }
+        let Acquire::Queued(w1) = s.acquire(&[]) else { panic!() };
+        let Acquire::Queued(w2) = s.acquire(&[]) else { panic!() };
+        // Lower: the three stay, nothing is granted until the count falls below the new limit.
+        s.reconfigure(Balance::Roundrobin, 2);
+        assert_eq!(s.servers()[0].active, 3);
+        s.release(&b(1));
+        assert!(s.poll_grants().is_empty(), "2 open, limit 2");
+        s.release(&b(1));
+        assert_eq!(s.poll_grants(), vec![(w1, b(1))]);
+        // Higher: the queue gets the room at once, in order.
+        s.reconfigure(Balance::Leastconn, 4);
+        assert_eq!(s.poll_grants(), vec![(w2, b(1))]);
+        assert_eq!(s.servers()[0].active, 3);
     }
 
     #[test]
