@@ -1,33 +1,60 @@
-//! The supervisor: the one place that binds sockets, spawns the long-lived tasks and owns
-//! their channels, and handles signals.
+//! The supervisor: the one place that spawns the long-lived tasks, owns their channels, and
+//! applies a reload.
 //!
-//! Start-up binds every listener before anything else runs, so a port that is taken fails the
-//! start with a clear error instead of a half-working proxy. SIGTERM stops gracefully (stop
-//! accepting, refuse queued clients, let open sessions finish for up to `SHUTDOWN_GRACE`);
-//! SIGINT closes everything at once.
+//! The process is a set of named parts, each with its own cancellation token and join handle:
+//! a **cluster** (its discovery task), a **listener** (socket, accept loop, pool, the follower
+//! that applies the cluster's topology to the pool, and its sessions), a **VIP** (its election),
+//! and the **admin** endpoint. Start-up and reload go through the same path: bind what is new,
+//! then diff the configurations (`config::diff`, pure) and start, change or stop parts.
+//!
+//! Reload (SIGHUP, `Control::Reload`), atomically from a client's point of view:
+//! - the file is read and validated on the side; an invalid one changes nothing (one `error!`
+//!   line with `file:line: field: reason`, `pgfront_config_reloads_total{result="error"}`);
+//! - every new listening address is bound before anything else changes: a bind that fails
+//!   refuses the whole reload;
+//! - sockets are keyed by address: a listener whose bind is unchanged keeps its socket (never
+//!   closed, never re-bound), even if it was renamed; its settings apply to new connections, its
+//!   sessions and its queue are untouched;
+//! - a removed listener stops accepting, takes what is already in its kernel backlog, and its
+//!   sessions finish on their own (closed after `DRAIN_DEADLINE`); its pool keeps following the
+//!   cluster meanwhile, so a demoted primary's sessions are still closed;
+//! - a changed cluster restarts its discovery only; the new source starts from the last known
+//!   topology, so routing never pauses for a reload.
+//!
+//! SIGTERM stops gracefully (VIPs released first, stop accepting, refuse queued clients, let
+//! open sessions finish for up to `SHUTDOWN_GRACE`); SIGINT closes everything at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, metrics::Metrics};
+use crate::admin::metrics::Metrics;
+use crate::admin::{self, ConfigStatus, Shared};
 use crate::balancer::pool::Pool;
-use crate::config::{Config, ListenerConfig};
+use crate::config::diff::{self, ConfigDiff};
+use crate::config::{ClusterConfig, Config, ListenerConfig, Role, VipConfig};
 use crate::discovery::{self, ClusterHandle};
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
+use crate::sysd;
 use crate::topology::ClusterView;
 use crate::vip;
 
 /// How long open sessions may take to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long the sessions of a listener removed by a reload may run before they are closed.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -39,132 +66,602 @@ pub enum AppError {
     Signal(std::io::Error),
 }
 
-/// What the admin endpoint reads.
-pub struct Shared {
-    pub metrics: Arc<Metrics>,
-    pub clusters: Vec<ClusterHandle>,
-    pub listeners: Vec<(Arc<ListenerConfig>, Arc<Pool>)>,
-    pub vips: Vec<vip::driver::SharedVipStatus>,
+/// What the process is asked to do (by a signal, or by a test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the configuration file and apply the difference.
+    Reload,
+    /// Stop: gracefully (SIGTERM) or at once (SIGINT).
+    Stop { graceful: bool },
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), AppError> {
-    let mut bound = Vec::new();
-    for l in &config.listeners {
-        let sock = listener::bind(l.bind, l.backlog)
-            .and_then(tokio::net::TcpListener::from_std)
-            .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
-        bound.push((l.clone(), sock));
+/// Listening sockets, bound before the supervisor starts so that a port in use fails the start
+/// with a clear error. Keyed by address: that is what a reload keeps.
+#[derive(Default)]
+pub struct Sockets {
+    listeners: HashMap<SocketAddr, std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
+}
+
+impl Sockets {
+    /// Binds every listener and the admin endpoint of `config`.
+    pub fn bind(config: &Config) -> Result<Sockets, AppError> {
+        let mut s = Sockets::default();
+        for l in &config.listeners {
+            let sock = listener::bind(l.bind, l.backlog)
+                .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
+            s.listeners.insert(l.bind, sock);
+        }
+        if let Some(addr) = config.admin {
+            s.admin = Some(listener::bind(addr, 128).map_err(|source| AppError::AdminBind { addr, source })?);
+        }
+        Ok(s)
     }
-    let admin_sock = match config.admin {
-        Some(addr) => Some(
-            listener::bind(addr, 128)
-                .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|source| AppError::AdminBind { addr, source })?,
-        ),
-        None => None,
-    };
+
+    /// The address a listener socket is really bound to (port 0 resolved), for tests.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.values().filter_map(|l| l.local_addr().ok()).collect()
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT; SIGHUP reloads `path`.
+pub async fn run_with_signals(path: PathBuf, config: Config) -> Result<(), AppError> {
+    let sockets = Sockets::bind(&config)?;
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = term.recv() => Control::Stop { graceful: true },
+                _ = int.recv() => Control::Stop { graceful: false },
+                _ = hup.recv() => Control::Reload,
+            };
+            if tx.send(c).await.is_err() {
+                return;
+            }
+        }
+    });
+    run(path, config, sockets, rx).await
+}
 
-    let stop = CancellationToken::new();
-    let kill = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let vip_status: Vec<_> = config.vips.iter().map(|v| vip::driver::initial_status(v)).collect();
-    let mut metrics = Metrics::new();
-    metrics.register_vips(vip_status.clone());
-    let metrics = Arc::new(metrics);
+/// Runs the proxy with the sockets already bound, until `control` says stop (or is closed,
+/// which stops gracefully). Tests drive the whole process in-process through this.
+pub async fn run(
+    path: PathBuf,
+    config: Config,
+    sockets: Sockets,
+    mut control: mpsc::Receiver<Control>,
+) -> Result<(), AppError> {
+    let mut sup = Supervisor::new(path, sockets.admin.map(|s| (config.admin, s)));
+    let mut pending = sockets.listeners;
+    let mut bound: HashMap<SocketAddr, Arc<TcpListener>> = HashMap::new();
+    for l in &config.listeners {
+        let Some(sock) = pending.remove(&l.bind) else { continue };
+        let sock = TcpListener::from_std(sock)
+            .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
+        bound.insert(l.bind, Arc::new(sock));
+    }
+    let d = diff::diff(&Config::empty(), &config);
+    let _ = sup.apply(config, d, bound);
+    info!(
+        listeners = sup.listeners.len(),
+        clusters = sup.clusters.len(),
+        vips = sup.vips.len(),
+        "pgfront proxy started"
+    );
+    sysd::ready();
+    sysd::status(&sup.summary());
 
-    let mut clusters = HashMap::new();
-    for c in &config.clusters {
-        clusters.insert(c.name.clone(), discovery::spawn(c.clone(), metrics.cluster(&c.name), stop.clone()));
+    let graceful = loop {
+        match control.recv().await {
+            Some(Control::Reload) => sup.reload().await,
+            Some(Control::Stop { graceful }) => break graceful,
+            None => break true,
+        }
+    };
+    sup.shutdown(graceful).await;
+    Ok(())
+}
+
+/// A cluster's discovery.
+struct ClusterPart {
+    handle: ClusterHandle,
+    stop: CancellationToken,
+}
+
+/// A listener: its socket (shared with any listener that takes it over in a reload), the
+/// per-connection context new sessions take, its pool, and its tasks.
+struct ListenerPart {
+    cfg: Arc<ListenerConfig>,
+    sock: Arc<TcpListener>,
+    ctx: Arc<ArcSwap<SessionCtx>>,
+    pool: Arc<Pool>,
+    /// The listener's `maxconn`: a permit per open client connection, taken before `accept`.
+    sem: Arc<Semaphore>,
+    accept_stop: CancellationToken,
+    accept: JoinHandle<()>,
+    follow_stop: CancellationToken,
+    /// Closes this listener's sessions (child of the process-wide kill).
+    kill: CancellationToken,
+    sessions: TaskTracker,
+}
+
+/// A VIP election.
+struct VipPart {
+    cfg: Arc<VipConfig>,
+    status: vip::driver::SharedVipStatus,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+struct Supervisor {
+    path: PathBuf,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    vip_statuses: Arc<Mutex<Vec<vip::driver::SharedVipStatus>>>,
+    clusters: HashMap<String, ClusterPart>,
+    listeners: HashMap<String, ListenerPart>,
+    /// Removed listeners whose sessions are still finishing.
+    retiring: Vec<(String, TaskTracker, JoinHandle<()>)>,
+    vips: HashMap<String, VipPart>,
+    admin: Option<(SocketAddr, CancellationToken)>,
+    shared: Arc<ArcSwap<Shared>>,
+    config_status: ConfigStatus,
+    /// The process is stopping: queued clients are refused.
+    stop: CancellationToken,
+    /// Close every session now.
+    kill: CancellationToken,
+}
+
+impl Supervisor {
+    /// `admin`: the configured address and its socket, bound before start.
+    fn new(path: PathBuf, admin: Option<(Option<SocketAddr>, std::net::TcpListener)>) -> Supervisor {
+        let vip_statuses = Arc::new(Mutex::new(Vec::new()));
+        let mut metrics = Metrics::new();
+        metrics.register_vips(vip_statuses.clone());
+        let metrics = Arc::new(metrics);
+        let config_status = ConfigStatus {
+            path: path.display().to_string(),
+            revision: 1,
+            loaded_at: unix_now(),
+            last_reload: None,
+            last_error: None,
+        };
+        let shared = Arc::new(ArcSwap::from_pointee(Shared {
+            metrics: metrics.clone(),
+            clusters: Vec::new(),
+            listeners: Vec::new(),
+            vips: Vec::new(),
+            config: config_status.clone(),
+        }));
+        let mut sup = Supervisor {
+            path,
+            config: Arc::new(Config::empty()),
+            metrics,
+            vip_statuses,
+            clusters: HashMap::new(),
+            listeners: HashMap::new(),
+            retiring: Vec::new(),
+            vips: HashMap::new(),
+            admin: None,
+            shared,
+            config_status,
+            stop: CancellationToken::new(),
+            kill: CancellationToken::new(),
+        };
+        if let Some((Some(addr), sock)) = admin {
+            sup.start_admin(addr, sock);
+        }
+        sup
     }
-    let mut pools = Vec::new();
-    for (cfg, sock) in bound {
-        let pool = Pool::new(&cfg, metrics.listener(&cfg.name));
-        // Validation guarantees the cluster exists.
-        let view = clusters[&cfg.cluster].view.clone();
-        tokio::spawn(follow(cfg.clone(), pool.clone(), view, stop.clone()));
-        let ctx = Arc::new(SessionCtx { cfg: cfg.clone(), pool: pool.clone(), stop: stop.clone(), kill: kill.clone() });
-        tokio::spawn(listener::run(sock, ctx, stop.clone(), tracker.clone()));
-        pools.push((cfg, pool));
+
+    /// `addr`: the configured address (what a reload compares), `sock` bound to it.
+    fn start_admin(&mut self, addr: SocketAddr, sock: std::net::TcpListener) {
+        match TcpListener::from_std(sock) {
+            Ok(sock) => {
+                let stop = CancellationToken::new();
+                tokio::spawn(admin::serve(sock, self.shared.clone(), stop.clone()));
+                self.admin = Some((addr, stop));
+            }
+            Err(e) => error!(%addr, error = %e, "admin endpoint: cannot register the socket"),
+        }
     }
-    // VIPs: each VRRP instance runs until `vip_stop`, which is cancelled first on the way
-    // out so the backup takes over while this host still drains its sessions.
-    let vip_stop = CancellationToken::new();
-    let mut vip_tasks = Vec::new();
-    let fitness = fitness(&config, &clusters);
-    for (v, st) in config.vips.iter().zip(vip_status.iter().cloned()) {
-        let (v, stop, fit) = (v.clone(), vip_stop.clone(), fitness.clone());
+
+    /// One line for systemd's STATUS= and the log: what runs and where the primaries are.
+    fn summary(&self) -> String {
+        let mut primaries: Vec<String> = self
+            .clusters
+            .iter()
+            .map(|(name, c)| {
+                let p = c.handle.view.borrow().primary().map(|m| m.name.clone());
+                format!("{name}: primary {}", p.as_deref().unwrap_or("none"))
+            })
+            .collect();
+        primaries.sort();
+        let masters = self
+            .vips
+            .values()
+            .filter(|v| v.status.lock().is_ok_and(|s| s.state == vip::fsm::State::Master))
+            .count();
+        let mut s = format!("{} listener(s), {}", self.listeners.len(), primaries.join(", "));
+        if !self.vips.is_empty() {
+            s.push_str(&format!(", VIP master {masters}/{}", self.vips.len()));
+        }
+        s
+    }
+
+    /// Re-reads the file and applies it; an invalid file or a failed bind changes nothing.
+    async fn reload(&mut self) {
+        sysd::reloading();
+        let at = unix_now();
+        let outcome = match Config::load(&self.path) {
+            Err(e) => Err(e.to_string()),
+            Ok(new) => {
+                let d = diff::diff(&self.config, &new);
+                match self.bind_new(&new) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(bound) => {
+                        let summary = d.summary();
+                        // Done when every removed listener's socket is closed: after READY=1,
+                        // nothing reaches an address the new configuration does not have.
+                        for closed in self.apply(new, d, bound) {
+                            let _ = closed.await;
+                        }
+                        Ok(summary)
+                    }
+                }
+            }
+        };
+        self.config_status.last_reload = Some(at);
+        match outcome {
+            Ok(summary) => {
+                self.config_status.revision += 1;
+                self.config_status.loaded_at = at;
+                self.config_status.last_error = None;
+                self.metrics.config_reloads_ok.inc();
+                info!(revision = self.config_status.revision, "configuration reloaded: {summary}");
+            }
+            Err(e) => {
+                self.config_status.last_error = Some(e.clone());
+                self.metrics.config_reloads_error.inc();
+                error!("configuration reload refused, the running configuration is unchanged: {e}");
+            }
+        }
+        self.publish();
+        sysd::ready();
+        sysd::status(&self.summary());
+    }
+
+    /// Binds the addresses of `new` that no running listener holds yet: the only step of a
+    /// reload that can fail, so it runs before anything changes.
+    fn bind_new(&self, new: &Config) -> Result<HashMap<SocketAddr, Arc<TcpListener>>, AppError> {
+        let mut bound = HashMap::new();
+        for l in &new.listeners {
+            if let Some(sock) = self.socket_for(l.bind) {
+                bound.insert(l.bind, sock);
+                continue;
+            }
+            let sock = listener::bind(l.bind, l.backlog)
+                .and_then(TcpListener::from_std)
+                .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
+            bound.insert(l.bind, Arc::new(sock));
+        }
+        if let Some(addr) = new.admin {
+            if self.admin.as_ref().map(|a| a.0) != Some(addr) {
+                // Checked here, bound for real in `apply` (a std socket cannot wait in `bound`).
+                let probe = listener::bind(addr, 128).map_err(|source| AppError::AdminBind { addr, source })?;
+                drop(probe);
+            }
+        }
+        Ok(bound)
+    }
+
+    /// The socket of a running listener bound to `addr`, if any.
+    fn socket_for(&self, addr: SocketAddr) -> Option<Arc<TcpListener>> {
+        self.listeners.values().find(|p| p.cfg.bind == addr).map(|p| p.sock.clone())
+    }
+
+    /// Applies `d` (which turns the running configuration into `new`); every socket `new`
+    /// needs is in `bound`.
+    /// Returns, for each listener that stops accepting, a receiver that resolves once it has.
+    fn apply(
+        &mut self,
+        new: Config,
+        d: ConfigDiff,
+        mut bound: HashMap<SocketAddr, Arc<TcpListener>>,
+    ) -> Vec<oneshot::Receiver<()>> {
+        // Clusters first: listeners that move follow the new ones.
+        for c in &d.clusters.added {
+            self.start_cluster(c.clone());
+        }
+        for (_, c) in &d.clusters.changed {
+            self.restart_cluster(c.clone());
+        }
+        // Listeners whose settings changed in place keep their socket, pool and sessions.
+        for (old, cfg) in &d.listeners.changed {
+            self.reconfigure_listener(old, cfg.clone());
+        }
+        // Removed and rebound listeners stop accepting; their sessions finish on their own.
+        let reused: Vec<SocketAddr> = new.listeners.iter().map(|l| l.bind).collect();
+        let mut closing = Vec::new();
+        for old in d.rebound.iter().map(|(o, _)| o).chain(&d.listeners.removed) {
+            closing.extend(self.retire_listener(&old.name, reused.contains(&old.bind)));
+        }
+        for cfg in d.listeners.added.iter().chain(d.rebound.iter().map(|(_, n)| n)) {
+            match bound.remove(&cfg.bind) {
+                Some(sock) => self.start_listener(cfg.clone(), sock),
+                None => error!(listener = %cfg.name, bind = %cfg.bind, "no socket was bound for this listener"),
+            }
+        }
+        for c in &d.clusters.removed {
+            if let Some(part) = self.clusters.remove(&c.name) {
+                part.stop.cancel();
+                info!(cluster = %c.name, "cluster removed: discovery stopped");
+            }
+        }
+        // VIPs: a changed one restarts (an election that moves is announced as a clean hand-over).
+        for v in &d.vips.removed {
+            self.stop_vip(&v.name);
+        }
+        for (old, v) in &d.vips.changed {
+            self.stop_vip(&old.name);
+            self.start_vip(v.clone(), &new);
+        }
+        for v in &d.vips.added {
+            self.start_vip(v.clone(), &new);
+        }
+        if let Some(addr) = d.admin.filter(|a| *a != self.admin.as_ref().map(|a| a.0)) {
+            if let Some((_, stop)) = self.admin.take() {
+                stop.cancel();
+            }
+            if let Some(addr) = addr {
+                match listener::bind(addr, 128) {
+                    Ok(sock) => self.start_admin(addr, sock),
+                    Err(e) => error!(%addr, error = %e, "admin endpoint: cannot listen"),
+                }
+            }
+        }
+        self.config = Arc::new(new);
+        self.publish();
+        closing
+    }
+
+    /// Rebuilds what the admin endpoint reads.
+    fn publish(&self) {
+        let mut listeners: Vec<(Arc<ListenerConfig>, Arc<Pool>)> =
+            self.listeners.values().map(|p| (p.cfg.clone(), p.pool.clone())).collect();
+        let order = |name: &str| self.config.listeners.iter().position(|l| l.name == name);
+        listeners.sort_by_key(|(c, _)| order(&c.name));
+        let corder = |name: &str| self.config.clusters.iter().position(|c| c.name == name);
+        let mut clusters: Vec<ClusterHandle> = self.clusters.values().map(|c| c.handle.clone()).collect();
+        clusters.sort_by_key(|c| corder(&c.cfg.name));
+        let vorder = |name: &str| self.config.vips.iter().position(|v| v.name == name);
+        let mut vips: Vec<(Arc<VipConfig>, vip::driver::SharedVipStatus)> =
+            self.vips.values().map(|v| (v.cfg.clone(), v.status.clone())).collect();
+        vips.sort_by_key(|(c, _)| vorder(&c.name));
+        let vips: Vec<_> = vips.into_iter().map(|(_, s)| s).collect();
+        if let Ok(mut l) = self.vip_statuses.lock() {
+            *l = vips.clone();
+        }
+        self.shared.store(Arc::new(Shared {
+            metrics: self.metrics.clone(),
+            clusters,
+            listeners,
+            vips,
+            config: self.config_status.clone(),
+        }));
+    }
+
+    fn start_cluster(&mut self, cfg: Arc<ClusterConfig>) {
+        let stop = CancellationToken::new();
+        let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), None);
+        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+    }
+
+    /// New endpoints, credentials or scope: a new discovery task that starts from the last
+    /// known topology and publishes into the same channel, so listeners never see a gap.
+    fn restart_cluster(&mut self, cfg: Arc<ClusterConfig>) {
+        let Some(old) = self.clusters.remove(&cfg.name) else {
+            return self.start_cluster(cfg);
+        };
+        old.stop.cancel();
+        let stop = CancellationToken::new();
+        let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), Some(&old.handle));
+        info!(cluster = %cfg.name, "cluster changed: discovery restarted from the last known topology");
+        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+    }
+
+    fn view(&self, cluster: &str) -> watch::Receiver<Arc<ClusterView>> {
+        match self.clusters.get(cluster) {
+            Some(c) => c.handle.view.clone(),
+            // Validation guarantees the cluster exists; an empty view routes nothing.
+            None => watch::channel(Arc::new(ClusterView::default())).1,
+        }
+    }
+
+    fn start_listener(&mut self, cfg: Arc<ListenerConfig>, sock: Arc<TcpListener>) {
+        let pool = Pool::new(&cfg, self.metrics.listener(&cfg.name));
+        let kill = self.kill.child_token();
+        let ctx = Arc::new(ArcSwap::from_pointee(SessionCtx {
+            cfg: cfg.clone(),
+            pool: pool.clone(),
+            stop: self.stop.clone(),
+            kill: kill.clone(),
+        }));
+        let sem = Arc::new(Semaphore::new(cfg.maxconn as usize));
+        let follow_stop = CancellationToken::new();
+        tokio::spawn(follow(cfg.clone(), pool.clone(), self.view(&cfg.cluster), follow_stop.clone()));
+        let accept_stop = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let accept =
+            tokio::spawn(listener::run(sock.clone(), ctx.clone(), sem.clone(), accept_stop.clone(), sessions.clone()));
+        self.listeners.insert(
+            cfg.name.clone(),
+            ListenerPart { cfg, sock, ctx, pool, sem, accept_stop, accept, follow_stop, kill, sessions },
+        );
+    }
+
+    /// Same socket, new settings: new connections get them; open sessions and queued clients
+    /// keep their place.
+    fn reconfigure_listener(&mut self, old: &ListenerConfig, cfg: Arc<ListenerConfig>) {
+        let view = self.view(&cfg.cluster);
+        let Some(p) = self.listeners.get_mut(&cfg.name) else { return };
+        p.pool.reconfigure(&cfg);
+        if cfg.maxconn > old.maxconn {
+            p.sem.add_permits((cfg.maxconn - old.maxconn) as usize);
+        } else if cfg.maxconn < old.maxconn {
+            // Permits held by open connections are forgotten as they come back.
+            let (sem, n) = (p.sem.clone(), old.maxconn - cfg.maxconn);
+            tokio::spawn(async move {
+                if let Ok(permits) = sem.acquire_many_owned(n).await {
+                    permits.forget();
+                }
+            });
+        }
+        let routing_changed = (old.cluster.as_str(), old.role, old.max_replica_lag, old.drain_grace)
+            != (cfg.cluster.as_str(), cfg.role, cfg.max_replica_lag, cfg.drain_grace);
+        if routing_changed {
+            p.follow_stop.cancel();
+            p.follow_stop = CancellationToken::new();
+            tokio::spawn(follow(cfg.clone(), p.pool.clone(), view, p.follow_stop.clone()));
+        }
+        let ctx = p.ctx.load();
+        p.ctx.store(Arc::new(SessionCtx {
+            cfg: cfg.clone(),
+            pool: ctx.pool.clone(),
+            stop: ctx.stop.clone(),
+            kill: ctx.kill.clone(),
+        }));
+        p.cfg = cfg;
+    }
+
+    /// Stops accepting on a listener; takes what waits in its backlog unless another listener
+    /// keeps the socket; lets its sessions finish within `DRAIN_DEADLINE`.
+    fn retire_listener(&mut self, name: &str, socket_kept: bool) -> Option<oneshot::Receiver<()>> {
+        let p = self.listeners.remove(name)?;
+        p.accept_stop.cancel();
+        let (closed_tx, closed) = oneshot::channel();
+        let name = name.to_owned();
+        let entry = (name.clone(), p.sessions.clone());
+        let task = tokio::spawn(async move {
+            let _ = p.accept.await;
+            if !socket_kept {
+                let taken = listener::drain_backlog(&p.sock, &p.ctx, &p.sessions);
+                info!(listener = %name, taken, open = p.sessions.len(), "listener removed: stopped accepting");
+            }
+            drop(p.sock);
+            let _ = closed_tx.send(());
+            p.sessions.close();
+            if tokio::time::timeout(DRAIN_DEADLINE, p.sessions.wait()).await.is_err() {
+                warn!(listener = %name, open = p.sessions.len(), "removed listener: closing sessions after {DRAIN_DEADLINE:?}");
+                p.kill.cancel();
+                p.sessions.wait().await;
+            }
+            p.follow_stop.cancel();
+        });
+        self.retiring.push((entry.0, entry.1, task));
+        self.retiring.retain(|(_, _, t)| !t.is_finished());
+        Some(closed)
+    }
+
+    fn start_vip(&mut self, v: Arc<VipConfig>, config: &Config) {
+        let status = vip::driver::initial_status(&v);
+        let stop = CancellationToken::new();
+        let fit = self.fitness();
         let etcd = match &v.election {
             crate::config::Election::Etcd { cluster, .. } => {
                 config.clusters.iter().find(|c| &c.name == cluster).cloned()
             }
             crate::config::Election::Vrrp => None,
         };
-        vip_tasks.push(tokio::spawn(async move {
+        let (cfg, st, s) = (v.clone(), status.clone(), stop.clone());
+        let task = tokio::spawn(async move {
             let r = match etcd {
-                Some(etcd) => vip::lease::run(v.clone(), etcd, st, fit, stop).await,
-                None => vip::driver::run(v.clone(), st, fit, stop).await,
+                Some(etcd) => vip::lease::run(cfg.clone(), etcd, st, fit, s).await,
+                None => vip::driver::run(cfg.clone(), st, fit, s).await,
             };
             if let Err(e) = r {
-                error!("{e}; this host will not hold {}", v.addr);
+                error!("{e}; this host will not hold {}", cfg.addr);
             }
-        }));
+        });
+        self.vips.insert(v.name.clone(), VipPart { cfg: v, status, stop, task });
     }
-    let shared = Arc::new(Shared {
-        metrics,
-        clusters: config.clusters.iter().map(|c| clusters[&c.name].clone()).collect(),
-        listeners: pools,
-        vips: vip_status,
-    });
-    if let Some(sock) = admin_sock {
-        tokio::spawn(admin::serve(sock, shared.clone(), stop.clone()));
-    }
-    info!(listeners = config.listeners.len(), clusters = config.clusters.len(), "pgfront proxy started");
 
-    let graceful = loop {
-        tokio::select! {
-            _ = term.recv() => break true,
-            _ = int.recv() => break false,
-            _ = hup.recv() => {
-                warn!("SIGHUP: live reload is not implemented in this version; the running configuration is unchanged (restart to apply changes)");
-            }
+    fn stop_vip(&mut self, name: &str) {
+        if let Some(v) = self.vips.remove(name) {
+            v.stop.cancel();
+            info!(vip = %name, "VIP removed or changed: released");
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), v.task).await;
+            });
         }
-    };
-    info!(graceful, open = tracker.len(), "stopping");
-    vip_stop.cancel();
-    for t in vip_tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
-    stop.cancel();
-    tracker.close();
-    if graceful && tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        warn!(open = tracker.len(), "sessions still open after {SHUTDOWN_GRACE:?}: closing them");
+
+    /// The proxy is fit to hold a VIP while every cluster behind a primary listener has etcd
+    /// reachable and a routable primary. Reads the live parts, so it follows reloads.
+    fn fitness(&self) -> vip::driver::Fitness {
+        let shared = self.shared.clone();
+        Arc::new(move || {
+            let s = shared.load();
+            s.listeners.iter().filter(|(l, _)| l.role == Role::Primary).all(|(l, _)| {
+                s.clusters.iter().find(|c| c.cfg.name == l.cluster).is_some_and(|c| {
+                    c.health.etcd_up.load(std::sync::atomic::Ordering::Relaxed) && c.view.borrow().primary().is_some()
+                })
+            })
+        })
     }
-    kill.cancel();
-    if tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await.is_err() {
-        error!(open = tracker.len(), "sessions did not close");
+
+    async fn shutdown(mut self, graceful: bool) {
+        sysd::stopping();
+        let open: usize = self.listeners.values().map(|p| p.sessions.len()).sum();
+        info!(graceful, open, "stopping");
+        // VIPs first, so the backup takes over while this host still drains its sessions.
+        let vips: Vec<VipPart> = self.vips.drain().map(|(_, v)| v).collect();
+        for v in &vips {
+            v.stop.cancel();
+        }
+        for v in vips {
+            let _ = tokio::time::timeout(Duration::from_secs(2), v.task).await;
+        }
+        self.stop.cancel();
+        let mut trackers: Vec<TaskTracker> = self.retiring.iter().map(|(_, t, _)| t.clone()).collect();
+        for p in self.listeners.values() {
+            p.accept_stop.cancel();
+            p.sessions.close();
+            trackers.push(p.sessions.clone());
+        }
+        let all = async {
+            for t in &trackers {
+                t.wait().await;
+            }
+        };
+        if graceful && tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+            let open: usize = trackers.iter().map(|t| t.len()).sum();
+            warn!(open, "sessions still open after {SHUTDOWN_GRACE:?}: closing them");
+        }
+        self.kill.cancel();
+        let all = async {
+            for t in &trackers {
+                t.wait().await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(2), all).await.is_err() {
+            error!("sessions did not close");
+        }
+        for c in self.clusters.values() {
+            c.stop.cancel();
+        }
+        if let Some((_, stop)) = &self.admin {
+            stop.cancel();
+        }
+        info!("stopped");
     }
-    info!("stopped");
-    Ok(())
 }
 
-/// The proxy is fit to hold a VIP while every cluster behind a primary listener has etcd
-/// reachable and a routable primary.
-fn fitness(config: &Config, clusters: &HashMap<String, ClusterHandle>) -> vip::driver::Fitness {
-    let watched: Vec<ClusterHandle> = config
-        .listeners
-        .iter()
-        .filter(|l| l.role == crate::config::Role::Primary)
-        .filter_map(|l| clusters.get(&l.cluster).cloned())
-        .collect();
-    Arc::new(move || {
-        watched
-            .iter()
-            .all(|c| c.health.etcd_up.load(std::sync::atomic::Ordering::Relaxed) && c.view.borrow().primary().is_some())
-    })
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Applies every new view of the cluster to one listener's pool, as soon as it arrives.

@@ -17,7 +17,6 @@ pub mod discovery;
 #[allow(dead_code)]
 pub(crate) mod handover;
 pub mod proxy;
-#[allow(dead_code)] // Not wired into `app` yet, as `handover`.
 pub(crate) mod sysd;
 pub mod topology;
 pub mod vip;

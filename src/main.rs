@@ -100,7 +100,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(pgfront::app::run(cfg)) {
+            match rt.block_on(pgfront::app::run_with_signals(config, cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

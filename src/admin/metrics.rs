@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use std::sync::{Arc, Mutex};
+
 use crate::topology::Backend;
 use crate::vip::driver::{SharedVipStatus, VipStatus};
 use crate::vip::fsm::State;
@@ -65,6 +67,16 @@ pub struct Metrics {
     etcd_up: Family<ClusterLabels, Gauge>,
     etcd_errors: Family<ClusterLabels, Counter>,
     key_errors: Family<ClusterLabels, Counter>,
+    config_reloads: Family<ReloadLabels, Counter>,
+    /// `pgfront_config_reloads_total{result="ok"}`.
+    pub config_reloads_ok: Counter,
+    /// `pgfront_config_reloads_total{result="error"}`.
+    pub config_reloads_error: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
 }
 
 impl Default for Metrics {
@@ -93,7 +105,12 @@ impl Metrics {
             etcd_up: Family::default(),
             etcd_errors: Family::default(),
             key_errors: Family::default(),
+            config_reloads: Family::default(),
+            config_reloads_ok: Counter::default(),
+            config_reloads_error: Counter::default(),
         };
+        m.config_reloads_ok = m.config_reloads.get_or_create(&ReloadLabels { result: "ok" }).clone();
+        m.config_reloads_error = m.config_reloads.get_or_create(&ReloadLabels { result: "error" }).clone();
         let r = &mut m.registry;
         r.register("pgfront_listener_connections", "Client connections accepted", m.accepted.clone());
         r.register("pgfront_listener_active_connections", "Client connections open", m.active.clone());
@@ -131,14 +148,18 @@ impl Metrics {
         r.register("pgfront_etcd_up", "1 while etcd answers for this cluster", m.etcd_up.clone());
         r.register("pgfront_etcd_errors", "etcd requests or watches that failed", m.etcd_errors.clone());
         r.register("pgfront_etcd_key_errors", "Patroni keys that could not be parsed", m.key_errors.clone());
+        r.register(
+            "pgfront_config_reloads",
+            "Configuration reloads (SIGHUP): ok, or error (the running configuration was kept)",
+            m.config_reloads.clone(),
+        );
         m
     }
 
-    /// Exposes the state of the VIPs, read from their shared status at each scrape.
-    pub fn register_vips(&mut self, vips: Vec<SharedVipStatus>) {
-        if !vips.is_empty() {
-            self.registry.register_collector(Box::new(VipCollector(vips)));
-        }
+    /// Exposes the state of the VIPs, read from their shared status at each scrape. The list
+    /// follows reloads: the supervisor replaces its content.
+    pub fn register_vips(&mut self, vips: Arc<Mutex<Vec<SharedVipStatus>>>) {
+        self.registry.register_collector(Box::new(VipCollector(vips)));
     }
 
     pub fn encode(&self) -> String {
@@ -224,11 +245,15 @@ struct VipLabels {
 
 /// `pgfront_vip_*`: one sample per VIP, read from the drivers' shared status.
 #[derive(Debug)]
-struct VipCollector(Vec<SharedVipStatus>);
+struct VipCollector(Arc<Mutex<Vec<SharedVipStatus>>>);
 
 impl Collector for VipCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snaps: Vec<VipStatus> = self.0.iter().filter_map(|s| s.lock().ok().map(|s| s.clone())).collect();
+        let list: Vec<SharedVipStatus> = self.0.lock().map(|l| l.clone()).unwrap_or_default();
+        if list.is_empty() {
+            return Ok(());
+        }
+        let snaps: Vec<VipStatus> = list.iter().filter_map(|s| s.lock().ok().map(|s| s.clone())).collect();
         let labels = |v: &VipStatus| VipLabels { vip: v.name.clone(), address: v.address.clone() };
         type Get = fn(&VipStatus) -> u64;
         let gauges: [(&str, &str, Get); 2] = [

@@ -25,14 +25,41 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::app::Shared;
-use crate::balancer::pool::PoolStatus;
+use arc_swap::ArcSwap;
+
+use crate::balancer::pool::{Pool, PoolStatus};
+use crate::config::ListenerConfig;
+use crate::discovery::ClusterHandle;
 use crate::config::{Balance, Role};
 use crate::topology::{MemberRole, PrimaryStatus};
+
+/// What the admin endpoint reads: the supervisor replaces it whole at every start and reload.
+pub struct Shared {
+    pub metrics: Arc<metrics::Metrics>,
+    pub clusters: Vec<ClusterHandle>,
+    pub listeners: Vec<(Arc<ListenerConfig>, Arc<Pool>)>,
+    pub vips: Vec<crate::vip::driver::SharedVipStatus>,
+    pub config: ConfigStatus,
+}
+
+/// The running configuration: which file, which revision (1 at start, +1 per applied reload),
+/// and how the last reload went.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigStatus {
+    pub path: String,
+    pub revision: u64,
+    /// When the running configuration was loaded (Unix seconds).
+    pub loaded_at: u64,
+    /// When the last reload was attempted (Unix seconds), applied or not.
+    pub last_reload: Option<u64>,
+    /// Why the last reload was refused; `None` once a reload succeeds.
+    pub last_error: Option<String>,
+}
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub version: &'static str,
+    pub config: ConfigStatus,
     pub clusters: Vec<ClusterStatus>,
     pub listeners: Vec<ListenerStatus>,
     pub vips: Vec<crate::vip::driver::VipStatus>,
@@ -120,11 +147,11 @@ pub fn status(shared: &Shared) -> Status {
         })
         .collect();
     let vips = shared.vips.iter().filter_map(|v| v.lock().ok().map(|s| s.clone())).collect();
-    Status { version: env!("CARGO_PKG_VERSION"), clusters, listeners, vips }
+    Status { version: env!("CARGO_PKG_VERSION"), config: shared.config.clone(), clusters, listeners, vips }
 }
 
 /// Serves the admin routes until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, shared: Arc<ArcSwap<Shared>>, stop: CancellationToken) {
     info!(addr = ?listener.local_addr().ok(), "admin endpoint listening");
     loop {
         let (sock, _) = tokio::select! {
@@ -142,7 +169,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req)) }
+                async move { Ok::<_, Infallible>(route(&shared.load(), req)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), svc).await {
                 debug!(error = %e, "admin connection");
@@ -199,6 +226,11 @@ fn page(s: &Status) -> String {
          td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.ok{color:#070}.bad{color:#b00}</style></head><body>",
     );
     let _ = write!(h, "<h1>pgfront {}</h1>", s.version);
+    let _ = write!(h, "<p>configuration {} &middot; revision {}", esc(&s.config.path), s.config.revision);
+    if let Some(e) = &s.config.last_error {
+        let _ = write!(h, " &middot; <b class=bad>last reload refused: {}</b>", esc(e));
+    }
+    h.push_str("</p>");
     for c in &s.clusters {
         let cls = if c.primary.is_some() { "ok" } else { "bad" };
         let _ = write!(

@@ -188,6 +188,12 @@ pub struct ListenerConfig {
 }
 
 impl Config {
+    /// Nothing at all: what the supervisor runs before the first configuration is applied, so
+    /// that start-up is a reload from nothing.
+    pub fn empty() -> Config {
+        Config { admin: None, clusters: Vec::new(), listeners: Vec::new(), vips: Vec::new() }
+    }
+
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =

@@ -103,20 +103,41 @@ pub struct ClusterHandle {
     pub cfg: Arc<ClusterConfig>,
     pub view: watch::Receiver<Arc<ClusterView>>,
     pub health: Arc<ClusterHealth>,
+    /// Kept so that a replacing discovery (reload) publishes into the same channel.
+    tx: watch::Sender<Arc<ClusterView>>,
 }
 
 /// Starts discovery of one cluster; stops when `stop` is cancelled.
-pub fn spawn(cfg: Arc<ClusterConfig>, metrics: ClusterMetrics, stop: CancellationToken) -> ClusterHandle {
-    let (tx, rx) = watch::channel(Arc::new(ClusterView::default()));
-    let health = Arc::new(ClusterHealth::default());
+///
+/// `previous`: the handle of the discovery this one replaces (a reload changed the cluster's
+/// endpoints, credentials or scope; the caller has stopped it). The new task publishes into
+/// the same channel and starts from the last view published there, so listeners keep routing
+/// on the last known topology until the new source has answered.
+pub fn spawn(
+    cfg: Arc<ClusterConfig>,
+    metrics: ClusterMetrics,
+    stop: CancellationToken,
+    previous: Option<&ClusterHandle>,
+) -> ClusterHandle {
+    let (tx, rx, health) = match previous {
+        Some(p) => (p.tx.clone(), p.view.clone(), p.health.clone()),
+        None => {
+            let (tx, rx) = watch::channel(Arc::new(ClusterView::default()));
+            (tx, rx, Arc::new(ClusterHealth::default()))
+        }
+    };
     let (src_tx, src_rx) = mpsc::channel(64);
     match cfg.api {
         EtcdApi::V3 => tokio::spawn(etcd3::run(cfg.clone(), src_tx, stop.clone())),
         EtcdApi::V2 => tokio::spawn(etcd2::run(cfg.clone(), src_tx, stop.clone())),
     };
-    let task = ClusterTask::new(cfg.clone(), tx, metrics, health.clone());
+    let mut task = ClusterTask::new(cfg.clone(), tx.clone(), metrics, health.clone());
+    if previous.is_some() {
+        let last = rx.borrow().clone();
+        task.seed(&last);
+    }
     tokio::spawn(task.run(src_rx, stop));
-    ClusterHandle { cfg, view: rx, health }
+    ClusterHandle { cfg, view: rx, health, tx }
 }
 
 struct ClusterTask {
@@ -160,6 +181,14 @@ impl ClusterTask {
             paused_since: None,
             seen_keys: false,
         }
+    }
+
+    /// Starts from what the discovery this task replaces last published.
+    fn seed(&mut self, last: &ClusterView) {
+        self.state = last.state.clone();
+        self.confirmed = last.confirmed.clone();
+        self.routed = last.primary().map(|m| m.name.clone());
+        self.seen_keys = true;
     }
 
     async fn run(mut self, mut src: mpsc::Receiver<SourceEvent>, stop: CancellationToken) {
