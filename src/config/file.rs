@@ -13,6 +13,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::secret::Secret;
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,7 +43,7 @@ pub struct FileVip {
     pub advert_interval: Option<HumanDuration>,
     pub preempt: Option<bool>,
     pub preempt_delay: Option<HumanDuration>,
-    pub auth_pass: Option<String>,
+    pub auth_pass: Option<Secret>,
     #[serde(default)]
     pub unicast_peers: Vec<std::net::IpAddr>,
     pub garp_count: Option<u32>,
@@ -79,7 +81,7 @@ pub struct FileCluster {
     pub etcd_endpoints: Vec<String>,
     pub etcd_api: Option<FileEtcdApi>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
@@ -88,7 +90,7 @@ pub struct FileCluster {
     pub resync_interval: Option<HumanDuration>,
     pub confirm_interval: Option<HumanDuration>,
     pub check_user: Option<String>,
-    pub check_password: Option<String>,
+    pub check_password: Option<Secret>,
     pub check_password_file: Option<PathBuf>,
     pub check_database: Option<String>,
 }

@@ -44,7 +44,7 @@ struct Reply {
 
 pub async fn run(cfg: Arc<ClusterConfig>, tx: mpsc::Sender<SourceEvent>, stop: CancellationToken) {
     let client = http::client();
-    let auth = cfg.credentials.as_ref().map(|c| http::basic_auth(&c.username, &c.password));
+    let auth = cfg.credentials.as_ref().map(|c| http::basic_auth(&c.username, c.password.expose()));
     // Each new session tries the next endpoint.
     super::supervise(tx.clone(), stop, |attempt| {
         let base = cfg.endpoints[attempt % cfg.endpoints.len()].trim_end_matches('/').to_owned();
