@@ -137,9 +137,15 @@ pub enum FileBalance {
     Roundrobin,
 }
 
-/// A duration written the human way: `"3s"`, `"250ms"`, `"1m 30s"`, or `"0s"`.
+/// A duration written the human way: `"3s"`, `"250ms"`, `"1m 30s"`, or `"0s"`; at most
+/// [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
+
+/// The longest duration a setting accepts. Timers add durations to `Instant`s, which panics on
+/// overflow: `queue_timeout = "500000000000y"` (humantime accepts up to 2^64 s) would take
+/// down every client task. A year is longer than any sane timeout or grace.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -150,9 +156,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 f.write_str(r#"a duration such as "3s", "250ms" or "1m""#)
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<HumanDuration, E> {
-                humantime::parse_duration(s)
-                    .map(HumanDuration)
-                    .map_err(|e| E::custom(format!("invalid duration {s:?}: {e} (write e.g. \"3s\", \"250ms\")")))
+                let d = humantime::parse_duration(s)
+                    .map_err(|e| E::custom(format!("invalid duration {s:?}: {e} (write e.g. \"3s\", \"250ms\")")))?;
+                if d > MAX_DURATION {
+                    return Err(E::custom(format!("duration {s:?} is longer than a year")));
+                }
+                Ok(HumanDuration(d))
             }
         }
         d.deserialize_str(V)

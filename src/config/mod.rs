@@ -701,4 +701,6 @@ fn valid_name(s: &str) -> bool {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
