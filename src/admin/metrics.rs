@@ -39,6 +39,11 @@ pub struct ClusterLabels {
     pub cluster: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminClosedLabels {
+    pub reason: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn wait_buckets() -> Histogram {
@@ -65,6 +70,8 @@ pub struct Metrics {
     etcd_up: Family<ClusterLabels, Gauge>,
     etcd_errors: Family<ClusterLabels, Counter>,
     key_errors: Family<ClusterLabels, Counter>,
+    admin_connections: Gauge,
+    admin_closed: Family<AdminClosedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -93,6 +100,8 @@ impl Metrics {
             etcd_up: Family::default(),
             etcd_errors: Family::default(),
             key_errors: Family::default(),
+            admin_connections: Gauge::default(),
+            admin_closed: Family::default(),
         };
         let r = &mut m.registry;
         r.register("pgfront_listener_connections", "Client connections accepted", m.accepted.clone());
@@ -131,6 +140,12 @@ impl Metrics {
         r.register("pgfront_etcd_up", "1 while etcd answers for this cluster", m.etcd_up.clone());
         r.register("pgfront_etcd_errors", "etcd requests or watches that failed", m.etcd_errors.clone());
         r.register("pgfront_etcd_key_errors", "Patroni keys that could not be parsed", m.key_errors.clone());
+        r.register("pgfront_admin_connections", "Admin HTTP connections open", m.admin_connections.clone());
+        r.register(
+            "pgfront_admin_closed_connections",
+            "Admin HTTP connections closed by pgfront (reason: peer_limit, header_timeout, lifetime, shutdown)",
+            m.admin_closed.clone(),
+        );
         m
     }
 
@@ -165,6 +180,17 @@ impl Metrics {
             bytes_from_clients: self.bytes_from_clients.get_or_create(&l).clone(),
             bytes_to_clients: self.bytes_to_clients.get_or_create(&l).clone(),
             servers: self.server_active.clone(),
+        }
+    }
+
+    pub fn admin(&self) -> AdminMetrics {
+        let closed = |reason| self.admin_closed.get_or_create(&AdminClosedLabels { reason }).clone();
+        AdminMetrics {
+            connections: self.admin_connections.clone(),
+            closed_peer_limit: closed("peer_limit"),
+            closed_header_timeout: closed("header_timeout"),
+            closed_lifetime: closed("lifetime"),
+            closed_shutdown: closed("shutdown"),
         }
     }
 
@@ -203,6 +229,16 @@ impl ListenerMetrics {
     pub fn server_active(&self, b: &Backend) -> Gauge {
         self.servers.get_or_create(&ServerLabels::of(&self.listener, b)).clone()
     }
+}
+
+/// Handles of the admin endpoint's own metrics: an attack on it shows here.
+#[derive(Clone)]
+pub struct AdminMetrics {
+    pub connections: Gauge,
+    pub closed_peer_limit: Counter,
+    pub closed_header_timeout: Counter,
+    pub closed_lifetime: Counter,
+    pub closed_shutdown: Counter,
 }
 
 /// Handles of one cluster's metrics.
