@@ -47,9 +47,11 @@ pub enum ConfigError {
     /// toml's own message already carries the line, column and a snippet.
     #[error("{path}: {source}")]
     Parse { path: PathBuf, source: Box<toml::de::Error> },
-    /// A parse error in a section that holds a password: toml's snippet would print the line,
+    /// A parse error near a password, or about an unknown key: toml's snippet would print the line,
     /// so only its position and message are kept (see `Secret`).
-    #[error("{path}: TOML parse error at line {line}, column {column} (line not shown: its section holds a secret)\n{message}")]
+    #[error(
+        "{path}: TOML parse error at line {line}, column {column} (line not shown: it may hold a secret)\n{message}"
+    )]
     ParseRedacted { path: PathBuf, line: usize, column: usize, message: String },
     #[error("{path}: {size} bytes or more: larger than any configuration ({limit} bytes at most)")]
     TooLarge { path: PathBuf, size: u64, limit: u64 },
@@ -234,7 +236,8 @@ fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Result<String, u64>>
 }
 
 /// Keys whose values are secrets, or may be (a misspelt `passwd` is still a password): a parse
-/// error in a section that mentions one is reported without toml's copy of the line.
+/// error in a section that mentions one, or about an unknown key, is reported without toml's
+/// copy of the line.
 const SECRET_KEY_MARKERS: [&str; 3] = ["pass", "secret", "token"];
 
 fn parse_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
@@ -247,7 +250,9 @@ fn parse_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
     let column = text[line_start..start].chars().count() + 1;
     // The section of the error: its line and every line up to the section's header.
     let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
-    let mut sensitive = false;
+    // An unknown key may be a password under a name of the user's own (`pwd = …`): its value
+    // is not shown either; the message names the key and the line.
+    let mut sensitive = e.message().starts_with("unknown field");
     for l in text[..line_end].rsplit('\n') {
         let lower = l.to_ascii_lowercase();
         if SECRET_KEY_MARKERS.iter().any(|m| lower.contains(m)) {

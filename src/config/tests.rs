@@ -199,6 +199,10 @@ fn config_errors_do_not_echo_secrets() {
         assert_no_secret("config error", &e.replace("4711", ""));
         assert!(!e.contains("4711"), "{e}");
     }
+    // A password under a key of the user's own, in a section without any other secret.
+    let e = parse(&MINIMAL.replace("scope = ", "pwd = \"etcdpw-Zq81\"\nscope = ")).unwrap_err().to_string();
+    assert!(e.contains("unknown field `pwd`") && e.contains("line 4"), "{e}");
+    assert_no_secret("config error", &e);
     // Outside a section with a secret, toml's snippet is kept: it helps.
     let e = parse(&MINIMAL.replace("bind = \"0.0.0.0:5432\"", "bind = 0.0.0.0:5432")).unwrap_err().to_string();
     assert!(e.contains("bind = 0.0.0.0:5432"), "{e}");
