@@ -156,15 +156,17 @@ fn status(admin: &str, json: bool) -> ExitCode {
         }
     };
     let url = format!("{}/status", admin.trim_end_matches('/'));
+    // Messages name the URL without any user:password@ in it.
+    let shown = pgfront::config::redact_userinfo(&url).into_owned();
     let client = pgfront::discovery::http::client();
     let body = match rt.block_on(pgfront::discovery::http::get(&client, &url, None, Duration::from_secs(5))) {
         Ok(r) if r.status == 200 => r.body,
         Ok(r) => {
-            eprintln!("{url}: HTTP {}", r.status);
+            eprintln!("{shown}: HTTP {}", r.status);
             return ExitCode::from(3);
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", e.to_string().replace(&url, &shown));
             return ExitCode::from(3);
         }
     };
@@ -175,7 +177,7 @@ fn status(admin: &str, json: bool) -> ExitCode {
     let v: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("{url}: {e}");
+            eprintln!("{shown}: {e}");
             return ExitCode::from(3);
         }
     };

@@ -68,3 +68,34 @@ fn bad_configs_name_the_line_and_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn output_shows_no_password() {
+    let with_pw = GOOD.replace("etcd_endpoints", "username = \"u\"\npassword = \"pw-Qx93\"\netcd_endpoints");
+    let (ok, out, err) = check(&with_pw);
+    assert!(ok, "{err}");
+    assert!(!out.contains("pw-Qx93") && !err.contains("pw-Qx93"), "{out}{err}");
+    for bad in [
+        with_pw.replace("\"pw-Qx93\"", "pw-Qx93"),
+        with_pw.replace("\"pw-Qx93\"", "\"pw-Qx93"),
+        with_pw.replace("http://127.0.0.1:2379", "http://u:pw-Qx93@127.0.0.1:2379"),
+    ] {
+        let (ok, out, err) = check(&bad);
+        assert!(!ok, "accepted:\n{bad}");
+        assert!(err.contains("FILE"), "{err}");
+        assert!(!out.contains("pw-Qx93") && !err.contains("pw-Qx93"), "{out}{err}");
+    }
+}
+
+#[test]
+fn status_errors_hide_the_admin_url_password() {
+    // Nothing listens on port 1 of loopback: the request fails and names the URL.
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfront"))
+        .args(["status", "--admin", "http://op:pw-Qx93@127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(!err.contains("pw-Qx93"), "{err}");
+}

@@ -41,6 +41,11 @@ pub struct ClusterLabels {
     pub cluster: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminClosedLabels {
+    pub reason: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn wait_buckets() -> Histogram {
@@ -72,6 +77,8 @@ pub struct Metrics {
     pub config_reloads_ok: Counter,
     /// `pgfront_config_reloads_total{result="error"}`.
     pub config_reloads_error: Counter,
+    admin_connections: Gauge,
+    admin_closed: Family<AdminClosedLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,6 +115,8 @@ impl Metrics {
             config_reloads: Family::default(),
             config_reloads_ok: Counter::default(),
             config_reloads_error: Counter::default(),
+            admin_connections: Gauge::default(),
+            admin_closed: Family::default(),
         };
         m.config_reloads_ok = m.config_reloads.get_or_create(&ReloadLabels { result: "ok" }).clone();
         m.config_reloads_error = m.config_reloads.get_or_create(&ReloadLabels { result: "error" }).clone();
@@ -153,6 +162,12 @@ impl Metrics {
             "Configuration reloads (SIGHUP): ok, or error (the running configuration was kept)",
             m.config_reloads.clone(),
         );
+        r.register("pgfront_admin_connections", "Admin HTTP connections open", m.admin_connections.clone());
+        r.register(
+            "pgfront_admin_closed_connections",
+            "Admin HTTP connections closed by pgfront (reason: peer_limit, header_timeout, lifetime, shutdown)",
+            m.admin_closed.clone(),
+        );
         m
     }
 
@@ -186,6 +201,17 @@ impl Metrics {
             bytes_from_clients: self.bytes_from_clients.get_or_create(&l).clone(),
             bytes_to_clients: self.bytes_to_clients.get_or_create(&l).clone(),
             servers: self.server_active.clone(),
+        }
+    }
+
+    pub fn admin(&self) -> AdminMetrics {
+        let closed = |reason| self.admin_closed.get_or_create(&AdminClosedLabels { reason }).clone();
+        AdminMetrics {
+            connections: self.admin_connections.clone(),
+            closed_peer_limit: closed("peer_limit"),
+            closed_header_timeout: closed("header_timeout"),
+            closed_lifetime: closed("lifetime"),
+            closed_shutdown: closed("shutdown"),
         }
     }
 
@@ -224,6 +250,16 @@ impl ListenerMetrics {
     pub fn server_active(&self, b: &Backend) -> Gauge {
         self.servers.get_or_create(&ServerLabels::of(&self.listener, b)).clone()
     }
+}
+
+/// Handles of the admin endpoint's own metrics: an attack on it shows here.
+#[derive(Clone)]
+pub struct AdminMetrics {
+    pub connections: Gauge,
+    pub closed_peer_limit: Counter,
+    pub closed_header_timeout: Counter,
+    pub closed_lifetime: Counter,
+    pub closed_shutdown: Counter,
 }
 
 /// Handles of one cluster's metrics.

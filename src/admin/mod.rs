@@ -6,24 +6,61 @@
 //! | `/status`  | JSON: clusters (leader, members, roles, lag), listeners (servers, connections, queue) |
 //! | `/health`  | 200 when every primary listener has a routable primary, else 503 with the reason |
 //! | `/`        | the same as `/status`, as an HTML page for humans |
+//!
+//! ## Limits (hostile or broken clients)
+//! Whatever a client of this port does, the endpoint holds at most
+//! [`DEFAULT_ADMIN_MAX_CONNECTIONS`] connections, each one a task of a `TaskTracker` that
+//! stops with the endpoint, and each one bounded:
+//! - a request's head must arrive within [`DEFAULT_ADMIN_HEADER_READ_TIMEOUT`] of the moment
+//!   the connection waits for it: this bounds a slowloris client *and* an idle keep-alive
+//!   connection (hyper restarts the timer when it waits for the next request);
+//! - a connection lives at most [`DEFAULT_ADMIN_CONNECTION_LIFETIME`], keep-alive or not; then,
+//!   as at shutdown, an answer in flight gets [`DEFAULT_ADMIN_CLOSE_GRACE`] to finish;
+//! - request heads are at most [`DEFAULT_ADMIN_MAX_HEADER_SIZE`] bytes and
+//!   [`DEFAULT_ADMIN_MAX_HEADERS`] headers (hyper answers 431 beyond), and the read buffer at
+//!   most [`DEFAULT_ADMIN_MAX_BUF_SIZE`]; request bodies are never read.
+//!
+//! The connection cap is a semaphore permit taken *before* `accept`, as on the proxy's
+//! listeners: over it, clients wait in the kernel's backlog (FIFO) and cost no task. A cap
+//! alone would let one slowloris client fill every slot and lock the operators out until its
+//! connections time out, so a second, lower cap applies per client address
+//! ([`DEFAULT_ADMIN_MAX_CONNECTIONS_PER_PEER`]): a connection over it is accepted, answered
+//! `503` and closed at once, which keeps the backlog moving and leaves room for the other
+//! addresses (Prometheus, an operator's browser, `pgfront status`). Against many addresses
+//! the endpoint queues fairly instead: the backlog is first come, first served and every
+//! slot frees itself within the header timeout, so a request waits at most about
+//! `(backlog ahead / cap) × header timeout`, and the endpoint recovers as soon as the flood stops.
+//! (Past the listen backlog the kernel drops SYNs and the clients retry them: still bounded,
+//! still no task.)
+//!
+//! Proxying is not delayed by this port: client sessions are accepted by other sockets and run
+//! on other tasks, and nothing here is awaited by them or holds a lock across an `.await`. A
+//! connection that sends nothing is an idle task plus hyper's read buffer, never woken until
+//! its timer fires; at most the cap of them exist. A request reads the pools' counters under
+//! their mutex only while copying them, as the data path itself does, and costs microseconds of
+//! the shared runtime's CPU; the cap bounds how many run at once, not their rate.
 
 pub mod metrics;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
 
 use arc_swap::ArcSwap;
 
@@ -32,6 +69,53 @@ use crate::config::ListenerConfig;
 use crate::discovery::ClusterHandle;
 use crate::config::{Balance, Role};
 use crate::topology::{MemberRole, PrimaryStatus};
+use metrics::AdminMetrics;
+
+/// Admin connections open at once; more wait in the kernel's backlog. A scrape or a status
+/// page needs one or a few; 64 leaves room for several tools and operators.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Admin connections open at once from one address: a browser opens up to 6, Prometheus 1.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// Time a client has to send a request's head, from connect or from the previous answer.
+/// Every legitimate client sends it in one packet.
+pub const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one admin connection, keep-alive included.
+pub const DEFAULT_ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Time an answer in flight gets to finish when the connection's life ends or at shutdown.
+pub const DEFAULT_ADMIN_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Request line and headers; hyper answers 431 beyond.
+pub const DEFAULT_ADMIN_MAX_HEADER_SIZE: usize = 8 << 10;
+pub const DEFAULT_ADMIN_MAX_HEADERS: usize = 64;
+/// Read buffer of one connection (hyper's minimum is 8 KiB).
+pub const DEFAULT_ADMIN_MAX_BUF_SIZE: usize = 16 << 10;
+
+/// The limits of `serve`, a struct so that tests can shrink them.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    pub header_read_timeout: Duration,
+    pub connection_lifetime: Duration,
+    pub close_grace: Duration,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub max_buf_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_ADMIN_MAX_CONNECTIONS_PER_PEER,
+            header_read_timeout: DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
+            connection_lifetime: DEFAULT_ADMIN_CONNECTION_LIFETIME,
+            close_grace: DEFAULT_ADMIN_CLOSE_GRACE,
+            max_header_size: DEFAULT_ADMIN_MAX_HEADER_SIZE,
+            max_headers: DEFAULT_ADMIN_MAX_HEADERS,
+            max_buf_size: DEFAULT_ADMIN_MAX_BUF_SIZE,
+        }
+    }
+}
 
 /// What the admin endpoint reads: the supervisor replaces it whole at every start and reload.
 pub struct Shared {
@@ -150,31 +234,153 @@ pub fn status(shared: &Shared) -> Status {
     Status { version: env!("CARGO_PKG_VERSION"), config: shared.config.clone(), clusters, listeners, vips }
 }
 
-/// Serves the admin routes until `stop` is cancelled.
+/// Serves the admin routes until `stop` is cancelled, within the limits of the module doc.
 pub async fn serve(listener: TcpListener, shared: Arc<ArcSwap<Shared>>, stop: CancellationToken) {
+    serve_with(listener, shared, stop, Limits::default(), TaskTracker::new()).await
+}
+
+/// `serve` with explicit limits; every connection is a task of `tracker`. Returns once the
+/// connections have closed (within `close_grace` of `stop`).
+pub(crate) async fn serve_with(
+    listener: TcpListener,
+    shared: Arc<ArcSwap<Shared>>,
+    stop: CancellationToken,
+    limits: Limits,
+    tracker: TaskTracker,
+) {
     info!(addr = ?listener.local_addr().ok(), "admin endpoint listening");
+    let limits = Arc::new(limits);
+    let metrics = shared.load().metrics.admin();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = Arc::new(Mutex::new(HashMap::new()));
     loop {
-        let (sock, _) = tokio::select! {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let (sock, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(a) => a,
                 Err(e) => {
-                    debug!(error = %e, "admin accept");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // Out of descriptors, or a connection reset while queued: pause rather
+                    // than spin; pending clients stay in the backlog.
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared.load(), req)) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(sock), svc).await {
-                debug!(error = %e, "admin connection");
+        let Some(slot) = Slot::take(&peers, peer.ip(), limits.max_connections_per_peer, permit, &metrics) else {
+            metrics.closed_peer_limit.inc();
+            debug!(%peer, "admin: too many connections from this address");
+            refuse(sock);
+            continue;
+        };
+        tracker.spawn(connection(sock, shared.clone(), limits.clone(), stop.clone(), metrics.clone(), slot));
+    }
+    tracker.close();
+    // Every connection task watches `stop` and ends within `close_grace`.
+    if tokio::time::timeout(limits.close_grace * 2, tracker.wait()).await.is_err() {
+        warn!(open = tracker.len(), "admin connections still open after shutdown");
+    }
+}
+
+/// One connection's share of the limits: the global permit and its address's count, both
+/// given back on drop.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Slot {
+    fn take(
+        peers: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        per_peer: usize,
+        permit: OwnedSemaphorePermit,
+        metrics: &AdminMetrics,
+    ) -> Option<Slot> {
+        let mut map = peers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= per_peer {
+            return None;
+        }
+        *n += 1;
+        metrics.connections.inc();
+        Some(Slot { _permit: permit, peers: peers.clone(), ip, open: metrics.connections.clone() })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+        let mut map = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
             }
-        });
+        }
+    }
+}
+
+/// Tells a client over its address's limit why, without waiting for it: the answer fits in
+/// the empty send buffer of a new socket, and a client that does not read it loses nothing.
+fn refuse(sock: TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n\
+        Connection: close\r\n\r\ntoo many admin connections from your address\r\n";
+    let _ = sock.try_write(BUSY);
+}
+
+async fn connection(
+    sock: TcpStream,
+    shared: Arc<ArcSwap<Shared>>,
+    limits: Arc<Limits>,
+    stop: CancellationToken,
+    metrics: AdminMetrics,
+    _slot: Slot,
+) {
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route(&shared.load(), req)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_size)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_buf_size.max(8 << 10))
+        .serve_connection(TokioIo::new(sock), svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = tokio::time::sleep(limits.connection_lifetime) => {
+            metrics.closed_lifetime.inc();
+            None
+        }
+        _ = stop.cancelled() => {
+            metrics.closed_shutdown.inc();
+            None
+        }
+    };
+    match ended {
+        Some(Ok(())) => {}
+        Some(Err(e)) if e.is_timeout() => {
+            metrics.closed_header_timeout.inc();
+            debug!("admin connection: no request within {:?}", limits.header_read_timeout);
+        }
+        Some(Err(e)) => debug!(error = %e, "admin connection"),
+        None => {
+            // Finish the answer in flight, if any, then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.close_grace, conn).await;
+        }
     }
 }
 
@@ -290,4 +496,396 @@ fn page(s: &Status) -> String {
     }
     h.push_str("</body></html>");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpSocket;
+    use tokio::task::JoinSet;
+    use tokio::time::{sleep, Instant};
+
+    use super::*;
+    use crate::admin::metrics::Metrics;
+
+    struct Server {
+        addr: SocketAddr,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+        shared: Arc<ArcSwap<Shared>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn start(limits: Limits, shared: Shared) -> Server {
+        // A backlog that holds every test client: with tokio's 128, the excess SYNs are
+        // dropped and retried a second later in real time, which paused time runs past.
+        let std = crate::proxy::listener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).unwrap();
+        let listener = TcpListener::from_std(std).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tracker, stop, shared) = (TaskTracker::new(), CancellationToken::new(), Arc::new(ArcSwap::from_pointee(shared)));
+        let task = tokio::spawn(serve_with(listener, shared.clone(), stop.clone(), limits, tracker.clone()));
+        Server { addr, tracker, stop, shared, task }
+    }
+
+    fn empty() -> Shared {
+        Shared { metrics: Arc::new(Metrics::new()), clusters: vec![], listeners: vec![], vips: vec![], config: config_status() }
+    }
+
+    fn config_status() -> ConfigStatus {
+        ConfigStatus { path: "test.toml".into(), revision: 1, loaded_at: 0, last_reload: None, last_error: None }
+    }
+
+    async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((src, 0))).unwrap();
+        s.connect(dst).await.unwrap()
+    }
+
+    /// A slowloris client: sends a request head one byte every 20 ms and never finishes it,
+    /// until the server closes the connection, counted in `closed`. Bounded: it gives up
+    /// (uncounted) after 5000 bytes.
+    async fn slowloris(src: Ipv4Addr, dst: SocketAddr, closed: Arc<AtomicUsize>) {
+        slowloris_counted(src, dst, closed, Arc::default()).await
+    }
+
+    /// `slowloris`, counting its connect in `connected`.
+    async fn slowloris_counted(src: Ipv4Addr, dst: SocketAddr, closed: Arc<AtomicUsize>, connected: Arc<AtomicUsize>) {
+        let mut s = connect_from(src, dst).await;
+        connected.fetch_add(1, Ordering::SeqCst);
+        let head = b"GET /health HTTP/1.1\r\nHost: pgfront\r\nX-Slow: ";
+        let mut buf = [0u8; 256];
+        let mut server_closed = false;
+        for i in 0..5000 {
+            tokio::select! {
+                r = s.read(&mut buf) => match r {
+                    Ok(n) if n > 0 => {} // a 503 or 408: the close follows
+                    _ => server_closed = true,
+                },
+                _ = sleep(Duration::from_millis(20)) => {
+                    server_closed = s.write_all(&[head.get(i).copied().unwrap_or(b'a')]).await.is_err();
+                }
+            }
+            if server_closed {
+                closed.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+
+    /// One request on a fresh connection from `src`: what came back, or `ERR …` on a reset.
+    async fn get(src: Ipv4Addr, dst: SocketAddr, path: &str) -> String {
+        let mut s = connect_from(src, dst).await;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: pgfront\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        match s.write_all(req.as_bytes()).await {
+            Ok(()) => match s.read_to_end(&mut out).await {
+                Ok(_) => String::from_utf8_lossy(&out).into_owned(),
+                Err(e) => format!("ERR {e}"),
+            },
+            Err(e) => format!("ERR {e}"),
+        }
+    }
+
+    /// Polls `cond` every 5 ms until it holds or `within` passes; records the largest number of
+    /// admin tasks seen meanwhile in `max_tasks`.
+    async fn wait_for(within: Duration, tracker: &TaskTracker, max_tasks: &mut usize, cond: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            *max_tasks = (*max_tasks).max(tracker.len());
+            if cond() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// With the default limits, in paused time (hyper's timer is tokio's, and loopback data is
+    /// in the peer's socket when `write` returns, so auto-advance does not outrun it): 300
+    /// slowloris connections from 30 addresses (under the per-address cap, so only the global
+    /// cap and the header timeout act) are all closed, and never more than the cap are served.
+    #[tokio::test(start_paused = true)]
+    async fn slowloris_connections_are_closed_and_tasks_stay_under_the_cap() {
+        const N: usize = 300;
+        let srv = start(Limits::default(), empty()).await;
+        let closed = Arc::new(AtomicUsize::new(0));
+        let mut clients = JoinSet::new();
+        for i in 0..N {
+            let src = Ipv4Addr::new(127, 0, 1, 1 + (i % 30) as u8);
+            clients.spawn(slowloris(src, srv.addr, closed.clone()));
+        }
+        let started = Instant::now();
+        let mut max_tasks = 0;
+        // Each connection is closed DEFAULT_ADMIN_HEADER_READ_TIMEOUT after its accept:
+        // ceil(300 / 64) = 5 rounds of 5 s.
+        let all_closed =
+            wait_for(Duration::from_secs(120), &srv.tracker, &mut max_tasks, || closed.load(Ordering::SeqCst) == N)
+                .await;
+        let took = started.elapsed();
+        assert!(max_tasks <= DEFAULT_ADMIN_MAX_CONNECTIONS, "{max_tasks} admin tasks alive at once");
+        assert!(max_tasks > 0);
+        assert!(all_closed, "only {} of {N} slowloris connections were closed", closed.load(Ordering::SeqCst));
+        let rounds = N.div_ceil(DEFAULT_ADMIN_MAX_CONNECTIONS) as u32;
+        assert!(took >= DEFAULT_ADMIN_HEADER_READ_TIMEOUT * rounds, "{took:?}: closed before their timeout");
+        assert_eq!(srv.shared.load().metrics.admin().closed_header_timeout.get(), N as u64);
+        assert_eq!(srv.shared.load().metrics.admin().closed_peer_limit.get(), 0);
+        eprintln!("{N} slowloris connections closed in {took:?} of virtual time, at most {max_tasks} tasks");
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+        assert_eq!(srv.tracker.len(), 0);
+    }
+
+    /// The same with a short timeout in real time, and the endpoint answering afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slowloris_from_one_address_recovers_in_real_time() {
+        const N: usize = 300;
+        const CAP: usize = 16;
+        let limits = Limits {
+            max_connections: CAP,
+            max_connections_per_peer: CAP,
+            header_read_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let srv = start(limits, empty()).await;
+        let closed = Arc::new(AtomicUsize::new(0));
+        let mut clients = JoinSet::new();
+        for _ in 0..N {
+            clients.spawn(slowloris(Ipv4Addr::LOCALHOST, srv.addr, closed.clone()));
+        }
+        let mut max_tasks = 0;
+        // 300 / 16 rounds of 200 ms ≈ 4 s.
+        let all_closed =
+            wait_for(Duration::from_secs(60), &srv.tracker, &mut max_tasks, || closed.load(Ordering::SeqCst) == N)
+                .await;
+        assert!(max_tasks <= CAP, "{max_tasks} admin tasks alive at once, cap {CAP}");
+        assert!(all_closed, "only {} of {N} slowloris connections were closed", closed.load(Ordering::SeqCst));
+        assert_eq!(srv.shared.load().metrics.admin().closed_header_timeout.get(), N as u64);
+        assert!(get(Ipv4Addr::LOCALHOST, srv.addr, "/health").await.starts_with("HTTP/1.1 200"));
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+        assert_eq!(srv.tracker.len(), 0);
+    }
+
+    /// The common slowloris comes from one address: it gets its per-address share and the
+    /// other addresses are answered at once, while its connections stay open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_is_answered_while_one_address_holds_slowloris_connections() {
+        const N: usize = 300;
+        const PER_PEER: usize = 8;
+        let limits = Limits {
+            max_connections: 16,
+            max_connections_per_peer: PER_PEER,
+            header_read_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let srv = start(limits, empty()).await;
+        let closed = Arc::new(AtomicUsize::new(0));
+        let mut clients = JoinSet::new();
+        for _ in 0..N {
+            clients.spawn(slowloris(Ipv4Addr::LOCALHOST, srv.addr, closed.clone()));
+        }
+        let mut max_tasks = 0;
+        let settled = wait_for(Duration::from_secs(30), &srv.tracker, &mut max_tasks, || {
+            closed.load(Ordering::SeqCst) == N - PER_PEER && srv.tracker.len() == PER_PEER
+        })
+        .await;
+        assert!(settled, "closed {}, open {}", closed.load(Ordering::SeqCst), srv.tracker.len());
+        let started = Instant::now();
+        let reply = get(Ipv4Addr::new(127, 0, 0, 2), srv.addr, "/health").await;
+        let waited = started.elapsed();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert_eq!(reply.rsplit("\r\n\r\n").next(), Some("ok\n"));
+        // The slowloris connections are still open: the answer did not wait for them.
+        assert_eq!(closed.load(Ordering::SeqCst), N - PER_PEER);
+        assert_eq!(srv.tracker.len(), PER_PEER);
+        assert!(max_tasks <= PER_PEER + 1, "{max_tasks}");
+        // The attacker's own address is refused: a 503 saying why, unless the request arrived
+        // after the close and the kernel answered it with a reset.
+        let refused = get(Ipv4Addr::LOCALHOST, srv.addr, "/health").await;
+        let told = refused.starts_with("HTTP/1.1 503") && refused.contains("too many admin connections");
+        assert!(told || refused.starts_with("ERR ") || refused.is_empty(), "{refused}");
+        let m = srv.shared.load().metrics.encode();
+        assert!(
+            m.contains(&format!(
+                "pgfront_admin_closed_connections_total{{reason=\"peer_limit\"}} {}",
+                N - PER_PEER + 1
+            )),
+            "{m}"
+        );
+        assert!(m.contains(&format!("pgfront_admin_connections {PER_PEER}")), "{m}");
+        eprintln!("/health from another address answered in {waited:?} with {PER_PEER} slowloris connections open");
+        // Shutdown closes the slowloris connections too.
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+        assert_eq!(srv.tracker.len(), 0);
+        assert!(
+            wait_for(Duration::from_secs(10), &srv.tracker, &mut max_tasks, || closed.load(Ordering::SeqCst) == N)
+                .await
+        );
+    }
+
+    /// Slowloris from many addresses fills the cap: a new request queues in the backlog, first
+    /// come first served, and is answered once the connections ahead of it time out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_is_answered_after_a_many_address_slowloris_times_out() {
+        const N: usize = 300;
+        const CAP: usize = 16;
+        let limits = Limits {
+            max_connections: CAP,
+            max_connections_per_peer: CAP,
+            header_read_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let srv = start(limits, empty()).await;
+        let (closed, connected) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut clients = JoinSet::new();
+        for i in 0..N {
+            let src = Ipv4Addr::new(127, 0, 1, 1 + (i % 30) as u8);
+            clients.spawn(slowloris_counted(src, srv.addr, closed.clone(), connected.clone()));
+        }
+        let mut max_tasks = 0;
+        let full = || srv.tracker.len() == CAP && connected.load(Ordering::SeqCst) == N;
+        assert!(wait_for(Duration::from_secs(10), &srv.tracker, &mut max_tasks, full).await);
+        let started = Instant::now();
+        let reply = get(Ipv4Addr::new(127, 0, 0, 2), srv.addr, "/health").await;
+        let waited = started.elapsed();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(max_tasks <= CAP);
+        // First come, first served: it was accepted after every connection ahead of it in the
+        // backlog (all N), of which at most CAP - 1 were still open.
+        let timed_out = srv.shared.load().metrics.admin().closed_header_timeout.get();
+        assert!(timed_out >= (N - CAP + 1) as u64, "{timed_out}");
+        eprintln!(
+            "/health queued behind {N} slowloris connections (cap {CAP}, header timeout 200ms) answered in {waited:?}; \
+             {} of them closed by then",
+            closed.load(Ordering::SeqCst)
+        );
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+    }
+
+    /// Reads one `/health` answer on a keep-alive connection; false when the server closed.
+    async fn read_answer(s: &mut TcpStream) -> bool {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"ok\n") {
+            match s.read(&mut buf).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Keep-alive is bounded twice: an idle connection by the header timeout, a busy one by the
+    /// connection lifetime.
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_is_bounded_by_the_header_timeout_and_the_lifetime() {
+        let srv = start(Limits::default(), empty()).await;
+        let request = b"GET /health HTTP/1.1\r\nHost: pgfront\r\n\r\n";
+        // Idle after one answer: closed DEFAULT_ADMIN_HEADER_READ_TIMEOUT later.
+        let mut s = connect_from(Ipv4Addr::LOCALHOST, srv.addr).await;
+        s.write_all(request).await.unwrap();
+        assert!(read_answer(&mut s).await);
+        let idle = Instant::now();
+        assert_eq!(s.read(&mut [0u8; 64]).await.unwrap_or(0), 0);
+        assert!(idle.elapsed() >= DEFAULT_ADMIN_HEADER_READ_TIMEOUT, "{:?}", idle.elapsed());
+        assert!(idle.elapsed() < DEFAULT_ADMIN_CONNECTION_LIFETIME, "{:?}", idle.elapsed());
+        // A request every second: closed at the end of its lifetime.
+        let mut s = connect_from(Ipv4Addr::LOCALHOST, srv.addr).await;
+        let born = Instant::now();
+        let mut answered = 0;
+        for _ in 0..1000 {
+            if s.write_all(request).await.is_err() || !read_answer(&mut s).await {
+                break;
+            }
+            answered += 1;
+            sleep(Duration::from_secs(1)).await;
+        }
+        let lived = born.elapsed();
+        assert!(lived >= DEFAULT_ADMIN_CONNECTION_LIFETIME, "{lived:?}");
+        assert!(lived < DEFAULT_ADMIN_CONNECTION_LIFETIME + Duration::from_secs(2), "{lived:?}");
+        assert!(answered >= 59, "{answered}");
+        let m = srv.shared.load().metrics.admin();
+        assert_eq!((m.closed_header_timeout.get(), m.closed_lifetime.get()), (1, 1));
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_request_heads_are_refused() {
+        let srv = start(Limits::default(), empty()).await;
+        let mut s = connect_from(Ipv4Addr::LOCALHOST, srv.addr).await;
+        let big = "a".repeat(DEFAULT_ADMIN_MAX_HEADER_SIZE);
+        let req = format!("GET /health HTTP/1.1\r\nHost: pgfront\r\nX-Big: {big}\r\n\r\n");
+        // The server may close before reading it all: the write can fail, the answer must not be 200.
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
+        let many: String = (0..DEFAULT_ADMIN_MAX_HEADERS + 1).map(|i| format!("X-H{i}: v\r\n")).collect();
+        let mut s = connect_from(Ipv4Addr::LOCALHOST, srv.addr).await;
+        s.write_all(format!("GET /health HTTP/1.1\r\nHost: pgfront\r\n{many}\r\n").as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 431"), "{out}");
+        assert!(get(Ipv4Addr::LOCALHOST, srv.addr, "/health").await.starts_with("HTTP/1.1 200"));
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+    }
+
+    /// `/status`, `/` and `/metrics` of a proxy whose configuration holds every kind of secret.
+    #[tokio::test]
+    async fn no_route_shows_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("check.pw");
+        std::fs::write(&pw, "checkpw-Ub52\n").unwrap();
+        let text = format!(
+            "[[cluster]]\nname = \"main\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:9\"]\n\
+             username = \"u\"\npassword = \"etcdpw-Zq81\"\ncheck_user = \"c\"\ncheck_password_file = {pw:?}\n\
+             [[listener]]\ncluster = \"main\"\nbind = \"127.0.0.1:0\"\n\
+             [[vip]]\nname = \"v\"\naddress = \"10.0.0.10/24\"\ninterface = \"eth0\"\nvrid = 51\nversion = 2\n\
+             auth_pass = \"vrrp-K7x\"\n"
+        );
+        let cfg = crate::config::Config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        let mut metrics = Metrics::new();
+        let vips: Vec<_> = cfg.vips.iter().map(|v| crate::vip::driver::initial_status(v)).collect();
+        metrics.register_vips(Arc::new(std::sync::Mutex::new(vips.clone())));
+        let cluster = cfg.clusters[0].clone();
+        let (tx, view) = tokio::sync::watch::channel(Arc::new(crate::topology::ClusterView::default()));
+        let health = Arc::new(crate::discovery::ClusterHealth::default());
+        // What discovery records when etcd refuses the credentials.
+        *health.last_error.lock().unwrap() = Some("etcd at http://127.0.0.1:9: authentication failed".into());
+        let listeners = cfg
+            .listeners
+            .iter()
+            .map(|l| (l.clone(), crate::balancer::pool::Pool::new(l, metrics.listener(&l.name))))
+            .collect();
+        let shared = Shared {
+            metrics: Arc::new(metrics),
+            clusters: vec![crate::discovery::ClusterHandle { cfg: cluster, view, health, tx }],
+            listeners,
+            vips,
+            config: config_status(),
+        };
+        let srv = start(Limits::default(), shared).await;
+        for path in ["/status", "/", "/metrics", "/health", "/nothing"] {
+            let body = get(Ipv4Addr::LOCALHOST, srv.addr, path).await;
+            assert!(body.starts_with("HTTP/1.1 "), "{path}: {body}");
+            for secret in ["etcdpw-Zq81", "checkpw-Ub52", "vrrp-K7x"] {
+                assert!(!body.contains(secret), "{path} shows {secret}:\n{body}");
+            }
+        }
+        let status = get(Ipv4Addr::LOCALHOST, srv.addr, "/status").await;
+        assert!(status.contains("\"scope\": \"s\"") && status.contains("authentication failed"), "{status}");
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+    }
 }

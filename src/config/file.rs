@@ -13,6 +13,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::secret::Secret;
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,7 +43,7 @@ pub struct FileVip {
     pub advert_interval: Option<HumanDuration>,
     pub preempt: Option<bool>,
     pub preempt_delay: Option<HumanDuration>,
-    pub auth_pass: Option<String>,
+    pub auth_pass: Option<Secret>,
     #[serde(default)]
     pub unicast_peers: Vec<std::net::IpAddr>,
     pub garp_count: Option<u32>,
@@ -79,7 +81,7 @@ pub struct FileCluster {
     pub etcd_endpoints: Vec<String>,
     pub etcd_api: Option<FileEtcdApi>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
@@ -88,7 +90,7 @@ pub struct FileCluster {
     pub resync_interval: Option<HumanDuration>,
     pub confirm_interval: Option<HumanDuration>,
     pub check_user: Option<String>,
-    pub check_password: Option<String>,
+    pub check_password: Option<Secret>,
     pub check_password_file: Option<PathBuf>,
     pub check_database: Option<String>,
 }
@@ -135,9 +137,15 @@ pub enum FileBalance {
     Roundrobin,
 }
 
-/// A duration written the human way: `"3s"`, `"250ms"`, `"1m 30s"`, or `"0s"`.
+/// A duration written the human way: `"3s"`, `"250ms"`, `"1m 30s"`, or `"0s"`; at most
+/// [`MAX_DURATION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
+
+/// The longest duration a setting accepts. Timers add durations to `Instant`s, which panics on
+/// overflow: `queue_timeout = "500000000000y"` (humantime accepts up to 2^64 s) would take
+/// down every client task. A year is longer than any sane timeout or grace.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -148,9 +156,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 f.write_str(r#"a duration such as "3s", "250ms" or "1m""#)
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<HumanDuration, E> {
-                humantime::parse_duration(s)
-                    .map(HumanDuration)
-                    .map_err(|e| E::custom(format!("invalid duration {s:?}: {e} (write e.g. \"3s\", \"250ms\")")))
+                let d = humantime::parse_duration(s)
+                    .map_err(|e| E::custom(format!("invalid duration {s:?}: {e} (write e.g. \"3s\", \"250ms\")")))?;
+                if d > MAX_DURATION {
+                    return Err(E::custom(format!("duration {s:?} is longer than a year")));
+                }
+                Ok(HumanDuration(d))
             }
         }
         d.deserialize_str(V)

@@ -8,6 +8,9 @@
 #[allow(dead_code)] // applied by the reload supervisor (SIGHUP), which is being built on it
 pub(crate) mod diff;
 pub mod file;
+mod secret;
+
+pub use secret::Secret;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -46,6 +49,14 @@ pub enum ConfigError {
     /// toml's own message already carries the line, column and a snippet.
     #[error("{path}: {source}")]
     Parse { path: PathBuf, source: Box<toml::de::Error> },
+    /// A parse error near a password, or about an unknown key: toml's snippet would print the line,
+    /// so only its position and message are kept (see `Secret`).
+    #[error(
+        "{path}: TOML parse error at line {line}, column {column} (line not shown: it may hold a secret)\n{message}"
+    )]
+    ParseRedacted { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{path}: {size} bytes or more: larger than any configuration ({limit} bytes at most)")]
+    TooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("{path}:{line}: {field}: {reason}")]
     Invalid { path: PathBuf, line: usize, field: String, reason: String },
 }
@@ -87,7 +98,8 @@ pub struct VipConfig {
     pub advert_interval: Duration,
     pub preempt: bool,
     pub preempt_delay: Duration,
-    pub auth_pass: Option<String>,
+    /// VRRPv2 simple-text password.
+    pub auth_pass: Option<Secret>,
     /// Empty: multicast (224.0.0.18 / ff02::12).
     pub unicast_peers: Vec<std::net::IpAddr>,
     pub garp_count: u32,
@@ -109,7 +121,7 @@ pub enum EtcdApi {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
-    pub password: String,
+    pub password: Secret,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +136,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgCheck {
     pub user: String,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub database: String,
 }
 
@@ -196,17 +208,95 @@ impl Config {
 
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = match read_bounded(path, MAX_CONFIG_SIZE) {
+            Ok(Ok(text)) => text,
+            Ok(Err(size)) => return Err(ConfigError::TooLarge { path: path.to_owned(), size, limit: MAX_CONFIG_SIZE }),
+            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+        };
         Self::parse(path, &text)
     }
 
     /// Parses and validates `text`, naming `path` in errors. Secret files named in the text are
     /// read relative to the working directory.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let file: FileConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), source: Box::new(e) })?;
+        let file: FileConfig = toml::from_str(text).map_err(|e| parse_error(path, text, e))?;
         Resolver { path, text }.resolve(file)
+    }
+}
+
+/// A configuration file is a few KiB; anything much larger is a mistake (a wrong path such as a
+/// log file or `/dev/zero`), refused before it is read into memory.
+pub const MAX_CONFIG_SIZE: u64 = 1 << 20;
+/// A password file holds one line.
+pub const MAX_SECRET_FILE_SIZE: u64 = 64 << 10;
+
+/// Reads at most `limit` bytes of `path` as UTF-8; `Ok(Err(n))` when the file holds more
+/// (`n` is the number of bytes read, `limit + 1`). Works on pipes and devices, whose
+/// metadata gives no size.
+fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Result<String, u64>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Ok(Err(buf.len() as u64));
+    }
+    String::from_utf8(buf).map(Ok).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// Keys whose values are secrets, or may be (a misspelt `passwd` is still a password): a parse
+/// error in a section that mentions one, or about an unknown key, is reported without toml's
+/// copy of the line.
+const SECRET_KEY_MARKERS: [&str; 3] = ["pass", "secret", "token"];
+
+fn parse_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
+    let Some(span) = e.span() else {
+        return ConfigError::Parse { path: path.to_owned(), source: Box::new(e) };
+    };
+    let start = floor_char_boundary(text, span.start);
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[..line_start].matches('\n').count() + 1;
+    let column = text[line_start..start].chars().count() + 1;
+    // The section of the error: its line and every line up to the section's header.
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    // An unknown key may be a password under a name of the user's own (`pwd = …`): its value
+    // is not shown either; the message names the key and the line.
+    let mut sensitive = e.message().starts_with("unknown field");
+    for l in text[..line_end].rsplit('\n') {
+        let lower = l.to_ascii_lowercase();
+        if SECRET_KEY_MARKERS.iter().any(|m| lower.contains(m)) {
+            sensitive = true;
+            break;
+        }
+        if l.trim_start().starts_with('[') {
+            break;
+        }
+    }
+    if sensitive {
+        ConfigError::ParseRedacted { path: path.to_owned(), line, column, message: e.message().to_owned() }
+    } else {
+        ConfigError::Parse { path: path.to_owned(), source: Box::new(e) }
+    }
+}
+
+/// The largest char boundary at or below `i` (`str::floor_char_boundary` is unstable).
+fn floor_char_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// `url` with any `user:password@` replaced by `***@`, for messages and logs.
+pub fn redact_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]).into(),
+        None => url.into(),
     }
 }
 
@@ -240,11 +330,15 @@ impl Resolver<'_> {
         ConfigError::Invalid { path: self.path.to_owned(), line, field, reason: reason.into() }
     }
 
-    fn read_secret(&self, span: std::ops::Range<usize>, field: &str, file: &Path) -> Result<String, ConfigError> {
-        let s = std::fs::read_to_string(file)
-            .map_err(|e| self.err(span.clone(), field, format!("cannot read {}: {e}", file.display())))?;
-        let s = s.trim_end_matches(['\n', '\r']).to_owned();
-        if s.is_empty() {
+    fn read_secret(&self, span: std::ops::Range<usize>, field: &str, file: &Path) -> Result<Secret, ConfigError> {
+        let s = read_bounded(file, MAX_SECRET_FILE_SIZE)
+            .map_err(|e| self.err(span.clone(), field, format!("cannot read {}: {e}", file.display())))?
+            .map_err(|_| {
+                let reason = format!("{} is larger than {MAX_SECRET_FILE_SIZE} bytes", file.display());
+                self.err(span.clone(), field, reason)
+            })?;
+        let s = Secret::new(s.trim_end_matches(['\n', '\r']));
+        if s.expose().is_empty() {
             return Err(self.err(span, field, format!("{} is empty", file.display())));
         }
         Ok(s)
@@ -340,6 +434,13 @@ impl Resolver<'_> {
             return Err(bad("etcd_endpoints", "at least one endpoint is required".into()));
         }
         for e in &c.etcd_endpoints {
+            if redact_userinfo(e) != e.as_str() {
+                // The URL would be printed in every etcd error, log line and /status.
+                return Err(bad(
+                    "etcd_endpoints",
+                    format!("{:?}: no user:password@ in endpoints; use username and password_file", redact_userinfo(e)),
+                ));
+            }
             let rest = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
             let ok = rest.is_some_and(|r| {
                 r.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.trim_end_matches('/').parse::<u16>().is_ok())
@@ -578,7 +679,7 @@ impl Resolver<'_> {
             if version != Version::V2 {
                 return Err(bad("auth_pass", "authentication exists in VRRP version 2 only".into()));
             }
-            if p.is_empty() || p.len() > 8 {
+            if p.expose().is_empty() || p.expose().len() > 8 {
                 return Err(bad("auth_pass", "1 to 8 characters (keepalived uses the first 8)".into()));
             }
         }
@@ -613,5 +714,7 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -108,11 +108,122 @@ fn password_file_is_read_and_trimmed() {
     std::fs::write(&pw, "s3cret\n").unwrap();
     let text = MINIMAL.replace("scope = ", &format!("username = \"u\"\npassword_file = {:?}\nscope = ", pw));
     let c = parse(&text).unwrap();
-    assert_eq!(c.clusters[0].credentials, Some(Credentials { username: "u".into(), password: "s3cret".into() }));
+    assert_eq!(c.clusters[0].credentials, Some(Credentials { username: "u".into(), password: Secret::new("s3cret") }));
 }
 
 #[test]
 fn empty_file_says_what_is_missing() {
     let (line, field, _) = invalid("");
     assert_eq!((line, field.as_str()), (1, "cluster"));
+}
+
+/// Every secret a configuration can hold, each a distinct word so a leak names its source.
+const WITH_SECRETS: &str = r#"
+[[cluster]]
+name = "main"
+scope = "cluster-main-13"
+etcd_endpoints = ["http://10.0.0.1:2379"]
+username = "pgfront"
+password = "etcdpw-Zq81"
+check_user = "pgfront_check"
+check_password_file = "CHECK_FILE"
+
+[[listener]]
+cluster = "main"
+bind = "0.0.0.0:5432"
+
+[[vip]]
+name = "v"
+address = "10.0.0.10/24"
+interface = "eth0"
+vrid = 51
+version = 2
+auth_pass = "vrrp-K7x"
+"#;
+
+const SECRETS: [&str; 3] = ["etcdpw-Zq81", "checkpw-Ub52", "vrrp-K7x"];
+
+fn with_secrets() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("check.pw");
+    std::fs::write(&pw, "checkpw-Ub52\n").unwrap();
+    let text = WITH_SECRETS.replace("CHECK_FILE", pw.to_str().unwrap());
+    (dir, text)
+}
+
+fn assert_no_secret(what: &str, s: &str) {
+    for secret in SECRETS {
+        assert!(!s.contains(secret), "{what} shows {secret:?}:\n{s}");
+    }
+}
+
+#[test]
+fn debug_of_config_shows_no_secret() {
+    let (_dir, text) = with_secrets();
+    let c = parse(&text).unwrap();
+    // The secrets are there, behind expose().
+    assert_eq!(c.clusters[0].credentials.as_ref().unwrap().password.expose(), "etcdpw-Zq81");
+    assert_eq!(c.clusters[0].check.as_ref().unwrap().password.as_ref().unwrap().expose(), "checkpw-Ub52");
+    assert_eq!(c.vips[0].auth_pass.as_ref().unwrap().expose(), "vrrp-K7x");
+    assert_no_secret("Debug of Config", &format!("{c:?}"));
+    assert_no_secret("Debug of Config", &format!("{c:#?}"));
+    let file: file::FileConfig = toml::from_str(&text).unwrap();
+    assert_no_secret("Debug of FileConfig", &format!("{file:?}"));
+}
+
+#[test]
+fn config_errors_do_not_echo_secrets() {
+    let (_dir, text) = with_secrets();
+    let cases = [
+        // a password of the wrong type: serde would quote it
+        text.replace("\"etcdpw-Zq81\"", "4711"),
+        // a syntax error on the password's line: toml would print the line
+        text.replace("\"etcdpw-Zq81\"", "\"etcdpw-Zq81"),
+        text.replace("password = \"etcdpw-Zq81\"", "password = etcdpw-Zq81"),
+        // …or on a continuation line of the password, which does not name the key
+        text.replace("\"etcdpw-Zq81\"", "\"\"\"\netcdpw-Zq81\"\"\" x"),
+        // a misspelt key still holds a password
+        text.replace("password = ", "passwd = "),
+        // validation errors
+        text.replace("auth_pass = \"vrrp-K7x\"", "auth_pass = \"vrrp-K7x-toolong\""),
+        text.replace("version = 2", "version = 3"),
+        text.replace("username = \"pgfront\"\n", ""),
+        text.replace("http://10.0.0.1:2379", "http://root:etcdpw-Zq81@10.0.0.1:2379"),
+    ];
+    for case in cases {
+        let e = parse(&case).expect_err(&case).to_string();
+        assert!(e.contains("test.toml"), "{e}");
+        let names_line =
+            e.contains("at line ") || e.strip_prefix("test.toml:").is_some_and(|r| r.starts_with(char::is_numeric));
+        assert!(names_line, "an error still names the line: {e}");
+        assert_no_secret("config error", &e.replace("4711", ""));
+        assert!(!e.contains("4711"), "{e}");
+    }
+    // A password under a key of the user's own, in a section without any other secret.
+    let e = parse(&MINIMAL.replace("scope = ", "pwd = \"etcdpw-Zq81\"\nscope = ")).unwrap_err().to_string();
+    assert!(e.contains("unknown field `pwd`") && e.contains("line 4"), "{e}");
+    assert_no_secret("config error", &e);
+    // Outside a section with a secret, toml's snippet is kept: it helps.
+    let e = parse(&MINIMAL.replace("bind = \"0.0.0.0:5432\"", "bind = 0.0.0.0:5432")).unwrap_err().to_string();
+    assert!(e.contains("bind = 0.0.0.0:5432"), "{e}");
+}
+
+#[test]
+fn endpoint_userinfo_is_refused_and_redacted() {
+    let (_, field, reason) = invalid(&MINIMAL.replace("http://10.0.0.1:2379", "https://u:pw@10.0.0.1:2379"));
+    assert_eq!(field, "cluster[0].etcd_endpoints");
+    assert!(reason.contains("\"https://***@10.0.0.1:2379\""), "{reason}");
+    assert_eq!(redact_userinfo("http://a:b@h:1/p?x=@"), "http://***@h:1/p?x=@");
+    assert_eq!(redact_userinfo("http://h:1/p@q"), "http://h:1/p@q");
+    assert_eq!(redact_userinfo("u@h"), "***@h");
+}
+
+#[test]
+fn oversized_files_are_refused_without_reading_them_whole() {
+    let text = MINIMAL.replace("scope = ", "username = \"u\"\npassword_file = \"/dev/zero\"\nscope = ");
+    let (_, field, reason) = invalid(&text);
+    assert_eq!(field, "cluster[0].password_file");
+    assert!(reason.contains("larger than"), "{reason}");
+    let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+    assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
 }

@@ -95,7 +95,7 @@ async fn pg_is_primary(check: &PgCheck, addr: std::net::SocketAddr) -> bool {
     c.host(addr.ip().to_string()).port(addr.port()).user(&check.user).dbname(&check.database);
     c.connect_timeout(CHECK_TIMEOUT).application_name("pgfront-check");
     if let Some(p) = &check.password {
-        c.password(p);
+        c.password(p.expose());
     }
     let r = tokio::time::timeout(CHECK_TIMEOUT, async {
         let (client, conn) = c.connect(tokio_postgres::NoTls).await?;

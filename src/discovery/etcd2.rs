@@ -81,7 +81,7 @@ where
     C: Connect + Clone + Send + Sync + 'static,
     F: FnMut() -> Result<Client<C, Empty<Bytes>>, DiscoveryError>,
 {
-    let auth = cfg.credentials.as_ref().map(|c| http::basic_auth(&c.username, &c.password));
+    let auth = cfg.credentials.as_ref().map(|c| http::basic_auth(&c.username, c.password.expose()));
     // Each new session tries the next endpoint.
     super::supervise(tx.clone(), stop, |attempt| {
         let base = cfg.endpoints[attempt % cfg.endpoints.len()].trim_end_matches('/').to_owned();

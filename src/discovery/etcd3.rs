@@ -39,7 +39,7 @@ pub(crate) async fn connect(cfg: &ClusterConfig) -> Result<Client, DiscoveryErro
         .with_keep_alive(Duration::from_secs(2), cfg.etcd_timeout)
         .with_keep_alive_while_idle(true);
     if let Some(c) = &cfg.credentials {
-        opts = opts.with_user(c.username.clone(), c.password.clone());
+        opts = opts.with_user(c.username.clone(), c.password.expose());
     }
     if let Some(t) = &cfg.tls {
         let mut tls = TlsOptions::new();

@@ -104,7 +104,7 @@ pub struct ClusterHandle {
     pub view: watch::Receiver<Arc<ClusterView>>,
     pub health: Arc<ClusterHealth>,
     /// Kept so that a replacing discovery (reload) publishes into the same channel.
-    tx: watch::Sender<Arc<ClusterView>>,
+    pub(crate) tx: watch::Sender<Arc<ClusterView>>,
 }
 
 /// Starts discovery of one cluster; stops when `stop` is cancelled.

@@ -317,7 +317,7 @@ pub async fn run(
         preempt_delay: cfg.preempt_delay,
         local_addr: local,
     });
-    let auth = cfg.auth_pass.as_deref().map(packet::auth_bytes);
+    let auth = cfg.auth_pass.as_ref().map(|p| packet::auth_bytes(p.expose()));
     let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
     let mut d = Driver { cfg: cfg.clone(), local, ifindex, sock, addr, fsm, status, auth, fitness, health };
     info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
