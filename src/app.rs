@@ -88,8 +88,11 @@ impl Sockets {
     pub fn bind(config: &Config) -> Result<Sockets, AppError> {
         let mut s = Sockets::default();
         for l in &config.listeners {
-            let sock = listener::bind(l.bind, l.backlog)
-                .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
+            let sock = listener::bind(l.bind, l.backlog).map_err(|source| AppError::Bind {
+                listener: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
             s.listeners.insert(l.bind, sock);
         }
         if let Some(addr) = config.admin {
@@ -139,8 +142,11 @@ pub async fn run(
     let mut bound: HashMap<SocketAddr, Arc<TcpListener>> = HashMap::new();
     for l in &config.listeners {
         let Some(sock) = pending.remove(&l.bind) else { continue };
-        let sock = TcpListener::from_std(sock)
-            .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
+        let sock = TcpListener::from_std(sock).map_err(|source| AppError::Bind {
+            listener: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
         bound.insert(l.bind, Arc::new(sock));
     }
     let d = diff::diff(&Config::empty(), &config);
@@ -280,11 +286,8 @@ impl Supervisor {
             })
             .collect();
         primaries.sort();
-        let masters = self
-            .vips
-            .values()
-            .filter(|v| v.status.lock().is_ok_and(|s| s.state == vip::fsm::State::Master))
-            .count();
+        let masters =
+            self.vips.values().filter(|v| v.status.lock().is_ok_and(|s| s.state == vip::fsm::State::Master)).count();
         let mut s = format!("{} listener(s), {}", self.listeners.len(), primaries.join(", "));
         if !self.vips.is_empty() {
             s.push_str(&format!(", VIP master {masters}/{}", self.vips.len()));

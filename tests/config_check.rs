@@ -41,7 +41,9 @@ fn good_config_passes() {
 #[test]
 fn bad_configs_name_the_line_and_field() {
     let cases = [
-        (GOOD.replace("bind = \"127.0.0.1:5432\"", "bind = \"127.0.0.1:99999\""), "line 8"),
+        (GOOD.replace("bind = \"127.0.0.1:5432\"", "bind = \"127.0.0.1:99999\""), "FILE:8: listener[0].bind: "),
+        (GOOD.replace("bind =", "server_maxconn = \"lots\"\nbind ="), "FILE:8: listener[0].server_maxconn: invalid type: string \"lots\", expected u32"),
+        (format!("{GOOD}[[listener]]\ncluster = \"main\"\nbind = \"127.0.0.1:5433\"\nbacklog = -1\n"), "FILE:12: listener[1].backlog: "),
         (GOOD.replace("cluster = \"main\"", "cluster = \"mian\""), "FILE:7: listener[0].cluster: no [[cluster]] is named \"mian\""),
         (GOOD.replace("bind =", "server_maxconn = 0\nbind ="), "FILE:8: listener[0].server_maxconn: must be at least 1"),
         (GOOD.replace("bind =", "maxconnn = 5\nbind ="), "unknown field `maxconnn`"),

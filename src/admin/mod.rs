@@ -66,8 +66,8 @@ use arc_swap::ArcSwap;
 
 use crate::balancer::pool::{Pool, PoolStatus};
 use crate::config::ListenerConfig;
-use crate::discovery::ClusterHandle;
 use crate::config::{Balance, Role};
+use crate::discovery::ClusterHandle;
 use crate::topology::{MemberRole, PrimaryStatus};
 use metrics::AdminMetrics;
 
@@ -525,13 +525,20 @@ mod tests {
         let std = crate::proxy::listener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).unwrap();
         let listener = TcpListener::from_std(std).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tracker, stop, shared) = (TaskTracker::new(), CancellationToken::new(), Arc::new(ArcSwap::from_pointee(shared)));
+        let (tracker, stop, shared) =
+            (TaskTracker::new(), CancellationToken::new(), Arc::new(ArcSwap::from_pointee(shared)));
         let task = tokio::spawn(serve_with(listener, shared.clone(), stop.clone(), limits, tracker.clone()));
         Server { addr, tracker, stop, shared, task }
     }
 
     fn empty() -> Shared {
-        Shared { metrics: Arc::new(Metrics::new()), clusters: vec![], listeners: vec![], vips: vec![], config: config_status() }
+        Shared {
+            metrics: Arc::new(Metrics::new()),
+            clusters: vec![],
+            listeners: vec![],
+            vips: vec![],
+            config: config_status(),
+        }
     }
 
     fn config_status() -> ConfigStatus {

@@ -261,7 +261,7 @@ fn mutated_examples_never_panic() {
         check(&t);
         let n = match parse(&t) {
             Ok(_) => &ok,
-            Err(ConfigError::Parse { .. } | ConfigError::ParseRedacted { .. }) => &parse_err,
+            Err(ConfigError::Parse { .. } | ConfigError::Syntax { .. }) => &parse_err,
             Err(_) => &invalid,
         };
         n.set(n.get() + 1);

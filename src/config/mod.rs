@@ -46,15 +46,14 @@ pub const DEFAULT_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    /// toml's own message already carries the line, column and a snippet.
-    #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
-    /// A parse error near a password, or about an unknown key: toml's snippet would print the line,
-    /// so only its position and message are kept (see `Secret`).
-    #[error(
-        "{path}: TOML parse error at line {line}, column {column} (line not shown: it may hold a secret)\n{message}"
-    )]
-    ParseRedacted { path: PathBuf, line: usize, column: usize, message: String },
+    /// A TOML error without a position (rare): toml's message, on one line.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A TOML syntax or type error, on one line like every other error: the field is the key
+    /// written on that line, qualified by its section (`listener[1].server_maxconn`). toml's
+    /// snippet of the line is never shown: the line may hold a secret (see `Secret`).
+    #[error("{path}:{line}: {field}: {reason} (column {column})")]
+    Syntax { path: PathBuf, line: usize, column: usize, field: String, reason: String },
     #[error("{path}: {size} bytes or more: larger than any configuration ({limit} bytes at most)")]
     TooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("{path}:{line}: {field}: {reason}")]
@@ -243,38 +242,47 @@ fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Result<String, u64>>
     String::from_utf8(buf).map(Ok).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
-/// Keys whose values are secrets, or may be (a misspelt `passwd` is still a password): a parse
-/// error in a section that mentions one, or about an unknown key, is reported without toml's
-/// copy of the line.
-const SECRET_KEY_MARKERS: [&str; 3] = ["pass", "secret", "token"];
-
 fn parse_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
+    let reason = e.message().trim().replace('\n', " ");
     let Some(span) = e.span() else {
-        return ConfigError::Parse { path: path.to_owned(), source: Box::new(e) };
+        return ConfigError::Parse { path: path.to_owned(), message: reason };
     };
     let start = floor_char_boundary(text, span.start);
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let line = text[..line_start].matches('\n').count() + 1;
     let column = text[line_start..start].chars().count() + 1;
-    // The section of the error: its line and every line up to the section's header.
     let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
-    // An unknown key may be a password under a name of the user's own (`pwd = …`): its value
-    // is not shown either; the message names the key and the line.
-    let mut sensitive = e.message().starts_with("unknown field");
-    for l in text[..line_end].rsplit('\n') {
-        let lower = l.to_ascii_lowercase();
-        if SECRET_KEY_MARKERS.iter().any(|m| lower.contains(m)) {
-            sensitive = true;
-            break;
+    let field = field_at(&text[..line_start], &text[line_start..line_end]);
+    ConfigError::Syntax { path: path.to_owned(), line, column, field, reason }
+}
+
+/// The field a line of the file sets, named as validation errors name it: `key` at the top,
+/// `section.key` in a table, `section[i].key` in the i-th element of an array of tables.
+/// `before`: the text up to the line.
+fn field_at(before: &str, line: &str) -> String {
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.is_empty());
+    let header = line
+        .trim_start()
+        .starts_with('[')
+        .then_some(line)
+        .or_else(|| before.lines().rev().find(|l| l.trim_start().starts_with('[')));
+    let section = header.map(|h| {
+        let name = h.trim().trim_start_matches('[').split(']').next().unwrap_or_default().trim().to_owned();
+        if h.trim_start().starts_with("[[") {
+            let marker = format!("[[{name}]]");
+            let index = before.lines().filter(|l| l.trim().replace(' ', "") == marker).count();
+            // The header of the error's own section is in `before` unless the error is on it.
+            let index = if line.trim_start().starts_with('[') { index } else { index.saturating_sub(1) };
+            format!("{name}[{index}]")
+        } else {
+            name
         }
-        if l.trim_start().starts_with('[') {
-            break;
-        }
-    }
-    if sensitive {
-        ConfigError::ParseRedacted { path: path.to_owned(), line, column, message: e.message().to_owned() }
-    } else {
-        ConfigError::Parse { path: path.to_owned(), source: Box::new(e) }
+    });
+    match (section, key) {
+        (Some(s), Some(k)) => format!("{s}.{k}"),
+        (Some(s), None) => s,
+        (None, Some(k)) => k.to_owned(),
+        (None, None) => "file".to_owned(),
     }
 }
 

@@ -52,15 +52,15 @@ fn unknown_field_names_line_and_field() {
     let text = MINIMAL.replace("bind = ", "maxconns = 3\nbind = ");
     let e = parse(&text).unwrap_err().to_string();
     assert!(e.contains("test.toml"), "{e}");
-    assert!(e.contains("line 9"), "{e}");
-    assert!(e.contains("unknown field `maxconns`"), "{e}");
+    assert!(e.starts_with("test.toml:9: listener[0].maxconns: unknown field `maxconns`"), "{e}");
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
 }
 
 #[test]
 fn bad_duration_and_size_are_explained() {
     let e = parse(&MINIMAL.replace("bind = ", "queue_timeout = \"3 parsecs\"\nbind = ")).unwrap_err().to_string();
     assert!(e.contains("invalid duration \"3 parsecs\""), "{e}");
-    assert!(e.contains("line 9"), "{e}");
+    assert!(e.starts_with("test.toml:9: listener[0].queue_timeout: "), "{e}");
     let e = parse(&MINIMAL.replace("bind = ", "role = \"replica\"\nmax_replica_lag = \"lots\"\nbind = "))
         .unwrap_err()
         .to_string();
@@ -201,11 +201,11 @@ fn config_errors_do_not_echo_secrets() {
     }
     // A password under a key of the user's own, in a section without any other secret.
     let e = parse(&MINIMAL.replace("scope = ", "pwd = \"etcdpw-Zq81\"\nscope = ")).unwrap_err().to_string();
-    assert!(e.contains("unknown field `pwd`") && e.contains("line 4"), "{e}");
+    assert!(e.contains("unknown field `pwd`") && e.starts_with("test.toml:4: cluster[0].pwd: "), "{e}");
     assert_no_secret("config error", &e);
-    // Outside a section with a secret, toml's snippet is kept: it helps.
+    // A syntax error names its line and key like any other error, on one line.
     let e = parse(&MINIMAL.replace("bind = \"0.0.0.0:5432\"", "bind = 0.0.0.0:5432")).unwrap_err().to_string();
-    assert!(e.contains("bind = 0.0.0.0:5432"), "{e}");
+    assert!(e.contains(".bind: ") && e.lines().count() == 1, "{e}");
 }
 
 #[test]

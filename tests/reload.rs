@@ -1,0 +1,289 @@
+//! Live reload under load (SIGHUP): a real etcd 3.4 holds Patroni-format keys that point at two TCP
+//! echo servers on loopback (a "primary" and a "replica"), pgfront proxies to them, and the test
+//! sends 50 SIGHUPs alternating two valid configurations — other limits and balance, a second
+//! listener added then removed, a cluster endpoint list changed — and one invalid one, while a
+//! bounded client loop opens new connections at ≥ 1000/s and 200 long-lived sessions exchange a
+//! message every 100 ms. Nothing may fail: no refused or broken connection, no broken session;
+//! the invalid file is rejected with its line and the old configuration keeps running.
+//!
+//! The backends are echo servers, not PostgreSQL, because what is under test is the proxy's
+//! socket handling across reloads; each client speaks first with a real PostgreSQL startup packet
+//! so that pgfront's own startup handling is exercised, and the echo answers it.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const SCOPE: &str = "reload";
+
+/// A StartupMessage (protocol 3.0) for user `app`.
+fn startup() -> Vec<u8> {
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0app\0database\0app\0\0");
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend(body);
+    p
+}
+
+/// An echo server on loopback; returns its port.
+async fn echo_server(stop: CancellationToken) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = tokio::select! {
+                r = l.accept() => match r { Ok(a) => a, Err(_) => continue },
+                _ = stop.cancelled() => return,
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// Connects through `port`, sends a startup packet and reads it back.
+async fn handshake(port: u16) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    let p = startup();
+    s.write_all(&p).await?;
+    let mut back = vec![0u8; p.len()];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo within 20 s"))??;
+    if back != p {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "echo differs"));
+    }
+    Ok(s)
+}
+
+async fn put_keys(etcd: &str, primary: u16, replica: u16) {
+    let mut c = etcd_client::Client::connect([etcd], None).await.unwrap();
+    let member = |port: u16, role: &str| {
+        format!(
+            r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"{role}","version":"3.0.2","xlog_location":100,"timeline":1}}"#
+        )
+    };
+    c.put(format!("/service/{SCOPE}/members/pg1"), member(primary, "master"), None).await.unwrap();
+    c.put(format!("/service/{SCOPE}/members/pg2"), member(replica, "replica"), None).await.unwrap();
+    c.put(format!("/service/{SCOPE}/leader"), "pg1", None).await.unwrap();
+}
+
+fn config(admin: u16, etcd: &[String], rw: u16, extra: &str, maxconn: u32, balance: &str) -> String {
+    let endpoints: Vec<String> = etcd.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[[cluster]]
+name = "main"
+scope = "{SCOPE}"
+etcd_endpoints = [{}]
+etcd_timeout = "1s"
+
+[[listener]]
+name = "rw"
+cluster = "main"
+bind = "127.0.0.1:{rw}"
+role = "primary"
+server_maxconn = {maxconn}
+balance = "{balance}"
+queue_timeout = "20s"
+{extra}
+"#,
+        endpoints.join(", ")
+    )
+}
+
+fn raise_fd_limit() {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < 65536.min(l.rlim_max) {
+            l.rlim_cur = 65536.min(l.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    in_flight: AtomicU64,
+    errors: std::sync::Mutex<Vec<String>>,
+}
+
+impl Counts {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = self.errors.lock() {
+            if e.len() < 20 {
+                e.push(what);
+            }
+        }
+    }
+}
+
+#[test]
+fn fifty_reloads_under_load_lose_nothing() {
+    // Thousands of sockets in this process and in pgfront (which inherits the limit): the usual
+    // soft limit of 1024 would make this a test of EMFILE instead.
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let etcd = Etcd::start();
+    let stop = CancellationToken::new();
+    // The backends outlive the load: they stop with the test, after every client has finished.
+    let backends = CancellationToken::new();
+    let _stop_backends = backends.clone().drop_guard();
+    let (primary, replica) =
+        rt.block_on(async { (echo_server(backends.clone()).await, echo_server(backends.clone()).await) });
+    rt.block_on(put_keys(&etcd.endpoint(), primary, replica));
+
+    let (admin, rw, ro) = (free_port(), free_port(), free_port());
+    let one = vec![etcd.endpoint()];
+    // The same etcd under a second name: the cluster's endpoint list changes, its keys do not.
+    let two = vec![etcd.endpoint(), etcd.endpoint().replace("127.0.0.1", "localhost")];
+    let second = format!(
+        "\n[[listener]]\nname = \"ro\"\ncluster = \"main\"\nbind = \"127.0.0.1:{ro}\"\nrole = \"replica\"\nserver_maxconn = 2000\n"
+    );
+    let config_a = config(admin, &one, rw, "", 2000, "leastconn");
+    let config_b = config(admin, &two, rw, &second, 1500, "roundrobin");
+    let invalid =
+        config(admin, &one, rw, "", 2000, "leastconn").replace("server_maxconn = 2000", "server_maxconn = \"lots\"");
+    let invalid_line = invalid.lines().position(|l| l.contains("\"lots\"")).unwrap() + 1;
+
+    let pf = Pgfront::start(&config_a, admin);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("pgfront to route the primary", Duration::from_secs(20), || pf.primary("main").map(|_| ()));
+        let revision = |pf: &Pgfront| pf.status().and_then(|s| s["config"]["revision"].as_u64()).unwrap_or(0);
+        let start_rev = revision(&pf);
+
+        // Load: 200 long-lived sessions, one message every 100 ms each.
+        let sessions = Arc::new(Counts::default());
+        let mut long = Vec::new();
+        for _ in 0..200 {
+            let (stop, counts) = (stop.clone(), sessions.clone());
+            long.push(rt.spawn(async move {
+                let mut s = match handshake(rw).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        counts.fail(format!("long-lived session, connect: {e}"));
+                        return;
+                    }
+                };
+                let mut i = 0u64;
+                while !stop.is_cancelled() && i < 3000 {
+                    i += 1;
+                    let msg = i.to_be_bytes();
+                    let mut back = [0u8; 8];
+                    let r = async {
+                        s.write_all(&msg).await?;
+                        s.read_exact(&mut back).await?;
+                        std::io::Result::Ok(())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(10), r).await {
+                        Ok(Ok(())) if back == msg => counts.ok.fetch_add(1, Ordering::Relaxed),
+                        r => {
+                            counts.fail(format!("long-lived session, round trip {i}: {r:?}"));
+                            return;
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }));
+        }
+        // Load: a new connection every millisecond (bounded: 5 minutes at most), each checked.
+        let conns = Arc::new(Counts::default());
+        let opener = {
+            let (stop, counts) = (stop.clone(), conns.clone());
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let start = tokio::time::Instant::now();
+                while !stop.is_cancelled() && start.elapsed() < Duration::from_secs(300) {
+                    tick.tick().await;
+                    let counts = counts.clone();
+                    counts.in_flight.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        match handshake(rw).await {
+                            Ok(_) => counts.ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                counts.fail(format!("new connection: {e}"));
+                                0
+                            }
+                        };
+                        counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+            })
+        };
+
+        let began = std::time::Instant::now();
+        let mut expected = start_rev;
+        for i in 0..50 {
+            let b = i % 2 == 0;
+            std::fs::write(&pf.config, if b { &config_b } else { &config_a }).unwrap();
+            pf.proc.signal(libc::SIGHUP);
+            expected += 1;
+            wait_for(&format!("revision {expected}"), Duration::from_secs(20), || {
+                (revision(&pf) >= expected).then_some(())
+            });
+            // The second listener answers while configuration B runs, and is gone after A.
+            let answered = rt.block_on(async { handshake(ro).await.is_ok() });
+            assert_eq!(answered, b, "reload {i}: the replica listener should {}answer", if b { "" } else { "not " });
+            if i == 24 {
+                std::fs::write(&pf.config, &invalid).unwrap();
+                let errors_before = pf.metric("pgfront_config_reloads_total{result=\"error\"}");
+                pf.proc.signal(libc::SIGHUP);
+                wait_for("the invalid configuration to be rejected", Duration::from_secs(20), || {
+                    (pf.metric("pgfront_config_reloads_total{result=\"error\"}") > errors_before).then_some(())
+                });
+                let status = pf.status().unwrap();
+                let err = status["config"]["last_error"].as_str().unwrap_or_default().to_owned();
+                assert!(err.contains(&format!(":{invalid_line}: ")), "the error names line {invalid_line}: {err}");
+                assert!(err.contains("server_maxconn"), "{err}");
+                assert_eq!(revision(&pf), expected, "a rejected file does not change the revision");
+                // The old configuration (B) still runs: its second listener answers.
+                assert!(rt.block_on(async { handshake(ro).await.is_ok() }));
+            }
+        }
+        let storm = began.elapsed();
+        stop.cancel();
+        rt.block_on(opener).unwrap();
+        for h in long {
+            rt.block_on(h).unwrap();
+        }
+        // Let the last openers finish.
+        wait_for("the last connections", Duration::from_secs(30), || {
+            (conns.in_flight.load(Ordering::Relaxed) == 0).then_some(())
+        });
+        let (c_ok, c_failed) = (conns.ok.load(Ordering::Relaxed), conns.failed.load(Ordering::Relaxed));
+        let (s_ok, s_failed) = (sessions.ok.load(Ordering::Relaxed), sessions.failed.load(Ordering::Relaxed));
+        eprintln!(
+            "50 reloads in {:.1} s: {c_ok} new connections ok ({:.0}/s), {c_failed} failed; long-lived: {s_ok} round trips ok, {s_failed} broken",
+            storm.as_secs_f64(),
+            c_ok as f64 / storm.as_secs_f64()
+        );
+        for e in conns.errors.lock().unwrap().iter().chain(sessions.errors.lock().unwrap().iter()) {
+            eprintln!("  {e}");
+        }
+        assert_eq!(c_failed, 0, "failed new connections");
+        assert_eq!(s_failed, 0, "broken long-lived sessions");
+        assert!(pf.log().contains("reload"), "a reload line in the log");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- pgfront log (last 80 lines) ---\n{}", pf.proc.log_tail(80));
+        std::panic::resume_unwind(e);
+    }
+}
