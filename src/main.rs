@@ -186,6 +186,13 @@ fn status(admin: &str, json: bool) -> ExitCode {
         serde_json::Value::Null => "-".into(),
         v => v.to_string(),
     };
+    let cfg = &v["config"];
+    if cfg.is_object() {
+        println!("config {} revision {}", cfg["path"].as_str().unwrap_or("?"), cfg["revision"]);
+        if let Some(e) = cfg["last_error"].as_str() {
+            println!("  last reload REFUSED (the previous configuration runs): {e}");
+        }
+    }
     for c in v["clusters"].as_array().into_iter().flatten() {
         println!(
             "cluster {} (scope {}): etcd {}, primary {} ({})",
