@@ -16,13 +16,23 @@
 //!   closed, never re-bound), even if it was renamed; its settings apply to new connections, its
 //!   sessions and its queue are untouched;
 //! - a removed listener stops accepting, takes what is already in its kernel backlog, and its
-//!   sessions finish on their own (closed after `DRAIN_DEADLINE`); its pool keeps following the
+//!   sessions finish on their own (closed after `[process] drain_timeout`); its pool keeps following the
 //!   cluster meanwhile, so a demoted primary's sessions are still closed;
 //! - a changed cluster restarts its discovery only; the new source starts from the last known
 //!   topology, so routing never pauses for a reload.
 //!
 //! SIGTERM stops gracefully (VIPs released first, stop accepting, refuse queued clients, let
-//! open sessions finish for up to `SHUTDOWN_GRACE`); SIGINT closes everything at once.
+//! open sessions finish for up to `[process] shutdown_timeout`); SIGINT closes everything at once.
+//!
+//! Binary upgrade (SIGUSR2, `Control::Upgrade`): the process starts its own executable again and
+//! hands it every listening socket and the VIP roles (`handover`). Both accept from the same
+//! kernel queues until the new one says READY; then the old one tells systemd `MAINPID=`,
+//! closes its copies of the sockets (nothing in a queue is lost: the new process holds them
+//! too), gives its VIPs up without a priority-0 advert (the new process already advertises),
+//! and lets its sessions finish within `drain_timeout` before it exits. Queued clients of the
+//! old process are still placed: discovery keeps running there until the end. If the new
+//! process fails to become ready within `upgrade_timeout`, the old one keeps serving and logs
+//! why.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,16 +55,12 @@ use crate::balancer::pool::Pool;
 use crate::config::diff::{self, ConfigDiff};
 use crate::config::{ClusterConfig, Config, ListenerConfig, Role, VipConfig};
 use crate::discovery::{self, ClusterHandle};
+use crate::handover;
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
 use crate::sysd;
 use crate::topology::ClusterView;
 use crate::vip;
-
-/// How long open sessions may take to finish after SIGTERM.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// How long the sessions of a listener removed by a reload may run before they are closed.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -64,6 +70,8 @@ pub enum AppError {
     AdminBind { addr: SocketAddr, source: std::io::Error },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("upgrade: {0}")]
+    Upgrade(String),
 }
 
 /// What the process is asked to do (by a signal, or by a test).
@@ -73,30 +81,79 @@ pub enum Control {
     Reload,
     /// Stop: gracefully (SIGTERM) or at once (SIGINT).
     Stop { graceful: bool },
+    /// Start the executable again and hand it the sockets (SIGUSR2).
+    Upgrade,
 }
 
-/// Listening sockets, bound before the supervisor starts so that a port in use fails the start
-/// with a clear error. Keyed by address: that is what a reload keeps.
+/// Listening sockets, bound (or inherited) before the supervisor starts so that a port in use
+/// fails the start with a clear error. Keyed by address: that is what a reload keeps.
 #[derive(Default)]
 pub struct Sockets {
     listeners: HashMap<SocketAddr, std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
+    /// Set when this process is the new one of a binary upgrade: said once it serves.
+    successor: Option<handover::Ready>,
+    /// What the old process handed over besides the sockets (VIP roles).
+    state: Vec<u8>,
+}
+
+/// Sockets this process did not bind itself: from systemd (socket activation) or, in a binary
+/// upgrade, from the process it replaces.
+#[derive(Default)]
+pub struct InheritedSockets(Vec<handover::Inherited>);
+
+impl InheritedSockets {
+    /// systemd's `LISTEN_FDS` / `LISTEN_FDNAMES`, if they are meant for this process; the
+    /// variables are removed.
+    ///
+    /// # Safety
+    /// Changes the environment: call it before any other thread runs (before the runtime).
+    pub unsafe fn from_systemd() -> Result<InheritedSockets, String> {
+        // SAFETY: the caller runs this before any other thread exists.
+        unsafe { handover::from_systemd() }.map(InheritedSockets).map_err(|e| e.to_string())
+    }
+
+    /// A listening socket bound to `addr`, taken out of the list.
+    fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let i = self
+            .0
+            .iter()
+            .position(|s| socket2::SockRef::from(&s.fd).local_addr().ok().and_then(|a| a.as_socket()) == Some(addr))?;
+        let sock = std::net::TcpListener::from(self.0.remove(i).fd);
+        // Inherited descriptors share their flags with the other process: both use O_NONBLOCK.
+        sock.set_nonblocking(true).ok()?;
+        Some(sock)
+    }
 }
 
 impl Sockets {
     /// Binds every listener and the admin endpoint of `config`.
     pub fn bind(config: &Config) -> Result<Sockets, AppError> {
+        Sockets::bind_or_inherit(config, InheritedSockets::default())
+    }
+
+    /// Takes the inherited socket of each address of `config`, binds the others.
+    pub fn bind_or_inherit(config: &Config, mut inherited: InheritedSockets) -> Result<Sockets, AppError> {
         let mut s = Sockets::default();
         for l in &config.listeners {
-            let sock = listener::bind(l.bind, l.backlog).map_err(|source| AppError::Bind {
-                listener: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
+            let sock = match inherited.take(l.bind) {
+                Some(sock) => sock,
+                None => listener::bind(l.bind, l.backlog).map_err(|source| AppError::Bind {
+                    listener: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?,
+            };
             s.listeners.insert(l.bind, sock);
         }
         if let Some(addr) = config.admin {
-            s.admin = Some(listener::bind(addr, 128).map_err(|source| AppError::AdminBind { addr, source })?);
+            s.admin = match inherited.take(addr) {
+                Some(sock) => Some(sock),
+                None => Some(listener::bind(addr, 128).map_err(|source| AppError::AdminBind { addr, source })?),
+            };
+        }
+        for rest in &inherited.0 {
+            warn!(name = %rest.name, "an inherited socket matches no listener of the configuration: closed");
         }
         Ok(s)
     }
@@ -107,12 +164,30 @@ impl Sockets {
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT; SIGHUP reloads `path`.
-pub async fn run_with_signals(path: PathBuf, config: Config) -> Result<(), AppError> {
-    let sockets = Sockets::bind(&config)?;
+/// Runs the proxy until SIGTERM or SIGINT; SIGHUP reloads `path`, SIGUSR2 upgrades the binary.
+/// `inherited`: sockets from systemd. When started by an upgrade (`PGFRONT_HANDOVER` is set),
+/// the old process's sockets are received first.
+pub async fn run_with_signals(path: PathBuf, config: Config, mut inherited: InheritedSockets) -> Result<(), AppError> {
+    let mut successor = None;
+    let mut state = Vec::new();
+    if let Some(from) = handover::handover_path_from_env() {
+        match handover::receive(&from, config.process.upgrade_timeout).await {
+            Ok((fds, st, ready)) => {
+                info!(sockets = fds.len(), "upgrade: took over the old process's sockets");
+                inherited.0.extend(fds);
+                successor = Some(ready);
+                state = st;
+            }
+            Err(e) => return Err(AppError::Upgrade(e.to_string())),
+        }
+    }
+    let mut sockets = Sockets::bind_or_inherit(&config, inherited)?;
+    sockets.successor = successor;
+    sockets.state = state;
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(AppError::Signal)?;
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
         loop {
@@ -120,6 +195,7 @@ pub async fn run_with_signals(path: PathBuf, config: Config) -> Result<(), AppEr
                 _ = term.recv() => Control::Stop { graceful: true },
                 _ = int.recv() => Control::Stop { graceful: false },
                 _ = hup.recv() => Control::Reload,
+                _ = usr2.recv() => Control::Upgrade,
             };
             if tx.send(c).await.is_err() {
                 return;
@@ -134,9 +210,10 @@ pub async fn run_with_signals(path: PathBuf, config: Config) -> Result<(), AppEr
 pub async fn run(
     path: PathBuf,
     config: Config,
-    sockets: Sockets,
+    mut sockets: Sockets,
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), AppError> {
+    let successor = sockets.successor.take();
     let mut sup = Supervisor::new(path, sockets.admin.map(|s| (config.admin, s)));
     let mut pending = sockets.listeners;
     let mut bound: HashMap<SocketAddr, Arc<TcpListener>> = HashMap::new();
@@ -160,9 +237,22 @@ pub async fn run(
     sysd::ready();
     sysd::status(&sup.summary());
 
+    if let Some(ready) = successor {
+        // The old process waits for this before it lets go of the sockets and the VIPs.
+        if let Err(e) = ready.send().await {
+            warn!("upgrade: cannot tell the old process this one is ready: {e}");
+        }
+    }
+
     let graceful = loop {
         match control.recv().await {
             Some(Control::Reload) => sup.reload().await,
+            Some(Control::Upgrade) => {
+                if sup.upgrade().await {
+                    sup.retire_after_upgrade().await;
+                    return Ok(());
+                }
+            }
             Some(Control::Stop { graceful }) => break graceful,
             None => break true,
         }
@@ -212,7 +302,11 @@ struct Supervisor {
     /// Removed listeners whose sessions are still finishing.
     retiring: Vec<(String, TaskTracker, JoinHandle<()>)>,
     vips: HashMap<String, VipPart>,
-    admin: Option<(SocketAddr, CancellationToken)>,
+    /// Configured address, stop token, and a duplicate of its socket for a hand-over.
+    admin: Option<(SocketAddr, CancellationToken, Option<std::os::fd::OwnedFd>)>,
+    /// This executable, resolved at start-up (after a package upgrade, /proc/self/exe names
+    /// the deleted old file).
+    exe: Option<PathBuf>,
     shared: Arc<ArcSwap<Shared>>,
     config_status: ConfigStatus,
     /// The process is stopping: queued clients are refused.
@@ -252,6 +346,7 @@ impl Supervisor {
             retiring: Vec::new(),
             vips: HashMap::new(),
             admin: None,
+            exe: handover::startup_exe().ok(),
             shared,
             config_status,
             stop: CancellationToken::new(),
@@ -265,11 +360,12 @@ impl Supervisor {
 
     /// `addr`: the configured address (what a reload compares), `sock` bound to it.
     fn start_admin(&mut self, addr: SocketAddr, sock: std::net::TcpListener) {
+        let dup = std::os::fd::AsFd::as_fd(&sock).try_clone_to_owned().ok();
         match TcpListener::from_std(sock) {
             Ok(sock) => {
                 let stop = CancellationToken::new();
                 tokio::spawn(admin::serve(sock, self.shared.clone(), stop.clone()));
-                self.admin = Some((addr, stop));
+                self.admin = Some((addr, stop, dup));
             }
             Err(e) => error!(%addr, error = %e, "admin endpoint: cannot register the socket"),
         }
@@ -416,7 +512,7 @@ impl Supervisor {
             self.start_vip(v.clone(), &new);
         }
         if let Some(addr) = d.admin.filter(|a| *a != self.admin.as_ref().map(|a| a.0)) {
-            if let Some((_, stop)) = self.admin.take() {
+            if let Some((_, stop, _)) = self.admin.take() {
                 stop.cancel();
             }
             if let Some(addr) = addr {
@@ -548,6 +644,7 @@ impl Supervisor {
         let (closed_tx, closed) = oneshot::channel();
         let name = name.to_owned();
         let entry = (name.clone(), p.sessions.clone());
+        let deadline = self.config.process.drain_timeout;
         let task = tokio::spawn(async move {
             let _ = p.accept.await;
             if !socket_kept {
@@ -557,8 +654,8 @@ impl Supervisor {
             drop(p.sock);
             let _ = closed_tx.send(());
             p.sessions.close();
-            if tokio::time::timeout(DRAIN_DEADLINE, p.sessions.wait()).await.is_err() {
-                warn!(listener = %name, open = p.sessions.len(), "removed listener: closing sessions after {DRAIN_DEADLINE:?}");
+            if tokio::time::timeout(deadline, p.sessions.wait()).await.is_err() {
+                warn!(listener = %name, open = p.sessions.len(), "removed listener: closing sessions after {deadline:?}");
                 p.kill.cancel();
                 p.sessions.wait().await;
             }
@@ -616,6 +713,116 @@ impl Supervisor {
         })
     }
 
+    /// Starts the executable again and hands it the sockets; true once it said READY (then this
+    /// process must retire), false if it failed (this process keeps serving; logged).
+    async fn upgrade(&mut self) -> bool {
+        let Some(exe) = self.exe.clone() else {
+            error!(
+                "upgrade refused: the executable's path could not be resolved at start-up; this process keeps serving"
+            );
+            return false;
+        };
+        let path = match std::env::var_os("RUNTIME_DIRECTORY") {
+            Some(dir) => PathBuf::from(dir).join("handover.sock"),
+            None => std::env::temp_dir().join(format!("pgfront-{}.handover", std::process::id())),
+        };
+        info!(exe = %exe.display(), handover = %path.display(), "upgrade: starting the new process");
+        let result = async {
+            let offer = handover::Offer::bind(&path).map_err(|e| e.to_string())?;
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let mut child = handover::spawn_successor(&exe, &args, &path).map_err(|e| e.to_string())?;
+            let names: Vec<(String, std::os::fd::BorrowedFd<'_>)> = self
+                .listeners
+                .values()
+                .map(|p| (handover::listener_fd_name(&p.cfg.name), std::os::fd::AsFd::as_fd(&*p.sock)))
+                .chain(self.admin.iter().filter_map(|(_, _, fd)| {
+                    fd.as_ref().map(|fd| (handover::ADMIN_FD_NAME.to_owned(), std::os::fd::AsFd::as_fd(fd)))
+                }))
+                .collect();
+            let sockets: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
+                names.iter().map(|(n, fd)| (n.as_str(), *fd)).collect();
+            let state = Vec::new();
+            let r = tokio::select! {
+                r = offer.hand_over(&sockets, &state, self.config.process.upgrade_timeout) => r.map_err(|e| e.to_string()),
+                w = child.wait() => Err(match w {
+                    Ok(status) => format!("the new process exited before it was ready ({status})"),
+                    Err(e) => format!("the new process: {e}"),
+                }),
+            };
+            if r.is_err() {
+                let _ = child.start_kill();
+            }
+            r
+        }
+        .await;
+        match result {
+            Ok(pid) => {
+                sysd::mainpid(pid);
+                info!(new_pid = pid, "upgrade: the new process is ready; this one stops accepting and drains");
+                true
+            }
+            Err(e) => {
+                error!("upgrade failed: {e}; this process keeps serving");
+                false
+            }
+        }
+    }
+
+    /// After a successful upgrade: close this process's copies of the sockets (the new process
+    /// holds them), let the VIPs go without a priority-0 advert (the new process advertises
+    /// already), and let the sessions finish within `drain_timeout`.
+    async fn retire_after_upgrade(mut self) {
+        for v in self.vips.values() {
+            // An abort, not a clean stop: no priority-0 advert, the address stays in place.
+            v.task.abort();
+        }
+        let mut trackers: Vec<TaskTracker> = self.retiring.iter().map(|(_, t, _)| t.clone()).collect();
+        let parts: Vec<ListenerPart> = self.listeners.drain().map(|(_, p)| p).collect();
+        for p in parts {
+            p.accept_stop.cancel();
+            let _ = p.accept.await;
+            // Dropped, never shut down: shutdown(2) would stop the socket for the new process too.
+            drop(p.sock);
+            p.sessions.close();
+            trackers.push(p.sessions.clone());
+            // The follower and the pool stay until the sessions end: a demoted primary's
+            // sessions are still closed here.
+            let follow_stop = p.follow_stop.clone();
+            let sessions = p.sessions.clone();
+            tokio::spawn(async move {
+                sessions.wait().await;
+                follow_stop.cancel();
+            });
+        }
+        if let Some((_, stop, fd)) = self.admin.take() {
+            stop.cancel();
+            drop(fd);
+        }
+        let open: usize = trackers.iter().map(|t| t.len()).sum();
+        let deadline = self.config.process.drain_timeout;
+        info!(open, ?deadline, "upgrade: sockets handed over; waiting for this process's sessions to end");
+        let all = async {
+            for t in &trackers {
+                t.wait().await;
+            }
+        };
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            let open: usize = trackers.iter().map(|t| t.len()).sum();
+            warn!(open, "upgrade: sessions still open after {deadline:?}: closing them");
+            self.kill.cancel();
+            let all = async {
+                for t in &trackers {
+                    t.wait().await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
+        }
+        for c in self.clusters.values() {
+            c.stop.cancel();
+        }
+        info!("upgrade: old process done");
+    }
+
     async fn shutdown(mut self, graceful: bool) {
         sysd::stopping();
         let open: usize = self.listeners.values().map(|p| p.sessions.len()).sum();
@@ -640,9 +847,10 @@ impl Supervisor {
                 t.wait().await;
             }
         };
-        if graceful && tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+        let grace = self.config.process.shutdown_timeout;
+        if graceful && tokio::time::timeout(grace, all).await.is_err() {
             let open: usize = trackers.iter().map(|t| t.len()).sum();
-            warn!(open, "sessions still open after {SHUTDOWN_GRACE:?}: closing them");
+            warn!(open, "sessions still open after {grace:?}: closing them");
         }
         self.kill.cancel();
         let all = async {
@@ -656,7 +864,7 @@ impl Supervisor {
         for c in self.clusters.values() {
             c.stop.cancel();
         }
-        if let Some((_, stop)) = &self.admin {
+        if let Some((_, stop, _)) = &self.admin {
             stop.cancel();
         }
         info!("stopped");

@@ -93,6 +93,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // SAFETY: no other thread runs yet (the runtime starts below).
+            let inherited = match unsafe { pgfront::app::InheritedSockets::from_systemd() } {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("sockets from systemd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -100,7 +108,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(pgfront::app::run_with_signals(config, cfg)) {
+            match rt.block_on(pgfront::app::run_with_signals(config, cfg, inherited)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -12,71 +12,15 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::echo::*;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 const SCOPE: &str = "reload";
-
-/// A StartupMessage (protocol 3.0) for user `app`.
-fn startup() -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    body.extend_from_slice(b"user\0app\0database\0app\0\0");
-    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    p.extend(body);
-    p
-}
-
-/// An echo server on loopback; returns its port.
-async fn echo_server(stop: CancellationToken) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = tokio::select! {
-                r = l.accept() => match r { Ok(a) => a, Err(_) => continue },
-                _ = stop.cancelled() => return,
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
-/// Connects through `port`, sends a startup packet and reads it back.
-async fn handshake(port: u16) -> std::io::Result<TcpStream> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
-    let p = startup();
-    s.write_all(&p).await?;
-    let mut back = vec![0u8; p.len()];
-    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut back))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo within 20 s"))??;
-    if back != p {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "echo differs"));
-    }
-    Ok(s)
-}
-
-async fn put_keys(etcd: &str, primary: u16, replica: u16) {
-    let mut c = etcd_client::Client::connect([etcd], None).await.unwrap();
-    let member = |port: u16, role: &str| {
-        format!(
-            r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"{role}","version":"3.0.2","xlog_location":100,"timeline":1}}"#
-        )
-    };
-    c.put(format!("/service/{SCOPE}/members/pg1"), member(primary, "master"), None).await.unwrap();
-    c.put(format!("/service/{SCOPE}/members/pg2"), member(replica, "replica"), None).await.unwrap();
-    c.put(format!("/service/{SCOPE}/leader"), "pg1", None).await.unwrap();
-}
 
 fn config(admin: u16, etcd: &[String], rw: u16, extra: &str, maxconn: u32, balance: &str) -> String {
     let endpoints: Vec<String> = etcd.iter().map(|e| format!("{e:?}")).collect();
@@ -116,25 +60,6 @@ fn raise_fd_limit() {
     }
 }
 
-#[derive(Default)]
-struct Counts {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    in_flight: AtomicU64,
-    errors: std::sync::Mutex<Vec<String>>,
-}
-
-impl Counts {
-    fn fail(&self, what: String) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut e) = self.errors.lock() {
-            if e.len() < 20 {
-                e.push(what);
-            }
-        }
-    }
-}
-
 #[test]
 fn fifty_reloads_under_load_lose_nothing() {
     // Thousands of sockets in this process and in pgfront (which inherits the limit): the usual
@@ -148,7 +73,7 @@ fn fifty_reloads_under_load_lose_nothing() {
     let _stop_backends = backends.clone().drop_guard();
     let (primary, replica) =
         rt.block_on(async { (echo_server(backends.clone()).await, echo_server(backends.clone()).await) });
-    rt.block_on(put_keys(&etcd.endpoint(), primary, replica));
+    rt.block_on(put_keys(&etcd.endpoint(), SCOPE, primary, replica));
 
     let (admin, rw, ro) = (free_port(), free_port(), free_port());
     let one = vec![etcd.endpoint()];
@@ -169,65 +94,12 @@ fn fifty_reloads_under_load_lose_nothing() {
         let revision = |pf: &Pgfront| pf.status().and_then(|s| s["config"]["revision"].as_u64()).unwrap_or(0);
         let start_rev = revision(&pf);
 
-        // Load: 200 long-lived sessions, one message every 100 ms each.
+        // Load: 200 long-lived sessions, one message every 100 ms each, and a new connection
+        // every millisecond.
         let sessions = Arc::new(Counts::default());
-        let mut long = Vec::new();
-        for _ in 0..200 {
-            let (stop, counts) = (stop.clone(), sessions.clone());
-            long.push(rt.spawn(async move {
-                let mut s = match handshake(rw).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        counts.fail(format!("long-lived session, connect: {e}"));
-                        return;
-                    }
-                };
-                let mut i = 0u64;
-                while !stop.is_cancelled() && i < 3000 {
-                    i += 1;
-                    let msg = i.to_be_bytes();
-                    let mut back = [0u8; 8];
-                    let r = async {
-                        s.write_all(&msg).await?;
-                        s.read_exact(&mut back).await?;
-                        std::io::Result::Ok(())
-                    };
-                    match tokio::time::timeout(Duration::from_secs(10), r).await {
-                        Ok(Ok(())) if back == msg => counts.ok.fetch_add(1, Ordering::Relaxed),
-                        r => {
-                            counts.fail(format!("long-lived session, round trip {i}: {r:?}"));
-                            return;
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }));
-        }
-        // Load: a new connection every millisecond (bounded: 5 minutes at most), each checked.
+        let long = long_lived(&rt, rw, 200, &stop, &sessions);
         let conns = Arc::new(Counts::default());
-        let opener = {
-            let (stop, counts) = (stop.clone(), conns.clone());
-            rt.spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                let start = tokio::time::Instant::now();
-                while !stop.is_cancelled() && start.elapsed() < Duration::from_secs(300) {
-                    tick.tick().await;
-                    let counts = counts.clone();
-                    counts.in_flight.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(async move {
-                        match handshake(rw).await {
-                            Ok(_) => counts.ok.fetch_add(1, Ordering::Relaxed),
-                            Err(e) => {
-                                counts.fail(format!("new connection: {e}"));
-                                0
-                            }
-                        };
-                        counts.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    });
-                }
-            })
-        };
+        let opener = opener(&rt, rw, &stop, &conns);
 
         let began = std::time::Instant::now();
         let mut expected = start_rev;

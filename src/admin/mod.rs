@@ -143,6 +143,8 @@ pub struct ConfigStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub version: &'static str,
+    /// This process (a binary upgrade changes it).
+    pub pid: u32,
     pub config: ConfigStatus,
     pub clusters: Vec<ClusterStatus>,
     pub listeners: Vec<ListenerStatus>,
@@ -231,7 +233,14 @@ pub fn status(shared: &Shared) -> Status {
         })
         .collect();
     let vips = shared.vips.iter().filter_map(|v| v.lock().ok().map(|s| s.clone())).collect();
-    Status { version: env!("CARGO_PKG_VERSION"), config: shared.config.clone(), clusters, listeners, vips }
+    Status {
+        version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
+        config: shared.config.clone(),
+        clusters,
+        listeners,
+        vips,
+    }
 }
 
 /// Serves the admin routes until `stop` is cancelled, within the limits of the module doc.

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::{ClusterConfig, Config, ListenerConfig, VipConfig};
+use super::{ClusterConfig, Config, ListenerConfig, ProcessConfig, VipConfig};
 
 /// A configuration section with a unique name.
 pub(crate) trait Named {
@@ -59,6 +59,8 @@ impl<T> Changes<T> {
 pub(crate) struct ConfigDiff {
     /// `Some(new)` when the admin endpoint's address changed (`Some(None)`: switched off).
     pub admin: Option<Option<SocketAddr>>,
+    /// `Some(new)` when a `[process]` deadline changed.
+    pub process: Option<ProcessConfig>,
     pub clusters: Changes<ClusterConfig>,
     /// Listeners whose bind is unchanged and whose settings changed are in `listeners.changed`;
     /// those whose bind moved are in `rebound` only.
@@ -71,6 +73,7 @@ pub(crate) struct ConfigDiff {
 impl ConfigDiff {
     pub fn is_empty(&self) -> bool {
         self.admin.is_none()
+            && self.process.is_none()
             && self.clusters.is_empty()
             && self.listeners.is_empty()
             && self.rebound.is_empty()
@@ -106,6 +109,9 @@ impl ConfigDiff {
                 self.rebound.iter().map(|(o, n)| format!("{} {} -> {}", n.name, o.bind, n.bind)).collect();
             parts.push(format!("listeners rebound: {}", r.join(", ")));
         }
+        if self.process.is_some() {
+            parts.push("process deadlines changed".to_owned());
+        }
         if let Some(a) = &self.admin {
             parts.push(format!("admin: {}", a.map_or("off".to_owned(), |a| a.to_string())));
         }
@@ -139,6 +145,7 @@ pub(crate) fn diff(old: &Config, new: &Config) -> ConfigDiff {
     listeners.changed = changed;
     ConfigDiff {
         admin: (old.admin != new.admin).then_some(new.admin),
+        process: (old.process != new.process).then_some(new.process),
         clusters: changes(&old.clusters, &new.clusters),
         listeners,
         rebound,
@@ -161,6 +168,7 @@ fn apply_changes<T: Named>(old: &[Arc<T>], c: &Changes<T>, extra: &[(Arc<T>, Arc
 pub(crate) fn apply(old: &Config, d: &ConfigDiff) -> Config {
     Config {
         admin: d.admin.unwrap_or(old.admin),
+        process: d.process.unwrap_or(old.process),
         clusters: apply_changes(&old.clusters, &d.clusters, &[]),
         listeners: apply_changes(&old.listeners, &d.listeners, &d.rebound),
         vips: apply_changes(&old.vips, &d.vips, &[]),
@@ -268,6 +276,9 @@ server_maxconn = 320
         let l = (0..3usize, prop::bool::ANY, prop::bool::ANY, 0..2usize, prop::bool::ANY);
         (prop::collection::vec(l, 1..4), prop::bool::ANY, prop::bool::ANY).prop_map(|(ls, admin, endpoint)| {
             let mut text = String::new();
+            if endpoint {
+                text.push_str("[process]\ndrain_timeout = \"10s\"\n");
+            }
             if admin {
                 text.push_str("[admin]\nlisten = \"127.0.0.1:7000\"\n");
             }

@@ -20,6 +20,7 @@ use super::secret::Secret;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub admin: Option<Spanned<FileAdmin>>,
+    pub process: Option<Spanned<FileProcess>>,
     #[serde(default, rename = "cluster")]
     pub clusters: Vec<Spanned<FileCluster>>,
     #[serde(default, rename = "listener")]
@@ -69,6 +70,15 @@ pub enum FileElection {
 #[serde(deny_unknown_fields)]
 pub struct FileAdmin {
     pub listen: SocketAddr,
+}
+
+/// `[process]`: how long sessions may outlive what served them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileProcess {
+    pub shutdown_timeout: Option<HumanDuration>,
+    pub drain_timeout: Option<HumanDuration>,
+    pub upgrade_timeout: Option<HumanDuration>,
 }
 
 /// `[[cluster]]`: one Patroni cluster and the etcd that holds its keys.

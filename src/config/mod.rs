@@ -64,9 +64,37 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub admin: Option<SocketAddr>,
+    pub process: ProcessConfig,
     pub clusters: Vec<Arc<ClusterConfig>>,
     pub listeners: Vec<Arc<ListenerConfig>>,
     pub vips: Vec<Arc<VipConfig>>,
+}
+
+/// `[process]`: deadlines of the process as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessConfig {
+    /// SIGTERM: how long open sessions may finish before they are closed.
+    pub shutdown_timeout: Duration,
+    /// A listener removed by a reload, and the old process after a binary upgrade: how long
+    /// their sessions may run on before they are closed.
+    pub drain_timeout: Duration,
+    /// A binary upgrade: how long the new process has to report ready before the old one
+    /// gives up on it and keeps serving.
+    pub upgrade_timeout: Duration,
+}
+
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+        }
+    }
 }
 
 /// How the holder of a VIP is elected.
@@ -202,7 +230,13 @@ impl Config {
     /// Nothing at all: what the supervisor runs before the first configuration is applied, so
     /// that start-up is a reload from nothing.
     pub fn empty() -> Config {
-        Config { admin: None, clusters: Vec::new(), listeners: Vec::new(), vips: Vec::new() }
+        Config {
+            admin: None,
+            process: ProcessConfig::default(),
+            clusters: Vec::new(),
+            listeners: Vec::new(),
+            vips: Vec::new(),
+        }
     }
 
     /// Reads, parses and validates a configuration file.
@@ -419,7 +453,24 @@ impl Resolver<'_> {
             }
             vips.push(Arc::new(v));
         }
-        Ok(Config { admin: file.admin.map(|a| a.into_inner().listen), clusters, listeners, vips })
+        let process = match file.process {
+            None => ProcessConfig::default(),
+            Some(p) => {
+                let span = p.span();
+                let p = p.into_inner();
+                let d = |v: Option<file::HumanDuration>, default: Duration| v.map_or(default, |d| d.0);
+                let process = ProcessConfig {
+                    shutdown_timeout: d(p.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT),
+                    drain_timeout: d(p.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
+                    upgrade_timeout: d(p.upgrade_timeout, DEFAULT_UPGRADE_TIMEOUT),
+                };
+                if process.upgrade_timeout.is_zero() {
+                    return Err(self.err(span, "process.upgrade_timeout", "must be greater than 0"));
+                }
+                process
+            }
+        };
+        Ok(Config { admin: file.admin.map(|a| a.into_inner().listen), process, clusters, listeners, vips })
     }
 
     fn cluster(&self, i: usize, span: std::ops::Range<usize>, c: FileCluster) -> Result<ClusterConfig, ConfigError> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod echo;
 pub mod netns;
 
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
