@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod app;
 pub mod balancer;
+pub mod check;
 pub mod config;
 pub mod discovery;
 pub mod proxy;
