@@ -108,8 +108,6 @@ pub enum CheckError {
     Status { url: String, status: u16 },
     #[error("{url}: not a pgfront /status document: {reason}")]
     Json { url: String, reason: String },
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
 }
 
 /// `HttpError` as text (it holds no source worth keeping, and `CheckError` stays `Eq` for tests).
@@ -487,9 +485,8 @@ fn shorten(s: &str, max: usize) -> String {
     if one_line.chars().count() <= max {
         return one_line;
     }
-    let mut out: String = one_line.chars().take(max.saturating_sub(3)).collect();
-    out.push_str("...");
-    out
+    let cut: String = one_line.chars().take(max.saturating_sub(3)).collect();
+    format!("{}...", cut.trim_end())
 }
 
 /// The check's verdict on what was observed. Pure.
@@ -701,10 +698,26 @@ fn etcd<'a>(clusters: impl Iterator<Item = &'a ClusterJson>) -> Outcome {
         } else {
             let err = c.etcd_error.as_deref().unwrap_or("no error reported");
             v.details.push(format!("{}: {err}", c.name));
-            v.add(State::Critical, format!("{}: etcd unreachable: {}", c.name, shorten(err, ERROR_SHORT)));
+            v.add(State::Critical, format!("{}: etcd unreachable: {}", c.name, shorten(&etcd_brief(err), ERROR_SHORT)));
         }
     }
     v.finish("no cluster to check")
+}
+
+/// The telling part of a discovery error: gRPC's `message: "…"` when there is one, else the
+/// text after `etcd at <endpoints>: ` (the endpoints are in the configuration already).
+fn etcd_brief(err: &str) -> String {
+    if let Some((_, rest)) = err.split_once("message: \"") {
+        if let Some((msg, _)) = rest.split_once('"') {
+            if !msg.trim().is_empty() {
+                return msg.to_owned();
+            }
+        }
+    }
+    match err.strip_prefix("etcd at ").and_then(|r| r.split_once(": ")) {
+        Some((_, rest)) => rest.to_owned(),
+        None => err.to_owned(),
+    }
 }
 
 /// `http://lb2:7000` → `lb2:7000`: enough to name a peer in a status line.
@@ -912,21 +925,43 @@ async fn fetch(client: &http::HttpClient, url: &str, timeout: Duration) -> Resul
     serde_json::from_slice(&r.body).map_err(|e| CheckError::Json { url: url.to_owned(), reason: e.to_string() })
 }
 
-/// Everything the check needs, fetched concurrently under one deadline.
+/// Everything the check needs, fetched concurrently.
 async fn observe(local: &str, peers: &[String], timeout: Duration) -> Result<Observed, CheckError> {
     let client = http::client();
     let local_url = status_url(local)?;
     let peer_urls = peers.iter().map(|p| status_url(p)).collect::<Result<Vec<_>, _>>()?;
-    let all = async {
-        let local = fetch(&client, &local_url, timeout);
-        let peers = futures_util::future::join_all(peer_urls.iter().map(|u| fetch(&client, u, timeout)));
-        tokio::join!(local, peers)
-    };
-    let (local, peer_results) = tokio::time::timeout(timeout, all).await.map_err(|_| CheckError::Timeout(timeout))?;
+    // Each request is bounded by `timeout` (connect included) and they run together, so the
+    // whole check is too; a peer that times out is reported as such instead of failing it all.
+    let local = fetch(&client, &local_url, timeout);
+    let peers_all = futures_util::future::join_all(peer_urls.iter().map(|u| fetch(&client, u, timeout)));
+    let (local, peer_results) = tokio::join!(local, peers_all);
     Ok(Observed {
         local: local?,
         peers: peers.iter().cloned().zip(peer_results.into_iter().map(|r| r.map_err(|e| e.to_string()))).collect(),
     })
+}
+
+impl CheckError {
+    /// The error for the status line; the whole text goes on the next line.
+    fn brief(&self) -> String {
+        match self {
+            // `http://h:p/status: client error (Connect): tcp connect error: Connection refused
+            // (os error 111)`: the endpoint and the last cause say what happened.
+            CheckError::Http(HttpErrorText(full)) => match (full.split_once(": "), full.rsplit_once(": ")) {
+                (Some((url, _)), Some((_, last))) => {
+                    let last = match last.find(" (os error ") {
+                        Some(i) if last.ends_with(')') => &last[..i],
+                        _ => last,
+                    };
+                    format!("{}: {last}", peer_name(url))
+                }
+                _ => full.clone(),
+            },
+            CheckError::Status { url, status } => format!("{}: HTTP {status}", peer_name(url)),
+            CheckError::Json { url, .. } => format!("{}: not a pgfront /status document", peer_name(url)),
+            e => e.to_string(),
+        }
+    }
 }
 
 fn unknown_text(kind: Option<Kind>, e: &CheckError) -> String {
@@ -935,12 +970,7 @@ fn unknown_text(kind: Option<Kind>, e: &CheckError) -> String {
         None => "PGFRONT UNKNOWN - ".to_owned(),
     };
     let full = e.to_string();
-    // `url: client error (Connect): tcp connect error: Connection refused`: the first and the
-    // last link of the chain say what happened; the whole chain goes on the next line.
-    let brief = match (full.split_once(": "), full.rsplit_once(": ")) {
-        (Some((first, _)), Some((_, last))) if first.len() + last.len() + 2 < full.len() => format!("{first}: {last}"),
-        _ => full.clone(),
-    };
+    let brief = e.brief();
     let room = STATUS_LINE_MAX.saturating_sub(head.len());
     let mut out = format!("{head}{}\n", shorten(&brief, room));
     if brief != full || full.chars().count() > room || full.contains('\n') {
@@ -1263,8 +1293,10 @@ mod tests {
             Some("etcd http://127.0.0.1:2379: status: Unavailable, message: \"error trying to connect: tcp connect error: Connection refused (os error 111)\"".into());
         let o = eval(Kind::Etcd, &obs, &th(None, None));
         assert_eq!(o.state, State::Critical);
-        assert_eq!(o.parts, ["main: etcd unreachable: etcd http://127.0.0.1:2379: status: U..."]);
+        assert_eq!(o.parts, ["main: etcd unreachable: error trying to connect: tcp connect..."]);
         assert!(o.details.iter().any(|d| d.contains("os error 111")), "the full error is on a detail line");
+        obs.local.clusters[0].etcd_error = Some("etcd at http://127.0.0.1:2379: no answer within 2s".into());
+        assert_eq!(eval(Kind::Etcd, &obs, &th(None, None)).parts, ["main: etcd unreachable: no answer within 2s"]);
         let line = render(Kind::Etcd, &o);
         assert!(line.lines().next().unwrap().split(" | ").next().unwrap().chars().count() <= STATUS_LINE_MAX);
     }
