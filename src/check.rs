@@ -5,8 +5,8 @@
 //!
 //! The core is pure: `evaluate(check, observed, thresholds) -> Outcome` reads an already parsed
 //! `/status` document (and the peers' for `vip`), and `render` turns the outcome into the
-//! plugin's text. `cli` is the thin shell: argument parsing, the HTTP requests under one
-//! `--timeout`, printing, the exit code.
+//! plugin's text. `cli` is the thin shell: argument parsing, the HTTP requests (concurrent, each
+//! bounded by `--timeout`), printing, the exit code.
 //!
 //! Invariants:
 //! - anything that is not a verdict on the proxy (bad arguments, `--help`, an unreachable or
@@ -29,11 +29,11 @@ use serde::Deserialize;
 use crate::discovery::http::{self, HttpError};
 
 /// The default admin endpoint (the example configuration's `[admin] listen`).
-pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:7000";
-/// The default bound on the whole check, as monitoring-plugins' plugins default to 10 s.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_ADMIN: &str = "http://127.0.0.1:7000";
+/// The default bound on each request, in seconds: monitoring-plugins' plugins default to 10 s.
+pub(crate) const DEFAULT_TIMEOUT_SECS: &str = "10";
 /// The monitoring-plugins guidelines ask for a status line that fits a pager / a terminal.
-pub const STATUS_LINE_MAX: usize = 80;
+pub(crate) const STATUS_LINE_MAX: usize = 80;
 /// How much of an etcd or reload error goes into the status line (the rest is on later lines).
 const ERROR_SHORT: usize = 40;
 
@@ -42,7 +42,7 @@ const ERROR_SHORT: usize = 40;
 
 /// A plugin state; the discriminant is the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum State {
+pub(crate) enum State {
     Ok = 0,
     Warning = 1,
     Critical = 2,
@@ -50,11 +50,11 @@ pub enum State {
 }
 
 impl State {
-    pub fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         self as u8
     }
 
-    pub fn word(self) -> &'static str {
+    pub(crate) fn word(self) -> &'static str {
         match self {
             State::Ok => "OK",
             State::Warning => "WARNING",
@@ -73,7 +73,7 @@ impl State {
         }
     }
 
-    pub fn worst(self, other: State) -> State {
+    pub(crate) fn worst(self, other: State) -> State {
         if other.rank() > self.rank() {
             other
         } else {
@@ -86,7 +86,7 @@ impl State {
 /// minus infinity, an empty `end` plus infinity. A value alerts when it lies outside
 /// `start..=end`, or inside it with `@`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Range {
+pub(crate) struct Range {
     /// `None`: minus infinity (`~`).
     pub start: Option<f64>,
     /// `None`: plus infinity (`10:`).
@@ -97,7 +97,7 @@ pub struct Range {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("invalid range {text:?}: {reason}")]
     Range { text: String, reason: &'static str },
     #[error("{0}")]
@@ -113,7 +113,7 @@ pub enum CheckError {
 /// `HttpError` as text (it holds no source worth keeping, and `CheckError` stays `Eq` for tests).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct HttpErrorText(String);
+pub(crate) struct HttpErrorText(String);
 
 impl From<HttpError> for CheckError {
     fn from(e: HttpError) -> CheckError {
@@ -175,7 +175,7 @@ impl FromStr for Range {
 
 impl Range {
     /// Whether `v` raises the alert this range stands for.
-    pub fn alerts(&self, v: f64) -> bool {
+    pub(crate) fn alerts(&self, v: f64) -> bool {
         let within = self.start.is_none_or(|a| a <= v) && self.end.is_none_or(|b| v <= b);
         within == self.inside
     }
@@ -189,13 +189,13 @@ impl fmt::Display for Range {
 
 /// `-w` and `-c`. CRITICAL wins over WARNING.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Thresholds {
+pub(crate) struct Thresholds {
     pub warn: Option<Range>,
     pub crit: Option<Range>,
 }
 
 impl Thresholds {
-    pub fn state(&self, v: f64) -> State {
+    pub(crate) fn state(&self, v: f64) -> State {
         if self.crit.as_ref().is_some_and(|r| r.alerts(v)) {
             State::Critical
         } else if self.warn.as_ref().is_some_and(|r| r.alerts(v)) {
@@ -228,9 +228,7 @@ impl Thresholds {
 /// `/status` as the plugin reads it: a mirror of `admin::Status` with every field the checks do
 /// not strictly need defaulted, so an older or newer proxy still parses.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct StatusJson {
-    #[serde(default)]
-    pub version: Option<String>,
+pub(crate) struct StatusJson {
     pub clusters: Vec<ClusterJson>,
     pub listeners: Vec<ListenerJson>,
     #[serde(default)]
@@ -241,7 +239,7 @@ pub struct StatusJson {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct ClusterJson {
+pub(crate) struct ClusterJson {
     pub name: String,
     #[serde(default)]
     pub etcd_up: bool,
@@ -261,18 +259,16 @@ pub struct ClusterJson {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct MemberJson {
+pub(crate) struct MemberJson {
     pub name: String,
     #[serde(default)]
     pub role: Option<String>,
-    #[serde(default)]
-    pub state: Option<String>,
     #[serde(default)]
     pub lag_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct ListenerJson {
+pub(crate) struct ListenerJson {
     pub name: String,
     #[serde(default)]
     pub cluster: String,
@@ -287,7 +283,7 @@ pub struct ListenerJson {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct ServerJson {
+pub(crate) struct ServerJson {
     pub member: String,
     #[serde(default)]
     pub active: u64,
@@ -296,7 +292,7 @@ pub struct ServerJson {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct VipJson {
+pub(crate) struct VipJson {
     pub name: String,
     #[serde(default)]
     pub address: String,
@@ -305,7 +301,7 @@ pub struct VipJson {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct ConfigJson {
+pub(crate) struct ConfigJson {
     #[serde(default)]
     pub revision: serde_json::Value,
     #[serde(default)]
@@ -318,7 +314,7 @@ pub struct ConfigJson {
 /// What one run of the plugin observed: this host's `/status`, and for `vip --peers` the other
 /// load-balancer hosts' (or why a peer did not answer).
 #[derive(Debug, Clone, Default)]
-pub struct Observed {
+pub(crate) struct Observed {
     pub local: StatusJson,
     pub peers: Vec<(String, Result<StatusJson, String>)>,
 }
@@ -328,7 +324,7 @@ pub struct Observed {
 
 /// The sub-checks. Aliases are check_patroni's names where they mean the same thing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A routable primary for every primary listener's cluster.
     #[value(alias = "cluster_has_leader")]
     Primary,
@@ -367,7 +363,7 @@ impl Kind {
 
 /// A check with what narrows it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Check {
+pub(crate) struct Check {
     pub kind: Kind,
     /// Only this cluster (its listeners for listener-based checks).
     pub cluster: Option<String>,
@@ -377,15 +373,16 @@ pub struct Check {
     pub failed_reload: State,
 }
 
+#[cfg(test)]
 impl Check {
-    pub fn new(kind: Kind) -> Check {
+    pub(crate) fn new(kind: Kind) -> Check {
         Check { kind, cluster: None, listener: None, failed_reload: State::Warning }
     }
 }
 
 /// One perfdata item, `'label'=value[UOM];warn;crit;min;max`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Perf {
+pub(crate) struct Perf {
     pub label: String,
     pub value: f64,
     pub uom: &'static str,
@@ -439,7 +436,7 @@ fn perf(
 /// The verdict of one check: its state, the status-line parts (the worst first), the perfdata
 /// and the detail lines shown after the status line.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub state: State,
     pub parts: Vec<String>,
     pub perf: Vec<Perf>,
@@ -490,7 +487,7 @@ fn shorten(s: &str, max: usize) -> String {
 }
 
 /// The check's verdict on what was observed. Pure.
-pub fn evaluate(check: &Check, obs: &Observed, th: &Thresholds) -> Outcome {
+pub(crate) fn evaluate(check: &Check, obs: &Observed, th: &Thresholds) -> Outcome {
     if th.is_set() && !check.kind.takes_thresholds() {
         return Outcome::unknown(format!("{} takes no -w/-c", check.kind.upper().to_lowercase()));
     }
@@ -817,7 +814,7 @@ fn config(s: &StatusJson, failed: State) -> Outcome {
 
 /// The plugin's output: the status line (text within `STATUS_LINE_MAX`, then ` | ` and the
 /// perfdata), then the details, one per line.
-pub fn render(kind: Kind, o: &Outcome) -> String {
+pub(crate) fn render(kind: Kind, o: &Outcome) -> String {
     let head = format!("PGFRONT {} {} - ", kind.upper(), o.state.word());
     let mut line = head.clone();
     let total = o.parts.len();
@@ -879,8 +876,8 @@ struct Args {
     /// CRITICAL range.
     #[arg(short, long, allow_hyphen_values = true)]
     critical: Option<String>,
-    /// Seconds for the whole check (UNKNOWN when exceeded).
-    #[arg(short, long, default_value = "10")]
+    /// Bound on each request in seconds (10, 2.5) or as a duration (500ms); UNKNOWN when it expires.
+    #[arg(short, long, default_value = DEFAULT_TIMEOUT_SECS)]
     timeout: String,
     /// vip: admin endpoints of the other load-balancer hosts (comma-separated or repeated).
     #[arg(long, value_delimiter = ',')]
@@ -981,7 +978,7 @@ fn unknown_text(kind: Option<Kind>, e: &CheckError) -> String {
 }
 
 /// Runs the plugin on `args` (what follows `pgfront check`); returns its output and exit code.
-pub fn run(args: Vec<String>) -> (String, State) {
+pub(crate) fn run(args: Vec<String>) -> (String, State) {
     let a = match Args::try_parse_from(&args) {
         Ok(a) => a,
         Err(e) => {
