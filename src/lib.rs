@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod app;
 pub mod balancer;
+pub mod check;
 pub mod config;
 pub mod discovery;
 // Building blocks of the binary upgrade and of systemd Type=notify, not wired into `app` yet

@@ -44,6 +44,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Nagios / Icinga plugin: one status line, exit 0 OK / 1 WARNING / 2 CRITICAL / 3 UNKNOWN
+    /// (`pgfront check --help`).
+    #[command(disable_help_flag = true)]
+    Check {
+        /// Passed to the plugin's own parser, so bad arguments exit 3 (UNKNOWN), not clap's 2.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Status { admin, json } => status(&admin, json),
+        Cmd::Check { args } => pgfront::check::cli(args),
         Cmd::Vip { cmd: VipCmd::Release { config } } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
