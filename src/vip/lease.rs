@@ -9,10 +9,12 @@
 //! it: there is a short gap, never two holders. A standby that cannot reach etcd never takes
 //! the VIP. An unfit proxy (health ties, `health_weight > 0`) gives the key up.
 //!
-//! The key's value says who holds it (`host:pid` of the first process of a line of upgrades).
-//! A host whose claim fails because the key exists with its own value holds it already (the
-//! previous process handed it over, or an earlier session of this one left it): it re-attaches
-//! the key to its current lease in one transaction, so etcd stays the arbiter.
+//! The key's value says who holds it: `host:pid:nonce`, made once per instance start (the
+//! random nonce keeps two hosts apart even with equal host names and pids), and carried on by
+//! the successors of an upgrade. An instance whose claim fails because the key exists with its
+//! own value holds it already (the previous process handed it over, or an earlier session of
+//! this one left it): it re-attaches the key to its current lease in one transaction, so etcd
+//! stays the arbiter.
 //!
 //! Reload: health ties apply at once; a new `lease_ttl` at the next tick, by granting a lease
 //! of the new TTL and moving the key to it (compare-and-put on our value) before revoking the
@@ -141,7 +143,7 @@ pub async fn run_with(
     let adopt = role.as_ref().and_then(|r| r.lease.clone().map(|l| (l, r.master)));
     let kept = adopt.as_ref().is_some_and(|(_, master)| *master);
     let addr = VipAddress::open(&cfg, status.clone(), kept).await?;
-    let me = adopt.as_ref().map_or_else(|| format!("{}:{}", hostname(), std::process::id()), |(l, _)| l.value.clone());
+    let me = adopt.as_ref().map_or_else(identity, |(l, _)| l.value.clone());
     let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
     if let Ok(mut s) = status.lock() {
         s.cfg = cfg.clone();
@@ -174,6 +176,14 @@ pub async fn run_with(
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// `host:pid:nonce`, unique to this instance start.
+fn identity() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's random source; each one differs.
+    let nonce = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    format!("{}:{}:{:016x}", hostname(), std::process::id(), nonce)
 }
 
 fn hostname() -> String {
