@@ -282,7 +282,7 @@ mod inproc {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use pgfront::config::{ClusterConfig, Config, VipConfig};
     use pgfront::vip::driver::{self, SharedVipStatus};
@@ -619,6 +619,15 @@ mod inproc {
             wait_for(&format!("{n} client probes"), limit, || (self.count() >= n).then_some(()));
         }
 
+        /// Waits for `n` probes or `limit`, whichever comes first: failed probes are slow (they
+        /// time out), and the assertions that follow say what went wrong better than a timeout.
+        pub fn wait_count_at_most(&self, n: usize, limit: Duration) {
+            let end = Instant::now() + limit;
+            while self.count() < n && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
         /// (answered by `who`, anything else) since probe number `from`.
         pub fn tally(&self, from: usize, who: &str) -> (usize, Vec<(usize, Option<String>)>) {
             let r = self.results.lock().unwrap();
@@ -761,7 +770,7 @@ fn vrrp_upgrade_takeover_is_invisible_to_a_keepalived_peer() {
         let stopped_at = probe.count();
         // Keepalived's master-down interval is 3 × 100 ms + skew: 200 probes (≥ 2 s) is far
         // beyond it.
-        probe.wait_count(stopped_at + 200, Duration::from_secs(30));
+        probe.wait_count_at_most(stopped_at + 200, Duration::from_secs(30));
         let m = sniff.mark();
         sniff.wait("adverts from the new instance", m, &lb1_ip, 5, |p, _| p == 150, Duration::from_secs(10));
 
@@ -849,7 +858,7 @@ fn etcd_lease_upgrade_takeover_keeps_lease_and_key() {
             last = ttl;
             (refreshed >= 2).then_some(())
         });
-        probe.wait_count(stopped_at + 100, Duration::from_secs(30));
+        probe.wait_count_at_most(stopped_at + 100, Duration::from_secs(30));
         assert_eq!(peer.state(), State::Backup);
         let deleted: Vec<String> = mon1.vip_events().into_iter().filter(|l| l.starts_with("Deleted")).collect();
         assert!(deleted.is_empty(), "the VIP was never removed from lb1: {deleted:?}");
