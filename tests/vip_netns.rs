@@ -364,6 +364,11 @@ mod inproc {
             Instance { name: name.to_owned(), cfg: tx, status, stop, thread: Some(thread) }
         }
 
+        /// The configuration the instance runs (after reloads).
+        pub fn config(&self) -> Arc<VipConfig> {
+            self.cfg.borrow().clone()
+        }
+
         pub fn state(&self) -> State {
             self.status.lock().unwrap().state
         }
@@ -389,7 +394,7 @@ mod inproc {
 
         /// The role this instance would hand to a successor, through the encoded state.
         pub fn role(&self) -> VipRole {
-            let roles = decode_handover_state(&handover_state(&[self.status.clone()])).unwrap();
+            let roles = decode_handover_state(&handover_state(std::slice::from_ref(&self.status))).unwrap();
             roles.into_iter().next().unwrap()
         }
 
@@ -761,7 +766,7 @@ fn vrrp_upgrade_takeover_is_invisible_to_a_keepalived_peer() {
         let p0 = probe.count();
 
         // The hand-over: the old process encodes its roles, the new one starts from them.
-        let state = handover_state(&[a.status.clone()]);
+        let state = handover_state(std::slice::from_ref(&a.status));
         let roles = decode_handover_state(&state).unwrap();
         assert!(roles[0].master);
         let b = Instance::vrrp(&seg, "lb1", "new", vrrp_config(150), Start::for_vip(&roles, "rw"));
@@ -799,7 +804,8 @@ fn vrrp_upgrade_takeover_is_invisible_to_a_keepalived_peer() {
     }
 }
 
-/// Upgrade, etcd lease election: the new instance carries on the old one's lease (same id)
+/// Reload and upgrade, etcd lease election: a changed TTL moves the key to a new lease without
+/// releasing the VIP; then the new instance carries on the old one's lease (same id)
 /// and key (same value), keeps the lease alive after the old one stopped in hand-over mode,
 /// and a peer on lb2 never takes the VIP; the client keeps reaching lb1. Then a normal stop
 /// deletes the key and the peer takes over.
@@ -832,13 +838,29 @@ fn etcd_lease_upgrade_takeover_keeps_lease_and_key() {
         let probe = Probe::start(&seg);
         probe.wait_count(20, Duration::from_secs(10));
         let p0 = probe.count();
+        // Reload: a longer lease TTL moves the key to a new lease of that TTL, live; the VIP
+        // stays (the monitor on lb1 sees no deletion, checked below).
+        let (value, first_lease, _) = key_info(&seg, &endpoint).expect("the key exists");
+        a.reconfigure(|c| {
+            if let pgfront::config::Election::Etcd { ttl, .. } = &mut c.election {
+                *ttl = Duration::from_secs(6);
+            }
+        });
+        wait_for("the key on a lease of the new TTL", Duration::from_secs(10), || {
+            let (v, l, ttl) = key_info(&seg, &endpoint)?;
+            assert_eq!(v, value, "the key stays ours");
+            (l != first_lease && ttl > 3).then_some(())
+        });
+        assert_eq!((a.state(), a.transitions()), (State::Master, 2), "Initialize -> Backup -> Master, no more");
         let (value, lease_id, _) = key_info(&seg, &endpoint).expect("the key exists");
         let old_role = a.role();
+        assert_eq!(old_role.lease.as_ref().map(|l| l.ttl()), Some(Duration::from_secs(6)));
         assert_eq!(old_role.lease.as_ref().map(|l| (l.id, l.value.as_str())), Some((lease_id, value.as_str())));
 
         // The hand-over.
-        let roles = decode_handover_state(&handover_state(&[a.status.clone()])).unwrap();
-        let b = Instance::lease(&seg, "lb1", "new", vip.clone(), etcd.clone(), Start::for_vip(&roles, "rw"));
+        let roles = decode_handover_state(&handover_state(std::slice::from_ref(&a.status))).unwrap();
+        // The new process reads the same (reloaded) configuration.
+        let b = Instance::lease(&seg, "lb1", "new", a.config(), etcd.clone(), Start::for_vip(&roles, "rw"));
         b.wait_state(State::Master, Duration::from_secs(15));
         a.finish(true);
         let stopped_at = probe.count();
@@ -858,6 +880,19 @@ fn etcd_lease_upgrade_takeover_keeps_lease_and_key() {
             last = ttl;
             (refreshed >= 2).then_some(())
         });
+        // Reload on the new instance: back to 3 s. The key moves off the adopted lease (which
+        // is not revoked, and expires on its own), the VIP stays.
+        b.reconfigure(|c| {
+            if let pgfront::config::Election::Etcd { ttl, .. } = &mut c.election {
+                *ttl = Duration::from_secs(3);
+            }
+        });
+        wait_for("the key on a new lease", Duration::from_secs(10), || {
+            let (v, l, _) = key_info(&seg, &endpoint)?;
+            assert_eq!(v, value, "the key stays ours");
+            (l != lease_id).then_some(())
+        });
+        assert_eq!((b.state(), b.transitions()), (State::Master, 1));
         probe.wait_count_at_most(stopped_at + 100, Duration::from_secs(30));
         assert_eq!(peer.state(), State::Backup);
         let deleted: Vec<String> = mon1.vip_events().into_iter().filter(|l| l.starts_with("Deleted")).collect();
@@ -879,6 +914,83 @@ fn etcd_lease_upgrade_takeover_keeps_lease_and_key() {
         eprintln!("--- etcd ---\n{}", etcd_proc.log_tail(20));
         std::panic::resume_unwind(e);
     }
+}
+
+/// Upgrade, etcd lease election, with a lease TTL changed in the file between the two
+/// processes: the new one moves the key to a lease of its TTL while the old one still runs,
+/// and must leave the old one's lease alone (revoking it would delete the key under the old
+/// process, which would then remove the shared address).
+#[test]
+fn etcd_lease_takeover_with_another_ttl_leaves_the_old_process_alone() {
+    use inproc::*;
+    use pgfront::vip::fsm::State;
+    use pgfront::vip::lifecycle::{decode_handover_state, handover_state, Start};
+    logs();
+    let seg = Segment::new("i");
+    let dir = tempfile::tempdir().unwrap();
+    let etcd_proc = start_etcd_in(&seg, dir.path());
+    let endpoint = format!("http://{SUBNET}.100:2379");
+    let config = |ttl: &str| {
+        parse(&format!(
+            "[[cluster]]\nname = \"c\"\nscope = \"s\"\netcd_endpoints = [\"{endpoint}\"]\netcd_timeout = \"1s\"\n\
+             [[listener]]\nname = \"l\"\ncluster = \"c\"\nbind = \"0.0.0.0:5432\"\n\
+             [[vip]]\nname = \"rw\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\nelection = \"etcd\"\netcd_cluster = \"c\"\n\
+             lease_ttl = \"{ttl}\"\nhealth_weight = 0\n"
+        ))
+    };
+    let (old_cfg, new_cfg) = (config("3s"), config("6s"));
+    let etcd = old_cfg.clusters[0].clone();
+    let a = Instance::lease(&seg, "lb1", "old", old_cfg.vips[0].clone(), etcd.clone(), Start::Fresh);
+    a.wait_state(State::Master, Duration::from_secs(15));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mon1 = AddrMonitor::start(&seg, "lb1", dir.path());
+        let (value, old_lease, _) = key_info(&seg, &endpoint).expect("the key exists");
+        let roles = decode_handover_state(&handover_state(std::slice::from_ref(&a.status))).unwrap();
+        let b =
+            Instance::lease(&seg, "lb1", "new", new_cfg.vips[0].clone(), etcd.clone(), Start::for_vip(&roles, "rw"));
+        b.wait_state(State::Master, Duration::from_secs(15));
+        wait_for("the key on the new instance's 6 s lease", Duration::from_secs(10), || {
+            let (v, l, ttl) = key_info(&seg, &endpoint)?;
+            assert_eq!(v, value, "the key stays ours");
+            (l != old_lease && ttl > 3).then_some(())
+        });
+        // Both processes run: the old one still keeps its lease alive (seen refreshed twice),
+        // so its session lives, and it still holds the VIP.
+        let mut last = lease_ttl(&seg, &endpoint, old_lease);
+        let mut refreshed = 0;
+        wait_for("the old process to keep its lease alive", Duration::from_secs(10), || {
+            let ttl = lease_ttl(&seg, &endpoint, old_lease);
+            assert!(ttl > 0, "the old process's lease was revoked or expired");
+            if ttl > last {
+                refreshed += 1;
+            }
+            last = ttl;
+            (refreshed >= 2).then_some(())
+        });
+        assert_eq!((a.state(), b.state()), (State::Master, State::Master));
+        a.finish(true);
+        let deleted: Vec<String> = mon1.vip_events().into_iter().filter(|l| l.starts_with("Deleted")).collect();
+        assert!(deleted.is_empty(), "the VIP was never removed from lb1: {deleted:?}");
+        assert!(seg.holds_vip("lb1"));
+        b.finish(false);
+    }));
+    if let Err(e) = result {
+        eprintln!("--- etcd ---\n{}", etcd_proc.log_tail(20));
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// The remaining TTL of a lease, in seconds (-1: gone), asked from the client namespace.
+fn lease_ttl(seg: &common::netns::Segment, endpoint: &str, id: i64) -> i64 {
+    let endpoint = endpoint.to_owned();
+    seg.run_in("cli", move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        rt.block_on(async move {
+            let mut c = etcd_client::Client::connect([endpoint], None).await.ok()?;
+            Some(c.lease_time_to_live(id, None).await.ok()?.ttl())
+        })
+    })
+    .expect("etcd answers")
 }
 
 /// What etcd says about the VIP's key, asked from the client namespace: (value, lease id,

@@ -273,6 +273,9 @@ async fn session_inner(
         },
         None => None,
     };
+    // An adopted lease is never revoked by this process: the previous one may still rely on
+    // it (until it stops); once the key has moved, the lease expires on its own.
+    let mut lease_is_ours = adopted.is_none();
     let (mut lease, mut lease_ttl, (mut keeper, mut acks)) = match adopted {
         Some(a) => a,
         None => {
@@ -322,7 +325,10 @@ async fn session_inner(
                         Ok((k, a)) => (keeper, acks) = (k, a),
                         Err(e) => break Err(e.to_string()),
                     }
-                    let _ = client.lease_revoke(lease).await;
+                    if lease_is_ours {
+                        let _ = client.lease_revoke(lease).await;
+                    }
+                    lease_is_ours = true;
                     info!(vip = %h.cfg.name, old = lease, new = id, ?ttl, "etcd lease election: lease TTL changed");
                     (lease, lease_ttl, last_ack, next_keepalive) = (id, ttl, now, now + ttl / 3);
                     h.set_lease(Some(LeaseRole { id, ttl_ms: ttl.as_millis() as u64, key: h.key.clone(), value: h.me.clone() }));
@@ -381,7 +387,9 @@ async fn session_inner(
                             .and_then([TxnOp::delete(h.key.as_str(), None)]);
                         let _ = client.txn(del).await;
                     }
-                    let _ = client.lease_revoke(lease).await;
+                    if lease_is_ours {
+                        let _ = client.lease_revoke(lease).await;
+                    }
                 }
                 // Hand-over: the successor keeps this lease alive and the key with it.
                 break Ok(());
