@@ -15,6 +15,9 @@
 //!   before it is ready must stop its instances with `hand_over` too, so the old one, which
 //!   keeps serving, keeps the VIP.
 //!
+//! The types and functions are `pub` (not `pub(crate)`) because the namespace tests
+//! (tests/vip_netns.rs) run instances in-process through them, as the supervisor will.
+//!
 //! Invariants: a role is only taken over if it describes the same VIP as the new config
 //! ([`VipRole::matches`]); otherwise the instance starts afresh and removes the address the old
 //! role held (the old process leaves it in place on hand-over). Roles may be stale by the time
