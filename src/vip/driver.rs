@@ -7,7 +7,11 @@
 //! packet is counted and logged at debug level, never fatal.
 //!
 //! On start a VIP found on the interface is removed (a crash may have left it); on stop a
-//! master sends a priority-0 advertisement and removes it.
+//! master sends a priority-0 advertisement and removes it. Upgrade (see `super::lifecycle`):
+//! an instance started with `Start::TakeOver` of a master role keeps the address and starts
+//! as master, advertising at once; one stopped with `VipStop::hand_over` leaves the address
+//! and sends no priority-0 advert. Reload: the instance follows its config feed and applies a
+//! new config in place (`Vrrp::reconfigure`), without giving up mastership.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
@@ -16,13 +20,14 @@ use std::time::Duration;
 
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::fsm::{Action, FsmConfig, Heard, State, Vrrp};
 use super::garp::{self, Announcer};
 use super::health::Health;
+use super::lifecycle::{self, ConfigFeed, LeaseRole, Start, StopMode, VipRole, VipStop};
 use super::netlink::{self, Netlink};
 use super::packet::{self, Advert, Version};
 use crate::config::VipConfig;
@@ -53,6 +58,12 @@ pub struct VipStatus {
     pub transitions: u64,
     pub garps_sent: u64,
     pub bad_packets: u64,
+    /// The configuration in force (for the hand-over of the role to a successor).
+    #[serde(skip)]
+    pub(crate) cfg: Arc<VipConfig>,
+    /// etcd election: the lease in use, and the key's value that marks it as ours.
+    #[serde(skip)]
+    pub(crate) lease: Option<LeaseRole>,
 }
 
 pub type SharedVipStatus = Arc<Mutex<VipStatus>>;
@@ -70,6 +81,8 @@ pub fn initial_status(cfg: &VipConfig) -> SharedVipStatus {
         transitions: 0,
         garps_sent: 0,
         bad_packets: 0,
+        cfg: Arc::new(cfg.clone()),
+        lease: None,
     }))
 }
 
@@ -191,7 +204,8 @@ struct Driver {
 /// The address itself, the same whichever election holds it: added and removed through
 /// netlink, announced by gratuitous ARP / unsolicited NA.
 pub(crate) struct VipAddress {
-    cfg: Arc<VipConfig>,
+    /// Follows reloads (GARP count, interval).
+    pub(crate) cfg: Arc<VipConfig>,
     netlink: Netlink,
     announcer: Option<Announcer>,
     status: SharedVipStatus,
@@ -199,11 +213,16 @@ pub(crate) struct VipAddress {
 
 impl VipAddress {
     /// Opens netlink and the announcer, and removes the address if a crash left it on the
-    /// interface: it is taken again only if this host is elected.
-    pub(crate) async fn open(cfg: &Arc<VipConfig>, status: SharedVipStatus) -> Result<VipAddress, VipError> {
+    /// interface: it is taken again only if this host is elected. With `keep` (taking over the
+    /// role of a previous process that holds the VIP), the address stays where it is.
+    pub(crate) async fn open(
+        cfg: &Arc<VipConfig>,
+        status: SharedVipStatus,
+        keep: bool,
+    ) -> Result<VipAddress, VipError> {
         let nl_err = |source| VipError::Netlink { name: cfg.name.clone(), source };
         let netlink = Netlink::connect().map_err(nl_err)?;
-        if netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(nl_err)? {
+        if !keep && netlink.del(&cfg.interface, cfg.addr, cfg.prefix).await.map_err(nl_err)? {
             warn!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface,
                   "removed a VIP left on the interface (crash?); it is taken again only if elected");
         }
@@ -278,19 +297,60 @@ pub async fn release(cfg: &VipConfig) -> Result<bool, VipError> {
         .map_err(|source| VipError::Netlink { name: cfg.name.clone(), source })
 }
 
+/// The role handed over by the previous process, if it is this VIP's; a role for another VIP
+/// (its address, VRID or election changed across the upgrade) is not taken over, and the
+/// address it held, which the previous process leaves in place on hand-over, is removed.
+pub(crate) async fn role_to_take_over(cfg: &VipConfig, start: Start) -> Option<VipRole> {
+    let role = match start {
+        Start::Fresh => return None,
+        Start::TakeOver(role) if role.matches(cfg) => return Some(role),
+        Start::TakeOver(role) => role,
+    };
+    warn!(vip = %cfg.name, old_addr = %role.addr, old_interface = %role.interface,
+          "the VIP handed over by the previous process is configured differently now: starting afresh");
+    if role.master
+        && (role.addr, role.prefix, role.interface.as_str()) != (cfg.addr, cfg.prefix, cfg.interface.as_str())
+    {
+        match Netlink::connect() {
+            Ok(nl) => match nl.del(&role.interface, role.addr, role.prefix).await {
+                Ok(true) => info!(vip = %cfg.name, addr = %role.addr, "removed the address the previous process held"),
+                Ok(false) => {}
+                Err(e) => warn!(vip = %cfg.name, error = %e, "cannot remove the address the previous process held"),
+            },
+            Err(e) => warn!(vip = %cfg.name, error = %e, "cannot remove the address the previous process held"),
+        }
+    }
+    None
+}
+
 /// Tells whether the proxy is fit to hold the VIP right now (before hysteresis).
 pub type Fitness = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How often fitness is sampled.
 const HEALTH_EVERY: Duration = Duration::from_millis(250);
 
-/// Runs one VRRP instance until `stop`; then hands over cleanly.
+/// Runs one VRRP instance from a fresh start until `stop`; see `run_with`.
 pub async fn run(
-    cfg: Arc<VipConfig>,
+    cfg: impl ConfigFeed,
     status: SharedVipStatus,
     fitness: Fitness,
-    stop: CancellationToken,
+    stop: impl Into<VipStop>,
 ) -> Result<(), VipError> {
+    run_with(cfg, status, fitness, stop.into(), Start::Fresh).await
+}
+
+/// Runs one VRRP instance until `stop`, following `cfg` (reload): a fresh start begins as
+/// backup; `Start::TakeOver` of a master role begins as master with the address left in place.
+/// The way `stop` is given (`release` or `hand_over`) says whether to release the VIP.
+pub async fn run_with(
+    cfg: impl ConfigFeed,
+    status: SharedVipStatus,
+    fitness: Fitness,
+    stop: VipStop,
+    start: Start,
+) -> Result<(), VipError> {
+    let mut feed = cfg.into_receiver();
+    let cfg = feed.borrow_and_update().clone();
     let setup = |reason: String| VipError::Setup { name: cfg.name.clone(), reason };
     let Some(local) = local_addr(&cfg) else {
         return Err(setup(format!(
@@ -308,27 +368,50 @@ pub async fn run(
             unsafe { AsyncFd::register(s) }.map_err(|e| std::io::Error::other(e.to_string()))
         })
         .map_err(|source| VipError::Socket { name: cfg.name.clone(), source })?;
-    let addr = VipAddress::open(&cfg, status.clone()).await?;
-    let fsm = Vrrp::new(FsmConfig {
+    let take_over = role_to_take_over(&cfg, start).await.is_some_and(|r| r.master);
+    let addr = VipAddress::open(&cfg, status.clone(), take_over).await?;
+    if let Ok(mut s) = status.lock() {
+        s.cfg = cfg.clone();
+    }
+    let auth = cfg.auth_pass.as_ref().map(|p| packet::auth_bytes(p.expose()));
+    let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
+    let fsm = Vrrp::new(fsm_config(&cfg, local, &health));
+    let mut d = Driver { cfg: cfg.clone(), local, ifindex, sock, addr, fsm, status, auth, fitness, health };
+    info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
+          version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, take_over, "VRRP instance starting");
+    if take_over {
+        d.fsm.handle_takeover(Instant::now());
+    } else {
+        d.fsm.handle_startup(Instant::now());
+    }
+    d.run(feed, stop).await
+}
+
+/// The state machine's settings for `cfg`, with the priority lowered while unfit.
+fn fsm_config(cfg: &VipConfig, local: IpAddr, health: &Health) -> FsmConfig {
+    let priority = if cfg.health_weight > 0 && !health.healthy() {
+        cfg.priority.saturating_sub(cfg.health_weight).max(1)
+    } else {
+        cfg.priority
+    };
+    FsmConfig {
         version: cfg.version,
-        priority: cfg.priority,
+        priority,
         interval: cfg.advert_interval,
         preempt: cfg.preempt,
         preempt_delay: cfg.preempt_delay,
         local_addr: local,
-    });
-    let auth = cfg.auth_pass.as_ref().map(|p| packet::auth_bytes(p.expose()));
-    let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
-    let mut d = Driver { cfg: cfg.clone(), local, ifindex, sock, addr, fsm, status, auth, fitness, health };
-    info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
-          version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, "VRRP instance starting");
-    d.fsm.handle_startup(Instant::now());
-    d.run(stop).await
+    }
+}
+
+fn refresh_timer(cfg: &VipConfig) -> Option<tokio::time::Interval> {
+    cfg.garp_refresh.map(|p| tokio::time::interval_at(Instant::now() + p, p))
 }
 
 impl Driver {
-    async fn run(&mut self, stop: CancellationToken) -> Result<(), VipError> {
-        let mut refresh = self.cfg.garp_refresh.map(|p| tokio::time::interval_at(Instant::now() + p, p));
+    async fn run(&mut self, mut feed: watch::Receiver<Arc<VipConfig>>, stop: VipStop) -> Result<(), VipError> {
+        let mut refresh = refresh_timer(&self.cfg);
+        let mut feed_open = true;
         let mut health_tick = tokio::time::interval(HEALTH_EVERY);
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -374,12 +457,24 @@ impl Driver {
                 _ = async { refresh.as_mut().unwrap().tick().await }, if refresh.is_some() && self.fsm.state() == State::Master => {
                     self.addr.announce_once();
                 }
+                r = feed.changed(), if feed_open => match r {
+                    Ok(()) => {
+                        let new = feed.borrow_and_update().clone();
+                        let refresh_before = self.cfg.garp_refresh;
+                        self.reconfigure(new);
+                        if self.cfg.garp_refresh != refresh_before {
+                            refresh = refresh_timer(&self.cfg);
+                        }
+                    }
+                    // A fixed config, or the supervisor dropped the sender: nothing more to follow.
+                    Err(_) => feed_open = false,
+                },
                 _ = health_tick.tick(), if self.cfg.health_weight > 0 => {
                     let now = Instant::now();
                     let was = self.health.healthy();
                     let fit = self.health.observe(now, (self.fitness)());
                     if fit != was {
-                        let p = if fit { self.cfg.priority } else { self.cfg.priority.saturating_sub(self.cfg.health_weight).max(1) };
+                        let p = fsm_config(&self.cfg, self.local, &self.health).priority;
                         if fit {
                             info!(vip = %self.cfg.name, priority = p, "proxy healthy again: priority restored");
                         } else {
@@ -388,14 +483,46 @@ impl Driver {
                         self.fsm.set_priority(now, p);
                     }
                 }
-                _ = stop.cancelled() => {
-                    self.fsm.handle_shutdown(Instant::now());
+                _ = stop.stopped() => {
+                    let mode = stop.mode();
+                    match mode {
+                        StopMode::Release => self.fsm.handle_shutdown(Instant::now()),
+                        StopMode::HandOver => self.fsm.handle_handover(Instant::now()),
+                    }
                     self.act().await;
-                    info!(vip = %self.cfg.name, "VRRP instance stopped");
+                    info!(vip = %self.cfg.name, ?mode, "VRRP instance stopped");
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// Reload: applies `new` in place, unless it changes what needs a restart.
+    fn reconfigure(&mut self, new: Arc<VipConfig>) {
+        if lifecycle::needs_restart(&self.cfg, &new) {
+            error!(vip = %self.cfg.name, changed = ?lifecycle::changed_fields(&self.cfg, &new),
+                   "this change needs the VRRP instance restarted; the running instance keeps its configuration");
+            return;
+        }
+        let changed = lifecycle::changed_fields(&self.cfg, &new);
+        if changed.is_empty() {
+            return;
+        }
+        self.cfg = new;
+        self.addr.cfg = self.cfg.clone();
+        self.auth = self.cfg.auth_pass.as_ref().map(|p| packet::auth_bytes(p.expose()));
+        if self.cfg.health_weight == 0 {
+            // Ties off: forget any unfit verdict, so turning them on again starts from healthy.
+            self.health = Health::new(self.cfg.unhealthy_after, self.cfg.healthy_after);
+        } else {
+            self.health.set_thresholds(self.cfg.unhealthy_after, self.cfg.healthy_after);
+        }
+        self.fsm.reconfigure(Instant::now(), fsm_config(&self.cfg, self.local, &self.health));
+        if let Ok(mut s) = self.status.lock() {
+            s.cfg = self.cfg.clone();
+        }
+        info!(vip = %self.cfg.name, ?changed, state = ?self.fsm.state(), priority = self.fsm.priority(),
+              interval = ?self.cfg.advert_interval, "VRRP configuration applied in place");
     }
 
     fn bad(&mut self, why: String) {

@@ -13,6 +13,17 @@
 //! Additions to the RFC, as keepalived has them: `preempt = false` (a backup never takes over
 //! from a live master) and a `preempt_delay` after start-up; the priority can be changed at run
 //! time (health ties), and is advertised at once.
+//!
+//! Lifecycle additions for reload and upgrade:
+//! - `reconfigure` applies new priority / interval / preempt settings in place. A master stays
+//!   master and advertises the new values at once: it steps down only if an advert it then hears
+//!   says so (a preempting peer of higher priority takes over as the RFC has it). A backup
+//!   re-arms its master-down timer from the same starting point with the new skew (and, for
+//!   VRRPv2 or while no master has been heard, the new interval); it never transitions by itself.
+//!   Version and local address are fixed for the life of an instance (a change means a restart).
+//! - `handle_takeover` starts an instance directly as master (binary upgrade: the previous
+//!   process held the role, the address is already there); `handle_handover` ends one without
+//!   the priority-0 advert and without removing the address, for the successor to carry on.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -74,6 +85,9 @@ pub struct Vrrp {
     master_adver_interval: Duration,
     adver_timer: Option<Instant>,
     master_down_timer: Option<Instant>,
+    /// What armed `master_down_timer`: from when, and whether only the skew was to run (the
+    /// master left with a priority-0 advert). Lets `reconfigure` re-arm it with new values.
+    down_armed: Option<(Instant, bool)>,
     actions: VecDeque<Action>,
     /// The master last heard from, and when.
     pub master_seen: Option<(IpAddr, u8)>,
@@ -91,6 +105,7 @@ impl Vrrp {
             started: None,
             adver_timer: None,
             master_down_timer: None,
+            down_armed: None,
             actions: VecDeque::new(),
             master_seen: None,
             transitions: 0,
@@ -119,6 +134,17 @@ impl Vrrp {
         self.master_adver_interval * 3 + self.skew()
     }
 
+    /// The configuration in force (the advertised priority may differ: see `priority`).
+    pub fn config(&self) -> &FsmConfig {
+        &self.cfg
+    }
+
+    /// Arms the master-down timer at `from`: the full interval, or the skew only.
+    fn arm_down(&mut self, from: Instant, skew_only: bool) {
+        self.down_armed = Some((from, skew_only));
+        self.master_down_timer = Some(from + if skew_only { self.skew() } else { self.master_down_interval() });
+    }
+
     fn go(&mut self, to: State) {
         if self.state != to {
             self.actions.push_back(Action::StateChanged { from: self.state, to });
@@ -133,6 +159,7 @@ impl Vrrp {
         self.actions.push_back(Action::Announce);
         self.adver_timer = Some(now + self.cfg.interval);
         self.master_down_timer = None;
+        self.down_armed = None;
         self.master_seen = None;
         self.go(State::Master);
     }
@@ -145,7 +172,7 @@ impl Vrrp {
         if self.cfg.version == Version::V3 {
             self.master_adver_interval = interval;
         }
-        self.master_down_timer = Some(now + self.master_down_interval());
+        self.arm_down(now, false);
         self.go(State::Backup);
     }
 
@@ -158,15 +185,77 @@ impl Vrrp {
         self.become_backup(now, self.cfg.interval);
     }
 
+    /// Binary upgrade, new side: the previous process was master and the address is still on
+    /// the interface; carry on as master at once (advertise now, so the peer's master-down
+    /// timer never runs out). The address is added again (idempotent) in case the previous
+    /// process lost it meanwhile, and announced (a repeated gratuitous ARP is harmless).
+    pub fn handle_takeover(&mut self, now: Instant) {
+        if self.state != State::Initialize {
+            return;
+        }
+        self.started = Some(now);
+        self.master_adver_interval = self.cfg.interval;
+        self.become_master(now);
+    }
+
     /// Clean stop: a master hands over at once with a priority-0 advertisement.
     pub fn handle_shutdown(&mut self, _now: Instant) {
         if self.state == State::Master {
             self.actions.push_back(Action::SendAdvert { priority: 0 });
             self.actions.push_back(Action::DelAddresses);
         }
+        self.stop_timers();
+        self.go(State::Initialize);
+    }
+
+    /// Binary upgrade, old side: stop without a priority-0 advert and without removing the
+    /// address; the successor (started with `handle_takeover`) keeps advertising.
+    pub fn handle_handover(&mut self, _now: Instant) {
+        self.stop_timers();
+        self.go(State::Initialize);
+    }
+
+    fn stop_timers(&mut self) {
         self.adver_timer = None;
         self.master_down_timer = None;
-        self.go(State::Initialize);
+        self.down_armed = None;
+    }
+
+    /// Reload: applies new settings without a transition of its own (see the module docs).
+    /// `version` and `local_addr` of `cfg` are ignored: they are fixed for this instance.
+    /// `cfg.priority` is the priority to advertise (health ties already subtracted).
+    pub fn reconfigure(&mut self, now: Instant, cfg: FsmConfig) {
+        let cfg = FsmConfig { version: self.cfg.version, local_addr: self.cfg.local_addr, ..cfg };
+        let priority = cfg.priority.clamp(1, 254);
+        if cfg == self.cfg && priority == self.priority {
+            return;
+        }
+        let interval_changed = cfg.interval != self.cfg.interval;
+        let advertised_changed = interval_changed || priority != self.priority;
+        self.cfg = cfg;
+        self.priority = priority;
+        match self.state {
+            State::Initialize => self.master_adver_interval = self.cfg.interval,
+            State::Master => {
+                // A master's Master_Adver_Interval is its own; backups learn the new one (v3)
+                // from the advert sent now, before their timers could run out on the old one.
+                self.master_adver_interval = self.cfg.interval;
+                if advertised_changed {
+                    self.actions.push_back(Action::SendAdvert { priority });
+                    self.adver_timer = Some(now + self.cfg.interval);
+                }
+            }
+            State::Backup => {
+                // VRRPv3 learns Master_Adver_Interval from the master's adverts; VRRPv2 (and a
+                // v3 backup that has heard no master yet) uses its own.
+                if self.cfg.version == Version::V2 || self.master_seen.is_none() {
+                    self.master_adver_interval = self.cfg.interval;
+                }
+                if let Some((from, skew_only)) = self.down_armed {
+                    self.arm_down(from, skew_only);
+                }
+            }
+        }
     }
 
     fn in_preempt_delay(&self, now: Instant) -> bool {
@@ -180,13 +269,13 @@ impl Vrrp {
             State::Backup => {
                 if h.priority == 0 {
                     // The master is leaving: take over after the skew only.
-                    self.master_down_timer = Some(now + self.skew());
+                    self.arm_down(now, true);
                     self.master_seen = None;
                 } else if !self.cfg.preempt || h.priority >= self.priority || self.in_preempt_delay(now) {
                     if self.cfg.version == Version::V3 {
                         self.master_adver_interval = h.interval;
                     }
-                    self.master_down_timer = Some(now + self.master_down_interval());
+                    self.arm_down(now, false);
                     self.master_seen = Some((h.src, h.priority));
                 }
                 // else: a lower-priority master and we preempt: let the timer run out.
@@ -406,24 +495,237 @@ mod tests {
         assert_eq!(v.state(), State::Backup);
     }
 
-    /// Two routers joined by a perfect link, in virtual time: whatever happens, at most one is
-    /// master once adverts have had time to cross, and the higher priority wins.
-    fn simulate(p1: u8, p2: u8, preempt: bool, kills: &[(u64, bool)]) -> Result<(), TestCaseError> {
+    fn master(p: u8, addr: &str, t0: Instant) -> Vrrp {
+        let mut v = Vrrp::new(cfg(p, addr, true));
+        v.handle_startup(t0);
+        v.handle_timeout(v.poll_timeout().unwrap());
+        drain(&mut v);
+        assert_eq!(v.state(), State::Master);
+        v
+    }
+
+    #[test]
+    fn master_keeps_mastership_when_its_priority_is_lowered_above_the_peer() {
+        let t0 = Instant::now();
+        let mut v = master(150, "10.0.0.1", t0);
+        let t = t0 + Duration::from_secs(1);
+        v.reconfigure(t, cfg(120, "10.0.0.1", true));
+        assert_eq!(drain(&mut v), vec![Action::SendAdvert { priority: 120 }], "advertised at once, no transition");
+        assert_eq!(v.poll_timeout(), Some(t + 100 * MS));
+        v.handle_advert(t + 10 * MS, heard("10.0.0.2", 100));
+        assert!(drain(&mut v).is_empty());
+        assert_eq!((v.state(), v.priority(), v.transitions), (State::Master, 120, 2), "no new transition");
+    }
+
+    #[test]
+    fn master_lowered_below_a_preempting_peer_steps_down_only_when_it_hears_it() {
+        let t0 = Instant::now();
+        let mut v = master(150, "10.0.0.1", t0);
+        let t = t0 + Duration::from_secs(1);
+        v.reconfigure(t, cfg(50, "10.0.0.1", true));
+        assert_eq!(drain(&mut v), vec![Action::SendAdvert { priority: 50 }]);
+        assert_eq!(v.state(), State::Master, "a master never steps down by itself");
+        v.handle_timeout(t + 100 * MS);
+        assert_eq!(drain(&mut v), vec![Action::SendAdvert { priority: 50 }]);
+        // The peer (100, preempting) has let its timer run out and advertises.
+        v.handle_advert(t + 400 * MS, heard("10.0.0.2", 100));
+        assert_eq!(
+            drain(&mut v),
+            vec![Action::DelAddresses, Action::StateChanged { from: State::Master, to: State::Backup }]
+        );
+    }
+
+    #[test]
+    fn master_advertises_a_new_interval_at_once() {
+        let t0 = Instant::now();
+        let mut v = master(150, "10.0.0.1", t0);
+        let t = t0 + Duration::from_secs(1) + 30 * MS;
+        let mut c = cfg(150, "10.0.0.1", true);
+        c.interval = Duration::from_secs(1);
+        v.reconfigure(t, c);
+        assert_eq!(drain(&mut v), vec![Action::SendAdvert { priority: 150 }]);
+        assert_eq!(v.poll_timeout(), Some(t + Duration::from_secs(1)));
+        // Preempt settings alone change nothing on the wire.
+        let mut c = cfg(150, "10.0.0.1", false);
+        c.interval = Duration::from_secs(1);
+        c.preempt_delay = Duration::from_secs(5);
+        v.reconfigure(t + 10 * MS, c);
+        assert!(drain(&mut v).is_empty());
+        assert_eq!(v.poll_timeout(), Some(t + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn unchanged_config_does_nothing_and_version_and_address_stay() {
+        let t0 = Instant::now();
+        let mut v = master(150, "10.0.0.1", t0);
+        let timer = v.poll_timeout();
+        v.reconfigure(t0 + 50 * MS, cfg(150, "10.0.0.1", true));
+        assert!(drain(&mut v).is_empty());
+        assert_eq!(v.poll_timeout(), timer);
+        let mut c = cfg(150, "10.0.0.9", true);
+        c.version = Version::V2;
+        v.reconfigure(t0 + 60 * MS, c);
+        assert!(drain(&mut v).is_empty());
+        assert_eq!((v.config().version, v.config().local_addr), (Version::V3, "10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn backup_re_arms_its_master_down_timer_with_the_new_skew() {
+        let t0 = Instant::now();
+        let mut v = Vrrp::new(cfg(100, "10.0.0.1", true));
+        v.handle_startup(t0);
+        let heard_at = t0 + 50 * MS;
+        v.handle_advert(heard_at, heard("10.0.0.2", 200));
+        drain(&mut v);
+        assert_eq!(v.poll_timeout(), Some(heard_at + 300 * MS + 100 * MS * 156 / 256));
+        v.reconfigure(heard_at + 20 * MS, cfg(180, "10.0.0.1", true));
+        assert!(drain(&mut v).is_empty(), "a backup sends nothing");
+        assert_eq!(v.poll_timeout(), Some(heard_at + 300 * MS + 100 * MS * 76 / 256), "same start, new skew");
+        // Its own interval is not used while it follows a v3 master (which advertises 100 ms).
+        let mut c = cfg(180, "10.0.0.1", true);
+        c.interval = Duration::from_secs(1);
+        v.reconfigure(heard_at + 30 * MS, c);
+        assert_eq!(v.poll_timeout(), Some(heard_at + 300 * MS + 100 * MS * 76 / 256));
+        assert_eq!(v.state(), State::Backup);
+        // The master keeps advertising at its higher priority: the backup stays.
+        v.handle_advert(heard_at + 100 * MS, heard("10.0.0.2", 200));
+        v.handle_timeout(heard_at + 200 * MS);
+        assert_eq!(v.state(), State::Backup);
+    }
+
+    #[test]
+    fn backup_uses_the_new_interval_in_v2_and_before_hearing_a_master() {
+        let t0 = Instant::now();
+        // v3, nothing heard yet: the new interval sets the master-down time.
+        let mut v = Vrrp::new(cfg(100, "10.0.0.1", true));
+        v.handle_startup(t0);
+        let mut c = cfg(100, "10.0.0.1", true);
+        c.interval = Duration::from_secs(1);
+        v.reconfigure(t0 + 10 * MS, c.clone());
+        assert_eq!(v.poll_timeout(), Some(t0 + Duration::from_secs(3) + Duration::from_secs(1) * 156 / 256));
+        // v2: the interval is always the configured one.
+        let mut c2 = cfg(100, "10.0.0.1", true);
+        c2.version = Version::V2;
+        c2.interval = Duration::from_secs(1);
+        let mut v = Vrrp::new(c2.clone());
+        v.handle_startup(t0);
+        let heard_at = t0 + 500 * MS;
+        v.handle_advert(heard_at, Heard { interval: Duration::from_secs(1), ..heard("10.0.0.2", 200) });
+        c2.interval = Duration::from_secs(2);
+        v.reconfigure(heard_at + 10 * MS, c2);
+        assert_eq!(v.poll_timeout(), Some(heard_at + Duration::from_secs(6) + Duration::from_secs(1) * 156 / 256));
+    }
+
+    #[test]
+    fn backup_raised_above_the_master_preempts_within_master_down_interval() {
+        let t0 = Instant::now();
+        let mut v = Vrrp::new(cfg(100, "10.0.0.1", true));
+        v.handle_startup(t0);
+        v.handle_advert(t0 + 50 * MS, heard("10.0.0.2", 150));
+        drain(&mut v);
+        let t = t0 + 60 * MS;
+        v.reconfigure(t, cfg(200, "10.0.0.1", true));
+        assert!(drain(&mut v).is_empty());
+        // The lower master's adverts no longer reset the timer.
+        let mut now = t;
+        while v.state() == State::Backup {
+            now += 100 * MS;
+            v.handle_advert(now, heard("10.0.0.2", 150));
+            v.handle_timeout(now);
+            assert!(now < t + Duration::from_secs(1), "no takeover");
+        }
+        assert!(drain(&mut v).contains(&Action::StateChanged { from: State::Backup, to: State::Master }));
+        // And with preempt turned off at the same time, it would have stayed backup.
+        let mut v = Vrrp::new(cfg(100, "10.0.0.1", true));
+        v.handle_startup(t0);
+        v.handle_advert(t0 + 50 * MS, heard("10.0.0.2", 150));
+        v.reconfigure(t, cfg(200, "10.0.0.1", false));
+        for k in 1..20u32 {
+            v.handle_advert(t + 100 * MS * k, heard("10.0.0.2", 150));
+            v.handle_timeout(t + 100 * MS * k);
+        }
+        assert_eq!(v.state(), State::Backup);
+    }
+
+    #[test]
+    fn takeover_starts_as_master_and_advertises_at_once() {
+        let t0 = Instant::now();
+        let mut v = Vrrp::new(cfg(150, "10.0.0.1", true));
+        v.handle_takeover(t0);
+        assert_eq!(
+            drain(&mut v),
+            vec![
+                Action::AddAddresses,
+                Action::SendAdvert { priority: 150 },
+                Action::Announce,
+                Action::StateChanged { from: State::Initialize, to: State::Master },
+            ]
+        );
+        assert_eq!(v.poll_timeout(), Some(t0 + 100 * MS));
+        // A higher-priority peer still wins, as against any master.
+        v.handle_advert(t0 + 10 * MS, heard("10.0.0.2", 200));
+        assert_eq!(v.state(), State::Backup);
+    }
+
+    #[test]
+    fn handover_stop_sends_nothing_and_keeps_the_address() {
+        let t0 = Instant::now();
+        let mut v = master(150, "10.0.0.1", t0);
+        v.handle_handover(t0 + Duration::from_secs(1));
+        assert_eq!(drain(&mut v), vec![Action::StateChanged { from: State::Master, to: State::Initialize }]);
+        assert_eq!(v.poll_timeout(), None);
+    }
+
+    /// A change of configuration, applied to one router at a given time.
+    #[derive(Debug, Clone)]
+    struct Reconf {
+        at_ms: u64,
+        which: bool,
+        priority: u8,
+        interval_ms: u64,
+        preempt: bool,
+    }
+
+    /// Two routers joined by a perfect link, in virtual time, with kills and reconfigurations
+    /// injected: once adverts have had time to cross, at most one is master (and one if any
+    /// is alive), and with preemption the higher priority ends up master. Returns how many
+    /// state changes each router made.
+    fn simulate(
+        p1: u8,
+        p2: u8,
+        preempt: bool,
+        kills: &[(u64, bool)],
+        reconfs: &[Reconf],
+    ) -> Result<[u64; 2], TestCaseError> {
         let t0 = Instant::now();
         let mut r = [Vrrp::new(cfg(p1, "10.0.0.1", preempt)), Vrrp::new(cfg(p2, "10.0.0.2", preempt))];
         let addrs = ["10.0.0.1", "10.0.0.2"];
         let mut alive = [true, true];
+        let mut changes = [0u64; 2];
         r[0].handle_startup(t0);
         r[1].handle_startup(t0 + 7 * MS);
         let mut now = t0;
-        let end = t0 + Duration::from_secs(20);
+        let end = t0 + Duration::from_secs(25);
         let mut last_change = t0;
+        let mut applied = vec![false; reconfs.len()];
+        // Long enough for any master-down interval in play (intervals up to 400 ms).
+        let settle = Duration::from_secs(2);
         while now < end {
             for &(at, which) in kills {
                 let i = usize::from(which);
                 if now >= t0 + Duration::from_millis(at) && alive[i] {
                     alive[i] = false;
                     r[i].handle_shutdown(now);
+                }
+            }
+            for (k, c) in reconfs.iter().enumerate() {
+                if !applied[k] && now >= t0 + Duration::from_millis(c.at_ms) {
+                    applied[k] = true;
+                    let i = usize::from(c.which);
+                    let mut n = cfg(c.priority, addrs[i], c.preempt);
+                    n.interval = Duration::from_millis(c.interval_ms);
+                    r[i].reconfigure(now, n);
+                    last_change = last_change.max(now);
                 }
             }
             for i in 0..2 {
@@ -433,15 +735,19 @@ mod tests {
                 while let Some(a) = r[i].poll_action() {
                     match a {
                         Action::SendAdvert { priority } if alive[1 - i] => {
-                            r[1 - i].handle_advert(now, heard(addrs[i], priority))
+                            let h = Heard { interval: r[i].config().interval, ..heard(addrs[i], priority) };
+                            r[1 - i].handle_advert(now, h)
                         }
-                        Action::StateChanged { .. } => last_change = now,
+                        Action::StateChanged { .. } => {
+                            last_change = now;
+                            changes[i] += 1;
+                        }
                         _ => {}
                     }
                 }
             }
             let masters = (0..2).filter(|&i| alive[i] && r[i].state() == State::Master).count();
-            if now > last_change + Duration::from_secs(1) {
+            if now > last_change + settle {
                 prop_assert!(masters <= 1, "two masters at {:?}", now - t0);
                 let live: Vec<usize> = (0..2).filter(|&i| alive[i]).collect();
                 prop_assert_eq!(masters, usize::from(!live.is_empty()), "no master at {:?}", now - t0);
@@ -450,18 +756,56 @@ mod tests {
         }
         let live: Vec<usize> = (0..2).filter(|&i| alive[i]).collect();
         // With equal priorities the first master stays (a backup accepts `>=`, RFC 5798 §6.4.2).
-        if live.len() == 2 && preempt && p1 != p2 {
-            let winner = if p1 > p2 { 0 } else { 1 };
-            prop_assert_eq!(r[winner].state(), State::Master);
+        let (q1, q2) = (r[0].priority(), r[1].priority());
+        let all_preempt = r.iter().all(|v| v.config().preempt);
+        if live.len() == 2 && all_preempt && q1 != q2 {
+            let winner = if q1 > q2 { 0 } else { 1 };
+            prop_assert_eq!(r[winner].state(), State::Master, "priorities {} {}", q1, q2);
         }
-        Ok(())
+        Ok(changes)
+    }
+
+    fn reconf() -> impl Strategy<Value = Reconf> {
+        (0u64..15000, any::<bool>(), 1u8..=254, prop::sample::select(vec![50u64, 100, 200, 400]), any::<bool>())
+            .prop_map(|(at_ms, which, priority, interval_ms, preempt)| Reconf {
+                at_ms,
+                which,
+                priority,
+                interval_ms,
+                preempt,
+            })
     }
 
     proptest! {
         #[test]
         fn one_master_eventually(p1 in 1u8..=254, p2 in 1u8..=254, preempt in any::<bool>(),
                                  kills in proptest::collection::vec((0u64..15000, any::<bool>()), 0..2)) {
-            simulate(p1, p2, preempt, &kills)?;
+            simulate(p1, p2, preempt, &kills, &[])?;
+        }
+
+        /// Any reconfigurations, with or without kills: never two masters once settled.
+        #[test]
+        fn reconfiguration_never_yields_two_masters(p1 in 1u8..=254, p2 in 1u8..=254, preempt in any::<bool>(),
+                                 kills in proptest::collection::vec((0u64..15000, any::<bool>()), 0..2),
+                                 reconfs in proptest::collection::vec(reconf(), 0..4)) {
+            simulate(p1, p2, preempt, &kills, &reconfs)?;
+        }
+
+        /// Reconfigurations that keep the master's priority above the backup's (any intervals,
+        /// preempt on or off, on either router) cause no transition at all: mastership is kept.
+        #[test]
+        fn reconfiguration_keeps_mastership(hi in 2u8..=254, lo_frac in 0.0f64..1.0,
+                                 reconfs in proptest::collection::vec(reconf(), 1..4)) {
+            let lo = 1 + ((f64::from(hi - 1) * lo_frac) as u8).min(hi - 2);
+            let mut reconfs = reconfs;
+            // Router 0 (the master) stays in (lo, 254], router 1 in [1, lo]; reconfigure after
+            // the election (which takes at most 1 s here).
+            for c in reconfs.iter_mut() {
+                c.at_ms = 1500 + c.at_ms;
+                c.priority = if c.which { 1 + c.priority % lo } else { lo + 1 + c.priority % (255 - lo - 1) };
+            }
+            let changes = simulate(hi, lo, true, &[], &reconfs)?;
+            prop_assert_eq!(changes, [2, 1], "startup -> backup -> master, startup -> backup only");
         }
     }
 }

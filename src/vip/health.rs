@@ -21,6 +21,12 @@ impl Health {
         Health { fall, rise, healthy: true, since: None }
     }
 
+    /// Reload: new thresholds, applied to the observations already under way.
+    pub fn set_thresholds(&mut self, fall: Duration, rise: Duration) {
+        self.fall = fall;
+        self.rise = rise;
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy
     }
@@ -58,5 +64,16 @@ mod tests {
         assert!(!h.observe(t0 + 7 * s, true));
         assert!(!h.observe(t0 + 11 * s, true));
         assert!(h.observe(t0 + 12 * s, true), "5 s of success");
+    }
+
+    #[test]
+    fn new_thresholds_apply_to_the_run_under_way() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut h = Health::new(10 * s, 10 * s);
+        assert!(h.observe(t0, false));
+        assert!(h.observe(t0 + 2 * s, false));
+        h.set_thresholds(2 * s, 10 * s);
+        assert!(!h.observe(t0 + 2 * s, false), "2 s of failure already seen");
     }
 }

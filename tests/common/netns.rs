@@ -100,6 +100,17 @@ impl Segment {
 
     /// Runs `f` on a thread that has entered namespace `n` (setns affects that thread only).
     pub fn run_in<T: Send + 'static>(&self, n: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in(n, f).join().unwrap()
+    }
+
+    /// `run_in` without waiting: the thread (and every socket it, or a thread it starts,
+    /// creates) lives in namespace `n`. For in-process daemons: a current-thread tokio runtime
+    /// built on this thread keeps all its I/O there.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        n: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.ns(n));
         std::thread::spawn(move || {
             let f_ns = std::fs::File::open(&path).unwrap();
@@ -108,8 +119,6 @@ impl Segment {
             assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .unwrap()
     }
 }
 
