@@ -215,6 +215,10 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let successor = sockets.successor.take();
     let mut sup = Supervisor::new(path, sockets.admin.map(|s| (config.admin, s)));
+    match vip::lifecycle::decode_handover_state(&sockets.state) {
+        Ok(roles) => sup.takeover = roles,
+        Err(e) => warn!("upgrade: the VIP roles handed over cannot be read ({e}): VIPs start as backup"),
+    }
     let mut pending = sockets.listeners;
     let mut bound: HashMap<SocketAddr, Arc<TcpListener>> = HashMap::new();
     for l in &config.listeners {
@@ -287,8 +291,10 @@ struct ListenerPart {
 /// A VIP election.
 struct VipPart {
     cfg: Arc<VipConfig>,
+    /// Live settings (priority, interval, health ties …) go to the running instance.
+    feed: watch::Sender<Arc<VipConfig>>,
     status: vip::driver::SharedVipStatus,
-    stop: CancellationToken,
+    stop: vip::lifecycle::VipStop,
     task: JoinHandle<()>,
 }
 
@@ -304,6 +310,9 @@ struct Supervisor {
     vips: HashMap<String, VipPart>,
     /// Configured address, stop token, and a duplicate of its socket for a hand-over.
     admin: Option<(SocketAddr, CancellationToken, Option<std::os::fd::OwnedFd>)>,
+    /// VIP roles handed over by the process this one replaces (binary upgrade); used by the
+    /// first configuration only.
+    takeover: Vec<vip::lifecycle::VipRole>,
     /// This executable, resolved at start-up (after a package upgrade, /proc/self/exe names
     /// the deleted old file).
     exe: Option<PathBuf>,
@@ -347,6 +356,7 @@ impl Supervisor {
             vips: HashMap::new(),
             admin: None,
             exe: handover::startup_exe().ok(),
+            takeover: Vec::new(),
             shared,
             config_status,
             stop: CancellationToken::new(),
@@ -500,17 +510,23 @@ impl Supervisor {
                 info!(cluster = %c.name, "cluster removed: discovery stopped");
             }
         }
-        // VIPs: a changed one restarts (an election that moves is announced as a clean hand-over).
+        // VIPs: removed ones are released (priority-0 advert, or the etcd key deleted); changed
+        // ones keep their role unless the change needs a new election; added ones start as backup.
         for v in &d.vips.removed {
             self.stop_vip(&v.name);
         }
-        for (old, v) in &d.vips.changed {
-            self.stop_vip(&old.name);
-            self.start_vip(v.clone(), &new);
+        let changed_clusters: Vec<&str> = d.clusters.changed.iter().map(|(_, c)| c.name.as_str()).collect();
+        for v in &new.vips {
+            let changed = d.vips.changed.iter().find(|(_, n)| n.name == v.name).map(|(_, n)| n.clone());
+            let etcd_changed = matches!(&v.election, crate::config::Election::Etcd { cluster, .. } if changed_clusters.contains(&cluster.as_str()));
+            if changed.is_some() || etcd_changed {
+                self.change_vip(v.clone(), &new, etcd_changed);
+            }
         }
         for v in &d.vips.added {
             self.start_vip(v.clone(), &new);
         }
+        self.takeover.clear();
         if let Some(addr) = d.admin.filter(|a| *a != self.admin.as_ref().map(|a| a.0)) {
             if let Some((_, stop, _)) = self.admin.take() {
                 stop.cancel();
@@ -668,8 +684,11 @@ impl Supervisor {
 
     fn start_vip(&mut self, v: Arc<VipConfig>, config: &Config) {
         let status = vip::driver::initial_status(&v);
-        let stop = CancellationToken::new();
+        let stop = vip::lifecycle::VipStop::new();
         let fit = self.fitness();
+        // After a binary upgrade: carry on the old process's role (a master stays master).
+        let start = vip::lifecycle::Start::for_vip(&self.takeover, &v.name);
+        let (feed, rx) = watch::channel(v.clone());
         let etcd = match &v.election {
             crate::config::Election::Etcd { cluster, .. } => {
                 config.clusters.iter().find(|c| &c.name == cluster).cloned()
@@ -679,19 +698,37 @@ impl Supervisor {
         let (cfg, st, s) = (v.clone(), status.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let r = match etcd {
-                Some(etcd) => vip::lease::run(cfg.clone(), etcd, st, fit, s).await,
-                None => vip::driver::run(cfg.clone(), st, fit, s).await,
+                Some(etcd) => vip::lease::run_with(rx, etcd, st, fit, s, start).await,
+                None => vip::driver::run_with(rx, st, fit, s, start).await,
             };
             if let Err(e) = r {
                 error!("{e}; this host will not hold {}", cfg.addr);
             }
         });
-        self.vips.insert(v.name.clone(), VipPart { cfg: v, status, stop, task });
+        self.vips.insert(v.name.clone(), VipPart { cfg: v, feed, status, stop, task });
+    }
+
+    /// New settings for a running VIP: applied live when the election allows it, else the
+    /// instance is released and started again.
+    fn change_vip(&mut self, v: Arc<VipConfig>, config: &Config, etcd_changed: bool) {
+        let restart = match self.vips.get_mut(&v.name) {
+            Some(p) if !etcd_changed && !vip::lifecycle::needs_restart(&p.cfg, &v) => {
+                let _ = p.feed.send(v.clone());
+                p.cfg = v.clone();
+                info!(vip = %v.name, "VIP settings applied live");
+                false
+            }
+            _ => true,
+        };
+        if restart {
+            self.stop_vip(&v.name);
+            self.start_vip(v, config);
+        }
     }
 
     fn stop_vip(&mut self, name: &str) {
         if let Some(v) = self.vips.remove(name) {
-            v.stop.cancel();
+            v.stop.release();
             info!(vip = %name, "VIP removed or changed: released");
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(2), v.task).await;
@@ -741,7 +778,8 @@ impl Supervisor {
                 .collect();
             let sockets: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
                 names.iter().map(|(n, fd)| (n.as_str(), *fd)).collect();
-            let state = Vec::new();
+            let statuses: Vec<_> = self.vips.values().map(|v| v.status.clone()).collect();
+            let state = vip::lifecycle::handover_state(&statuses);
             let r = tokio::select! {
                 r = offer.hand_over(&sockets, &state, self.config.process.upgrade_timeout) => r.map_err(|e| e.to_string()),
                 w = child.wait() => Err(match w {
@@ -772,9 +810,13 @@ impl Supervisor {
     /// holds them), let the VIPs go without a priority-0 advert (the new process advertises
     /// already), and let the sessions finish within `drain_timeout`.
     async fn retire_after_upgrade(mut self) {
-        for v in self.vips.values() {
-            // An abort, not a clean stop: no priority-0 advert, the address stays in place.
-            v.task.abort();
+        // No priority-0 advert, the address and the etcd key stay: the new process carries on.
+        let vips: Vec<VipPart> = self.vips.drain().map(|(_, v)| v).collect();
+        for v in &vips {
+            v.stop.hand_over();
+        }
+        for v in vips {
+            let _ = tokio::time::timeout(Duration::from_secs(2), v.task).await;
         }
         let mut trackers: Vec<TaskTracker> = self.retiring.iter().map(|(_, t, _)| t.clone()).collect();
         let parts: Vec<ListenerPart> = self.listeners.drain().map(|(_, p)| p).collect();
@@ -830,7 +872,7 @@ impl Supervisor {
         // VIPs first, so the backup takes over while this host still drains its sessions.
         let vips: Vec<VipPart> = self.vips.drain().map(|(_, v)| v).collect();
         for v in &vips {
-            v.stop.cancel();
+            v.stop.release();
         }
         for v in vips {
             let _ = tokio::time::timeout(Duration::from_secs(2), v.task).await;
