@@ -49,13 +49,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::admin::metrics::Metrics;
 use crate::admin::{self, ConfigStatus, Shared};
 use crate::balancer::pool::Pool;
 use crate::config::diff::{self, ConfigDiff};
 use crate::config::{ClusterConfig, Config, ListenerConfig, Role, VipConfig};
 use crate::discovery::{self, ClusterHandle};
 use crate::handover;
+use crate::metrics::Metrics;
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
 use crate::sysd;
@@ -181,7 +181,16 @@ pub async fn run_with_signals(path: PathBuf, config: Config, mut inherited: Inhe
             Err(e) => return Err(AppError::Upgrade(e.to_string())),
         }
     }
-    let mut sockets = Sockets::bind_or_inherit(&config, inherited)?;
+    let mut sockets = match Sockets::bind_or_inherit(&config, inherited) {
+        Ok(s) => s,
+        Err(e) => {
+            // The old process keeps serving; tell it why this one cannot.
+            if let Some(ready) = successor {
+                let _ = ready.fail(&e.to_string()).await;
+            }
+            return Err(e);
+        }
+    };
     sockets.successor = successor;
     sockets.state = state;
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;

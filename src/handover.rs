@@ -88,8 +88,9 @@ pub(crate) fn listener_fd_name(listener: &str) -> String {
     format!("listener.{listener}")
 }
 
-/// Removes and returns the first inherited socket called `name`; what is left over at the end
-/// belongs to nothing in the configuration and is closed by dropping it.
+/// Removes and returns the first inherited socket called `name`. (The supervisor matches
+/// sockets by their bound address, which survives a renamed listener; names are for humans.)
+#[cfg(test)]
 pub(crate) fn take(inherited: &mut Vec<Inherited>, name: &str) -> Option<OwnedFd> {
     let i = inherited.iter().position(|s| s.name == name)?;
     Some(inherited.remove(i).fd)
@@ -451,11 +452,6 @@ impl Offer {
         bound.set_nonblocking(true).map_err(io_err("set non-blocking"))?;
         offer.listener = Some(UnixListener::from_std(bound).map_err(io_err("register with the runtime"))?);
         Ok(offer)
-    }
-
-    /// Where the successor must connect (what goes into [`HANDOVER_ENV`]).
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Hands `sockets` (name, descriptor) and `state` to the first process that connects, and

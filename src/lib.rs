@@ -3,9 +3,11 @@
 //! maxconn, holds clients during a switchover instead of refusing them, and closes sessions on
 //! a demoted primary.
 //!
-//! Layout: pure cores (`config`, `topology`, `discovery::keys`, `balancer::select`,
-//! `proxy::pgwire`) with the I/O around them (`discovery` sources, `balancer::pool`,
-//! `proxy::{listener, session}`, `admin`), started and stopped by `app`.
+//! Layout: pure cores (`config`, `config::diff`, `topology`, `discovery::keys`,
+//! `balancer::select`, `proxy::pgwire`, `vip::{packet, fsm}`) with the I/O around them
+//! (`discovery` sources, `balancer::pool`, `proxy::{listener, session}`, `vip` drivers, `admin`),
+//! started, reloaded and stopped by `app`. `metrics` sits at the bottom: every part registers
+//! and updates its own families there, and `admin` only serves them.
 
 pub mod admin;
 pub mod app;
@@ -13,10 +15,8 @@ pub mod balancer;
 pub mod check;
 pub mod config;
 pub mod discovery;
-// Building blocks of the binary upgrade and of systemd Type=notify, not wired into `app` yet
-// (the supervisor is being reworked): dead code until then.
-#[allow(dead_code)]
 pub(crate) mod handover;
+pub mod metrics;
 pub mod proxy;
 pub(crate) mod sysd;
 pub mod topology;

@@ -40,8 +40,6 @@
 //! their mutex only while copying them, as the data path itself does, and costs microseconds of
 //! the shared runtime's CPU; the cap bounds how many run at once, not their rate.
 
-pub mod metrics;
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -68,8 +66,8 @@ use crate::balancer::pool::{Pool, PoolStatus};
 use crate::config::ListenerConfig;
 use crate::config::{Balance, Role};
 use crate::discovery::ClusterHandle;
+use crate::metrics::{self, AdminMetrics};
 use crate::topology::{MemberRole, PrimaryStatus};
-use metrics::AdminMetrics;
 
 /// Admin connections open at once; more wait in the kernel's backlog. A scrape or a status
 /// page needs one or a few; 64 leaves room for several tools and operators.
@@ -518,7 +516,7 @@ mod tests {
     use tokio::time::{sleep, Instant};
 
     use super::*;
-    use crate::admin::metrics::Metrics;
+    use crate::metrics::Metrics;
 
     struct Server {
         addr: SocketAddr,

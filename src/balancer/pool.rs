@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use super::select::{Acquire, Selector, ServerState, WaiterId};
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::admin::metrics::{ListenerMetrics, ServerLabels};
 use crate::config::ListenerConfig;
+use crate::metrics::{ListenerMetrics, ServerLabels};
 use crate::topology::{Backend, Targets};
 
 /// Why a client could not be given a server in time.

@@ -18,9 +18,9 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 
 use super::{Lease, Pool, Refusal};
-use crate::admin::metrics::Metrics;
 use crate::balancer::select::ServerState;
 use crate::config::{Balance, ListenerConfig, Role};
+use crate::metrics::Metrics;
 use crate::topology::{Backend, Targets};
 
 const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);

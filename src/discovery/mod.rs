@@ -27,8 +27,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::admin::metrics::ClusterMetrics;
 use crate::config::{ClusterConfig, EtcdApi};
+use crate::metrics::ClusterMetrics;
 use crate::topology::{ClusterState, ClusterView, PrimaryStatus};
 use keys::KeyMap;
 
