@@ -30,6 +30,14 @@ pub mod netns;
 
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// The pgfront binary under test: `$PGFRONT_BIN` if set, else the one cargo built for this
+/// test. The override exists because a target dir shared by several checkouts of pgfront
+/// (same package, same lock file) has one `target/debug/pgfront` that any of them may
+/// rebuild while this test runs; copy the binary away and point `PGFRONT_BIN` at the copy.
+pub fn pgfront_bin() -> PathBuf {
+    std::env::var_os("PGFRONT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pgfront")), PathBuf::from)
+}
+
 /// Fails with the install command when a binary the tests need is missing.
 pub fn require(bin: &str, package: &str) -> PathBuf {
     let p = if bin.starts_with('/') {
@@ -805,7 +813,7 @@ impl Pgfront {
         let dir = temp_dir("pgfront-proxy-");
         let config = dir.path().join("pgfront.toml");
         fs::write(&config, config_text).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfront"));
+        let mut cmd = Command::new(pgfront_bin());
         cmd.args(["proxy", "-c", config.to_str().unwrap()])
             .env("RUST_LOG", std::env::var("PGFRONT_TEST_LOG").unwrap_or_else(|_| "info".into()));
         let proc = Proc::spawn("pgfront", cmd, &dir.path().join("pgfront.log"), false);

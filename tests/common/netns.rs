@@ -194,7 +194,7 @@ pub fn start_pgfront_with(
 ) -> super::Proc {
     let cfg = dir.join(format!("{n}.toml"));
     std::fs::write(&cfg, config_with(n, vrrp, extra)).unwrap();
-    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    let mut cmd = seg.cmd(n, super::pgfront_bin().to_str().unwrap());
     cmd.args(["proxy", "-c", cfg.to_str().unwrap()]).env("RUST_LOG", "info,pgfront::vip=debug");
     super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
@@ -343,7 +343,7 @@ pub fn start_lease_host(seg: &Segment, dir: &std::path::Path, n: &str) -> super:
         ),
     )
     .unwrap();
-    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    let mut cmd = seg.cmd(n, super::pgfront_bin().to_str().unwrap());
     cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
     super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
