@@ -157,7 +157,10 @@ fn switchover_after(env: &mut Env, label: &str, fault: impl FnOnce(&mut Env), re
         wait_writes(old.port, 20);
         fault(env);
         let t0 = Instant::now();
-        env.pg.switchover(&old.name, &new.name);
+        let (_, attempts) = env.pg.switchover_retrying(&old.name, &new.name, Duration::from_secs(60));
+        if attempts > 1 {
+            eprintln!("{label}: patronictl switchover succeeded at attempt {attempts}");
+        }
         env.pf.wait_primary(CLUSTER, &new.name, Duration::from_secs(30));
         let follow = t0.elapsed();
         env.pf_watch.wait_primary(CLUSTER, &new.name, Duration::from_secs(30));

@@ -725,6 +725,11 @@ postgresql:
 
     /// `patronictl switchover --leader L --candidate C --force`, waiting for it to finish.
     pub fn switchover(&self, leader: &str, candidate: &str) -> String {
+        self.try_switchover(leader, candidate).unwrap_or_else(|text| panic!("patronictl switchover failed: {text}"))
+    }
+
+    /// `switchover`, returning patronictl's output either way.
+    pub fn try_switchover(&self, leader: &str, candidate: &str) -> Result<String, String> {
         let out = Command::new(require("patronictl", "patroni"))
             .args([
                 "-c",
@@ -742,11 +747,30 @@ postgresql:
             .expect("patronictl");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         // patronictl 3.0 exits 0 even when Patroni refused the switchover.
-        assert!(
-            out.status.success() && text.contains("Successfully switched over"),
-            "patronictl switchover failed: {text}"
-        );
-        text
+        if out.status.success() && text.contains("Successfully switched over") {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    }
+
+    /// `switchover`, tried again while Patroni cannot write the switchover key: with the etcd
+    /// member it talks to stopped, Patroni needs a few of its own timeouts to move to another.
+    /// Returns the output and the number of attempts.
+    pub fn switchover_retrying(&self, leader: &str, candidate: &str, limit: Duration) -> (String, u32) {
+        let mut attempts = 0;
+        let out = wait_for(&format!("a switchover from {leader} to {candidate}"), limit, || {
+            attempts += 1;
+            match self.try_switchover(leader, candidate) {
+                Ok(text) => Some(text),
+                Err(text) if text.contains("failed to write switchover key into DCS") => {
+                    eprintln!("patronictl switchover: Patroni could not write the switchover key; trying again");
+                    None
+                }
+                Err(text) => panic!("patronictl switchover failed: {text}"),
+            }
+        });
+        (out, attempts)
     }
 
     /// Waits until `table` exists on the member listening on `port` (replication caught up).
