@@ -10,6 +10,7 @@
 //! re-reads everything, so nothing is missed.
 
 pub mod confirm;
+pub(crate) mod dns;
 pub mod etcd2;
 pub mod etcd3;
 pub mod http;
@@ -114,7 +115,7 @@ pub fn spawn(cfg: Arc<ClusterConfig>, metrics: ClusterMetrics, stop: Cancellatio
         EtcdApi::V3 => tokio::spawn(etcd3::run(cfg.clone(), src_tx, stop.clone())),
         EtcdApi::V2 => tokio::spawn(etcd2::run(cfg.clone(), src_tx, stop.clone())),
     };
-    let task = ClusterTask::new(cfg.clone(), tx, metrics, health.clone());
+    let task = ClusterTask::new(cfg.clone(), tx, metrics, health.clone(), Arc::new(dns::SystemResolver));
     tokio::spawn(task.run(src_rx, stop));
     ClusterHandle { cfg, view: rx, health }
 }
@@ -134,6 +135,7 @@ struct ClusterTask {
     routed: Option<String>,
     paused_since: Option<(Instant, Option<String>)>,
     seen_keys: bool,
+    resolver: Arc<dyn dns::Resolve>,
 }
 
 const DNS_TTL: Duration = Duration::from_secs(60);
@@ -144,6 +146,7 @@ impl ClusterTask {
         tx: watch::Sender<Arc<ClusterView>>,
         metrics: ClusterMetrics,
         health: Arc<ClusterHealth>,
+        resolver: Arc<dyn dns::Resolve>,
     ) -> Self {
         ClusterTask {
             cfg,
@@ -159,6 +162,7 @@ impl ClusterTask {
             routed: None,
             paused_since: None,
             seen_keys: false,
+            resolver,
         }
     }
 
@@ -238,9 +242,9 @@ impl ClusterTask {
                     continue;
                 }
             }
-            match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host.as_str(), port))).await {
-                Ok(Ok(mut addrs)) => {
-                    if let Some(a) = addrs.next() {
+            match tokio::time::timeout(Duration::from_secs(2), self.resolver.resolve(host, port)).await {
+                Ok(Ok(addrs)) => {
+                    if let Some(a) = addrs {
                         self.dns.insert(key, (a, Instant::now()));
                         m.addr = Some(a);
                     }
@@ -312,3 +316,4 @@ impl ClusterTask {
         }
     }
 }
+
