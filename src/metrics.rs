@@ -46,6 +46,12 @@ pub struct AdminClosedLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterReasonLabels {
+    pub cluster: String,
+    pub reason: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn wait_buckets() -> Histogram {
@@ -69,6 +75,7 @@ pub struct Metrics {
     primary_routable: Family<ClusterLabels, Gauge>,
     leader_changes: Family<ClusterLabels, Counter>,
     routing_pause: HistFamily<ClusterLabels>,
+    primary_unconfirmed: Family<ClusterReasonLabels, Counter>,
     etcd_up: Family<ClusterLabels, Gauge>,
     etcd_errors: Family<ClusterLabels, Counter>,
     key_errors: Family<ClusterLabels, Counter>,
@@ -109,6 +116,7 @@ impl Metrics {
             primary_routable: Family::default(),
             leader_changes: Family::default(),
             routing_pause: Family::new_with_constructor(wait_buckets),
+            primary_unconfirmed: Family::default(),
             etcd_up: Family::default(),
             etcd_errors: Family::default(),
             key_errors: Family::default(),
@@ -153,6 +161,11 @@ impl Metrics {
             "pgfront_cluster_routing_pause_seconds",
             "How long primary routing was paused at each change",
             m.routing_pause.clone(),
+        );
+        r.register(
+            "pgfront_cluster_primary_unconfirmed",
+            "Times the primary stopped taking new connections while etcd was unreachable, by what its direct check found (reason: check_lost, read_only)",
+            m.primary_unconfirmed.clone(),
         );
         r.register("pgfront_etcd_up", "1 while etcd answers for this cluster", m.etcd_up.clone());
         r.register("pgfront_etcd_errors", "etcd requests or watches that failed", m.etcd_errors.clone());
@@ -217,10 +230,18 @@ impl Metrics {
 
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
         let l = ClusterLabels { cluster: name.to_owned() };
+        // One statement each: a family's guard holds its lock until the end of the statement.
+        let unconfirmed = |reason| {
+            self.primary_unconfirmed.get_or_create(&ClusterReasonLabels { cluster: name.to_owned(), reason }).clone()
+        };
+        let primary_check_lost = unconfirmed("check_lost");
+        let primary_read_only = unconfirmed("read_only");
         ClusterMetrics {
             primary_routable: self.primary_routable.get_or_create(&l).clone(),
             leader_changes: self.leader_changes.get_or_create(&l).clone(),
             routing_pause: self.routing_pause.get_or_create(&l).clone(),
+            primary_check_lost,
+            primary_read_only,
             etcd_up: self.etcd_up.get_or_create(&l).clone(),
             etcd_errors: self.etcd_errors.get_or_create(&l).clone(),
             key_errors: self.key_errors.get_or_create(&l).clone(),
@@ -268,6 +289,10 @@ pub struct ClusterMetrics {
     pub primary_routable: Gauge,
     pub leader_changes: Counter,
     pub routing_pause: Histogram,
+    /// The primary's direct check lost its connection while etcd was unreachable.
+    pub primary_check_lost: Counter,
+    /// The primary's direct check found it read-only while etcd was unreachable.
+    pub primary_read_only: Counter,
     pub etcd_up: Gauge,
     pub etcd_errors: Counter,
     pub key_errors: Counter,

@@ -10,7 +10,18 @@
 //!   primary (its member entry, or a direct confirmation of this very leader);
 //! - while a manual switchover is pending (`failover` key) the current leader takes no new
 //!   connections, but its open connections are kept: Patroni has not demoted it yet;
-//! - a member that holds the leader key is never a replica.
+//! - a member that holds the leader key is never a replica;
+//! - while etcd is unreachable the last keys are trusted only as far as a direct check of the
+//!   primary allows: found read-only, it takes no new connections and its sessions are drained;
+//!   check connection lost, it takes no new connections (its sessions are kept); no answer
+//!   yet or found writable, it stays routed;
+//! - after etcd is back the check's verdict (writable or read-only) still stands for a grace
+//!   period (Patroni's ttl, ended by the cluster task through `handle_grace_over`), unless
+//!   etcd names another leader, or, for a read-only verdict, Patroni rewrites the member's
+//!   entry. The first reads after an outage show keys from before it: a demoted primary still
+//!   named leader until etcd revokes the expired lease, then no leader at all until Patroni
+//!   (a failsafe primary) takes the key again. Neither may route clients to a read-only server
+//!   or drain a primary that runs writable.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -84,6 +95,9 @@ pub struct ClusterState {
     pub members: BTreeMap<String, Member>,
     pub failover: Option<Failover>,
     pub leader_optime: Option<u64>,
+    /// Patroni's `ttl` (seconds) from the `config` key: how long a leader key outlives its
+    /// holder's last refresh.
+    pub ttl: Option<u64>,
 }
 
 /// A server a listener can connect to.
@@ -119,6 +133,35 @@ pub enum PrimaryStatus {
     Promoting,
     /// A manual switchover is pending: no new connections to the current leader.
     SwitchoverPending,
+    /// etcd is unreachable and the direct check of the primary lost its connection (or cannot
+    /// make one): Patroni may be demoting it, so no new connections until a check answers.
+    Unconfirmed,
+    /// A direct check found the primary read-only: Patroni demoted it while etcd was
+    /// unreachable. No new connections, and its sessions are drained.
+    ReadOnly,
+}
+
+/// What a direct check of the routed primary said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckResult {
+    /// No answer yet: the last keys stand.
+    Pending,
+    Writable,
+    ReadOnly,
+    /// The check's connection was lost or could not be made.
+    Lost,
+}
+
+/// A direct check of the member that was the routable primary when etcd became unreachable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PrimaryCheck {
+    pub member: String,
+    pub result: CheckResult,
+    /// The member's entry when the check began: a read-only verdict outlives the outage only
+    /// while etcd still shows this entry.
+    #[serde(skip)]
+    entry: Member,
 }
 
 /// A cluster as pgfront routes it: Patroni's state plus pgfront's own confirmation.
@@ -127,6 +170,17 @@ pub struct ClusterView {
     pub state: ClusterState,
     /// A leader confirmed to run as primary by a direct check, ahead of its member entry.
     pub confirmed: Option<String>,
+    /// etcd could not be read at the last attempt: `state` is the last one known.
+    pub etcd_down: bool,
+    /// The direct check of the primary, while etcd is unreachable (and a read-only verdict
+    /// after it; see the module docs).
+    pub check: Option<PrimaryCheck>,
+}
+
+/// Two entries of a member are the same if etcd shows the same values (the address may have
+/// been filled in by a lookup since).
+fn same_entry(a: &Member, b: &Member) -> bool {
+    Member { addr: None, ..a.clone() } == Member { addr: None, ..b.clone() }
 }
 
 impl ClusterView {
@@ -134,7 +188,106 @@ impl ClusterView {
         self.state.leader.as_ref().and_then(|l| self.state.members.get(l))
     }
 
+    /// etcd answered with `state`: Patroni's keys decide again, but for a verdict of the
+    /// direct check that outlives the outage (see the module docs).
+    pub fn handle_keys(&mut self, state: ClusterState) {
+        if state.leader != self.state.leader {
+            self.confirmed = None;
+        }
+        if std::mem::replace(&mut self.etcd_down, false) {
+            // No answer, or no connection: etcd's keys decide.
+            self.check =
+                self.check.take().filter(|c| matches!(c.result, CheckResult::Writable | CheckResult::ReadOnly));
+        }
+        if self.check.as_ref().is_some_and(|c| {
+            c.result == CheckResult::ReadOnly && state.members.get(&c.member).is_some_and(|m| !same_entry(m, &c.entry))
+        }) {
+            // Patroni rewrote the demoted member's entry: it is in charge again.
+            self.check = None;
+        }
+        self.state = state;
+        self.settle();
+    }
+
+    /// The grace period after etcd came back is over: Patroni's keys decide.
+    pub fn handle_grace_over(&mut self) {
+        if !self.etcd_down {
+            self.check = None;
+        }
+    }
+
+    /// A verdict of the direct check is standing while etcd answers (the cluster task runs
+    /// the grace timer while this is true).
+    pub fn in_grace(&self) -> bool {
+        !self.etcd_down && self.check.is_some()
+    }
+
+    /// etcd could not be read: the routable primary, if any, is to be checked directly.
+    pub fn handle_etcd_down(&mut self) {
+        self.etcd_down = true;
+        self.settle();
+    }
+
+    /// A direct check of `member` said `result`.
+    pub fn handle_check(&mut self, member: &str, result: CheckResult) {
+        if let Some(c) = self.check.as_mut().filter(|c| c.member == member) {
+            c.result = result;
+        }
+    }
+
+    /// A direct check found `member` promoted (see `awaiting_confirmation`).
+    pub fn handle_confirmed(&mut self, member: &str) {
+        if self.state.leader.as_deref() == Some(member) {
+            self.confirmed = Some(member.to_owned());
+            self.settle();
+        }
+    }
+
+    /// The member to check directly, if any (its entry from before the outage when etcd no
+    /// longer has one).
+    pub fn check_target(&self) -> Option<&Member> {
+        self.check.as_ref().map(|c| self.state.members.get(&c.member).unwrap_or(&c.entry))
+    }
+
+    fn settle(&mut self) {
+        // A check ends when etcd names another leader.
+        if self.check.as_ref().is_some_and(|c| self.state.leader.as_ref().is_some_and(|l| l != &c.member)) {
+            self.check = None;
+        }
+        if self.etcd_down && self.check.is_none() && self.keys_status() == PrimaryStatus::Routable {
+            if let Some(m) = self.leader() {
+                self.check =
+                    Some(PrimaryCheck { member: m.name.clone(), result: CheckResult::Pending, entry: m.clone() });
+            }
+        }
+    }
+
+    /// The direct check's verdict; it concerns the leader, or the last one when etcd names
+    /// none (`settle` ends a check when etcd names another leader).
+    fn verdict(&self) -> Option<CheckResult> {
+        self.check.as_ref().map(|c| c.result)
+    }
+
     pub fn primary_status(&self) -> PrimaryStatus {
+        match (self.keys_status(), self.verdict()) {
+            (PrimaryStatus::Routable, Some(CheckResult::Lost)) => PrimaryStatus::Unconfirmed,
+            (PrimaryStatus::Routable, Some(CheckResult::ReadOnly)) => PrimaryStatus::ReadOnly,
+            // The leader key expired while etcd was unreachable; the primary runs writable
+            // (failsafe_mode) and Patroni is about to take the key again.
+            (PrimaryStatus::NoLeader | PrimaryStatus::LeaderUnknown, Some(CheckResult::Writable)) => {
+                PrimaryStatus::Routable
+            }
+            (s, _) => s,
+        }
+    }
+
+    /// The leader's entry, or the checked member's from before the outage when etcd has none.
+    fn leader_or_checked(&self) -> Option<&Member> {
+        self.leader().or_else(|| self.check.as_ref().map(|c| &c.entry))
+    }
+
+    /// What Patroni's keys (and a promotion confirmed by pgfront) say of the primary.
+    fn keys_status(&self) -> PrimaryStatus {
         let Some(name) = &self.state.leader else { return PrimaryStatus::NoLeader };
         let Some(m) = self.state.members.get(name).filter(|m| m.addr.is_some()) else {
             return PrimaryStatus::LeaderUnknown;
@@ -154,13 +307,23 @@ impl ClusterView {
 
     /// The member that takes new primary connections, if any.
     pub fn primary(&self) -> Option<&Member> {
-        (self.primary_status() == PrimaryStatus::Routable).then(|| self.leader()).flatten()
+        (self.primary_status() == PrimaryStatus::Routable).then(|| self.leader_or_checked()).flatten()
+    }
+
+    /// The member whose open primary connections stay open, if any.
+    fn kept_primary(&self) -> Option<&Member> {
+        match (self.leader(), self.verdict()) {
+            (_, Some(CheckResult::ReadOnly)) => None,
+            (Some(m), _) => (m.running() && self.runs_as_primary(m)).then_some(m),
+            (None, Some(CheckResult::Writable)) => self.leader_or_checked(),
+            (None, _) => None,
+        }
     }
 
     /// The leader, when it runs but is not yet known as a primary and its promotion can be
     /// confirmed by a direct check.
     pub fn awaiting_confirmation(&self) -> Option<&Member> {
-        (self.primary_status() == PrimaryStatus::Promoting)
+        (self.keys_status() == PrimaryStatus::Promoting)
             .then(|| self.leader())
             .flatten()
             .filter(|m| matches!(m.role, MemberRole::Replica | MemberRole::Promoted))
@@ -198,7 +361,7 @@ impl ClusterView {
 
     /// The servers a listener of `role` may use; `max_lag` applies to replicas.
     pub fn targets(&self, role: Role, max_lag: Option<u64>) -> Targets {
-        let primary_keep = || self.leader().filter(|m| m.running() && self.runs_as_primary(m)).and_then(Backend::of);
+        let primary_keep = || self.kept_primary().and_then(Backend::of);
         let replicas = || {
             let eligible = self
                 .replicas()
@@ -258,8 +421,11 @@ mod tests {
                 members: members.into_iter().map(|m| (m.name.clone(), m)).collect(),
                 failover: None,
                 leader_optime: None,
+                ttl: None,
             },
             confirmed: None,
+            etcd_down: false,
+            check: None,
         }
     }
 
@@ -357,6 +523,200 @@ mod tests {
         assert_eq!((names(&t.eligible), names(&t.keep)), (vec!["pg3"], vec!["pg2", "pg3"]));
     }
 
+    fn eligible_primary(v: &ClusterView) -> Vec<String> {
+        v.targets(Role::Primary, None).eligible.iter().map(|b| b.member.to_string()).collect()
+    }
+
+    fn kept_primary(v: &ClusterView) -> Vec<String> {
+        v.targets(Role::Primary, None).keep.iter().map(|b| b.member.to_string()).collect()
+    }
+
+    #[test]
+    fn etcd_down_primary_follows_the_direct_check() {
+        let mut v = three();
+        v.handle_etcd_down();
+        assert_eq!(v.check_target().map(|m| m.name.as_str()), Some("pg1"));
+        assert_eq!(v.check.as_ref().map(|c| c.result), Some(CheckResult::Pending));
+        // No answer yet: the last keys stand.
+        assert_eq!((v.primary_status(), eligible_primary(&v)), (PrimaryStatus::Routable, vec!["pg1".to_string()]));
+        v.handle_check("pg1", CheckResult::Writable);
+        assert_eq!(eligible_primary(&v), ["pg1"]);
+        // Check connection lost (Patroni restarts PostgreSQL to demote it): no new
+        // connections, open sessions kept.
+        v.handle_check("pg1", CheckResult::Lost);
+        assert_eq!(v.primary_status(), PrimaryStatus::Unconfirmed);
+        assert_eq!((eligible_primary(&v), kept_primary(&v)), (Vec::<String>::new(), vec!["pg1".to_string()]));
+        assert!(v.primary().is_none());
+        v.handle_check("pg1", CheckResult::Writable);
+        assert_eq!(eligible_primary(&v), ["pg1"], "resumes when a check finds it writable");
+        // Found read-only: drained like a demoted primary.
+        v.handle_check("pg1", CheckResult::ReadOnly);
+        assert_eq!(v.primary_status(), PrimaryStatus::ReadOnly);
+        assert_eq!((eligible_primary(&v), kept_primary(&v)), (vec![], vec![]) as (Vec<String>, Vec<String>));
+        // A read-only primary is no target of a read-only listener either.
+        let ro = v.targets(Role::ReadOnly, Some(0));
+        assert!(!ro.eligible.iter().chain(&ro.keep).any(|b| &*b.member == "pg1"));
+        // Answers about another member do not count.
+        v.handle_check("pg2", CheckResult::Writable);
+        assert_eq!(v.primary_status(), PrimaryStatus::ReadOnly);
+        // etcd down again (another failed attempt) changes nothing.
+        v.handle_etcd_down();
+        assert_eq!(v.primary_status(), PrimaryStatus::ReadOnly);
+    }
+
+    #[test]
+    fn etcd_back_without_an_answer_lets_the_keys_decide() {
+        for r in [CheckResult::Pending, CheckResult::Lost] {
+            let mut v = three();
+            v.handle_etcd_down();
+            v.handle_check("pg1", r);
+            v.handle_keys(three().state);
+            assert_eq!((v.primary_status(), v.check.is_none(), v.etcd_down), (PrimaryStatus::Routable, true, false));
+        }
+    }
+
+    #[test]
+    fn read_only_verdict_outlives_stale_keys_for_the_grace_period() {
+        // etcd answers with the very keys of before (the lease not revoked yet).
+        let mut v = three();
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::ReadOnly);
+        v.handle_keys(three().state);
+        assert!(v.in_grace());
+        assert_eq!(v.primary_status(), PrimaryStatus::ReadOnly);
+        assert_eq!(kept_primary(&v), Vec::<String>::new(), "still drained");
+        assert_eq!(v.check_target().map(|m| m.name.as_str()), Some("pg1"), "still checked");
+        // The check goes on as during the outage.
+        v.handle_check("pg1", CheckResult::Lost);
+        assert_eq!(v.primary_status(), PrimaryStatus::Unconfirmed);
+        v.handle_check("pg1", CheckResult::Writable);
+        assert_eq!(v.primary_status(), PrimaryStatus::Routable);
+        v.handle_grace_over();
+        assert_eq!((v.primary_status(), v.check.is_none(), v.in_grace()), (PrimaryStatus::Routable, true, false));
+
+        // Then the lease is revoked (no leader), then the member takes the key again with the
+        // same entry: still read-only until a check finds it writable.
+        let mut v = three();
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::ReadOnly);
+        let mut gone = three().state;
+        gone.leader = None;
+        gone.members.remove("pg1");
+        v.handle_keys(gone);
+        assert_eq!(v.primary_status(), PrimaryStatus::NoLeader);
+        assert_eq!((eligible_primary(&v), kept_primary(&v)), (vec![], vec![]) as (Vec<String>, Vec<String>));
+        v.handle_keys(three().state);
+        assert_eq!(v.primary_status(), PrimaryStatus::ReadOnly);
+        v.handle_check("pg1", CheckResult::Writable);
+        assert_eq!(v.primary_status(), PrimaryStatus::Routable);
+
+        // Patroni rewrites the demoted member's entry: the keys decide.
+        let mut v = three();
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::ReadOnly);
+        let mut fresh = three().state;
+        fresh.members.get_mut("pg1").unwrap().role = MemberRole::Replica;
+        v.handle_keys(fresh);
+        assert_eq!((v.primary_status(), v.check.is_none()), (PrimaryStatus::Promoting, true));
+        v.handle_confirmed("pg1");
+        assert_eq!(v.primary_status(), PrimaryStatus::Routable);
+
+        // An address filled in by a lookup is no change of the entry.
+        let mut v = three();
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::ReadOnly);
+        let mut s = three().state;
+        s.members.get_mut("pg1").unwrap().addr = Some(SocketAddr::from(([10, 0, 0, 1], 5432)));
+        v.handle_keys(s);
+        assert_eq!(v.primary_status(), PrimaryStatus::ReadOnly);
+
+        // etcd names another leader: the verdict on the old one no longer matters.
+        let mut v = three();
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::ReadOnly);
+        let mut other = three().state;
+        other.leader = Some("pg2".into());
+        other.members.get_mut("pg2").unwrap().role = MemberRole::Primary;
+        v.handle_keys(other);
+        assert_eq!((v.check.is_none(), eligible_primary(&v)), (true, vec!["pg2".to_string()]));
+    }
+
+    #[test]
+    fn failsafe_primary_stays_routed_while_its_expired_leader_key_is_retaken() {
+        let mut v = three();
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::Writable);
+        // etcd is back without the leader key nor pg1's member key (their lease expired).
+        let mut gone = three().state;
+        gone.leader = None;
+        gone.members.remove("pg1");
+        v.handle_keys(gone);
+        assert_eq!(v.primary_status(), PrimaryStatus::Routable);
+        assert_eq!((eligible_primary(&v), kept_primary(&v)), (vec!["pg1".to_string()], vec!["pg1".to_string()]));
+        assert_eq!(v.check_target().map(|m| m.name.as_str()), Some("pg1"), "checked on its old entry");
+        // Found read-only meanwhile: drained.
+        let mut w = v.clone();
+        w.handle_check("pg1", CheckResult::ReadOnly);
+        assert_eq!((eligible_primary(&w), kept_primary(&w)), (vec![], vec![]) as (Vec<String>, Vec<String>));
+        // Patroni takes the key again: routable by the keys; the grace ends.
+        v.handle_keys(three().state);
+        assert_eq!(eligible_primary(&v), ["pg1"]);
+        v.handle_grace_over();
+        assert_eq!((eligible_primary(&v), v.check.is_none()), (vec!["pg1".to_string()], true));
+        // Without the key after the grace, no primary.
+        let mut v = three();
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::Writable);
+        let mut gone = three().state;
+        gone.leader = None;
+        v.handle_keys(gone);
+        v.handle_grace_over();
+        assert_eq!((v.primary_status(), kept_primary(&v)), (PrimaryStatus::NoLeader, Vec::<String>::new()));
+    }
+
+    #[test]
+    fn check_starts_only_for_a_routable_primary() {
+        let mut v = three();
+        v.state.leader = Some("pg2".into());
+        v.handle_etcd_down();
+        assert!(v.check.is_none(), "nothing routed: nothing to check");
+        assert_eq!(v.awaiting_confirmation().map(|m| m.name.as_str()), Some("pg2"));
+        // A promotion confirmed during the outage makes it routable, and checked.
+        v.handle_confirmed("pg2");
+        assert_eq!(v.check_target().map(|m| m.name.as_str()), Some("pg2"));
+        assert_eq!(v.primary_status(), PrimaryStatus::Routable);
+        // With etcd up there is no check at all.
+        let mut v = three();
+        v.handle_check("pg1", CheckResult::ReadOnly);
+        assert_eq!((v.primary_status(), v.check.is_none()), (PrimaryStatus::Routable, true));
+    }
+
+    fn arb_check() -> impl Strategy<Value = CheckResult> {
+        prop_oneof![
+            Just(CheckResult::Pending),
+            Just(CheckResult::Writable),
+            Just(CheckResult::ReadOnly),
+            Just(CheckResult::Lost),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Keys(ClusterView),
+        Down,
+        Check(usize, CheckResult),
+        Confirmed(usize),
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            arb_view().prop_map(Op::Keys),
+            Just(Op::Down),
+            (0usize..6, arb_check()).prop_map(|(i, r)| Op::Check(i, r)),
+            (0usize..6).prop_map(Op::Confirmed),
+        ]
+    }
+
     fn arb_role() -> impl Strategy<Value = MemberRole> {
         prop_oneof![
             Just(MemberRole::Primary),
@@ -390,6 +750,45 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever etcd and the checks say in whatever order: a primary a check found
+        /// read-only is neither routed nor kept, one whose check is lost is not routed, and
+        /// with etcd down a routable primary is always being checked.
+        #[test]
+        fn direct_checks_override_stale_keys(ops in proptest::collection::vec(arb_op(), 1..30)) {
+            let mut v = ClusterView::default();
+            for op in ops {
+                match op {
+                    Op::Keys(k) => v.handle_keys(k.state),
+                    Op::Down => v.handle_etcd_down(),
+                    Op::Check(i, r) => v.handle_check(&format!("pg{i}"), r),
+                    Op::Confirmed(i) => v.handle_confirmed(&format!("pg{i}")),
+                }
+                let leader_verdict = v.check.as_ref().map(|c| c.result);
+                match leader_verdict {
+                    Some(CheckResult::ReadOnly) => {
+                        prop_assert!(eligible_primary(&v).is_empty() && kept_primary(&v).is_empty());
+                        prop_assert!(v.primary().is_none());
+                    }
+                    Some(CheckResult::Lost) => prop_assert!(eligible_primary(&v).is_empty()),
+                    _ => {}
+                }
+                if v.etcd_down && v.primary().is_some() {
+                    prop_assert_eq!(v.check_target().map(|m| &m.name), v.primary().map(|m| &m.name));
+                }
+                // A check concerns the leader, or the last one while etcd names none.
+                if let (Some(c), Some(l)) = (&v.check, &v.state.leader) {
+                    prop_assert_eq!(&c.member, l);
+                }
+                // Only the leader is routed, or, without one, a member a check finds writable.
+                if let Some(p) = v.primary() {
+                    match &v.state.leader {
+                        Some(l) => prop_assert_eq!(&p.name, l),
+                        None => prop_assert_eq!(leader_verdict, Some(CheckResult::Writable)),
+                    }
+                }
+            }
+        }
+
         #[test]
         fn primary_targets_are_safe(v in arb_view(), lag in proptest::option::of(0u64..3000)) {
             let t = v.targets(Role::Primary, None);

@@ -9,6 +9,10 @@
 //! positive answer for *this* leader makes it routable; the task is aborted when the leader
 //! changes.
 //!
+//! The same two checks watch the routed primary while etcd is unreachable (`watch_primary`):
+//! over one persistent connection, so that a PostgreSQL restarted by Patroni to demote it is
+//! noticed the moment the connection drops, before a client can reach the restarted node.
+//!
 //! Not `GET /primary`: Patroni 3.0 answers it with 200 as soon as the member holds the leader
 //! lock, before its promotion has finished (measured: writes routed on that signal fail with
 //! "cannot execute INSERT in a read-only transaction").
@@ -22,7 +26,7 @@ use tracing::debug;
 
 use super::http;
 use crate::config::{ClusterConfig, PgCheck};
-use crate::topology::Member;
+use crate::topology::{CheckResult, Member};
 
 const CHECK_TIMEOUT: Duration = Duration::from_millis(800);
 
@@ -48,6 +52,125 @@ pub async fn run(member: Member, cfg: Arc<ClusterConfig>, tx: mpsc::Sender<Strin
             return;
         }
         tokio::time::sleep(cfg.confirm_interval).await;
+    }
+}
+
+/// Whether `watch_primary` has a way to check `member`.
+pub(crate) fn can_watch(member: &Member, cfg: &ClusterConfig) -> bool {
+    (cfg.check.is_some() && member.addr.is_some()) || member.api_url.as_deref().and_then(status_url).is_some()
+}
+
+/// Watches what `member` says of itself, every `confirm_interval`, until aborted; sends
+/// `(member, result)` on every change. With `check_user`: `SELECT pg_is_in_recovery()` over
+/// one persistent connection, whose loss is reported at once; without: Patroni's
+/// `GET /patroni`.
+pub(crate) async fn watch_primary(member: Member, cfg: Arc<ClusterConfig>, tx: mpsc::Sender<(String, CheckResult)>) {
+    let mut rep = Reporter { member: member.name.clone(), tx, last: None };
+    match (&cfg.check, member.addr, member.api_url.as_deref().and_then(status_url)) {
+        (Some(check), Some(addr), _) => watch_pg(check, addr, cfg.confirm_interval, &mut rep).await,
+        (_, _, Some(url)) => watch_rest(&url, cfg.confirm_interval, &mut rep).await,
+        _ => {}
+    }
+}
+
+struct Reporter {
+    member: String,
+    tx: mpsc::Sender<(String, CheckResult)>,
+    last: Option<CheckResult>,
+}
+
+impl Reporter {
+    /// Sends `r` if it differs from the last result; false once the cluster task is gone.
+    async fn report(&mut self, r: CheckResult) -> bool {
+        if self.last == Some(r) {
+            return true;
+        }
+        self.last = Some(r);
+        self.tx.send((self.member.clone(), r)).await.is_ok()
+    }
+}
+
+async fn watch_pg(check: &PgCheck, addr: std::net::SocketAddr, every: Duration, rep: &mut Reporter) {
+    loop {
+        match tokio::time::timeout(CHECK_TIMEOUT, pg_config(check, addr).connect(tokio_postgres::NoTls)).await {
+            Ok(Ok((client, conn))) => {
+                tokio::pin!(conn);
+                loop {
+                    let r = tokio::select! {
+                        r = tokio::time::timeout(CHECK_TIMEOUT, client.query_one("SELECT pg_is_in_recovery()", &[])) => r,
+                        _ = &mut conn => {
+                            debug!(%addr, "primary check: connection closed");
+                            break;
+                        }
+                    };
+                    match r.map(|r| r.and_then(|row| row.try_get::<_, bool>(0))) {
+                        Ok(Ok(in_recovery)) => {
+                            let r = if in_recovery { CheckResult::ReadOnly } else { CheckResult::Writable };
+                            if !rep.report(r).await {
+                                return;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            debug!(%addr, error = %e, "primary check");
+                            break;
+                        }
+                        Err(_) => {
+                            debug!(%addr, "primary check: no answer within {CHECK_TIMEOUT:?}");
+                            break;
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = &mut conn => {
+                            debug!(%addr, "primary check: connection closed");
+                            break;
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => debug!(%addr, error = %e, "primary check: cannot connect"),
+            Err(_) => debug!(%addr, "primary check: no connection within {CHECK_TIMEOUT:?}"),
+        }
+        if !rep.report(CheckResult::Lost).await {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn watch_rest(url: &str, every: Duration, rep: &mut Reporter) {
+    let client = http::client();
+    loop {
+        let r = match http::get(&client, url, None, CHECK_TIMEOUT).await {
+            Ok(resp) => rest_result(&resp.body),
+            Err(e) => {
+                debug!(error = %e, "primary check");
+                CheckResult::Lost
+            }
+        };
+        if !rep.report(r).await {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// What Patroni's `/patroni` JSON says of a member that was the primary: a finished, running
+/// primary is writable; any other role runs read-only; a primary in any other state (stopping,
+/// restarting) or an answer that cannot be read is no answer.
+fn rest_result(body: &[u8]) -> CheckResult {
+    #[derive(serde::Deserialize)]
+    struct S {
+        role: Option<String>,
+        state: Option<String>,
+    }
+    match serde_json::from_slice::<S>(body) {
+        Ok(S { role: Some(role), state }) => match (role.as_str(), state.as_deref()) {
+            ("master" | "primary", Some("running")) => CheckResult::Writable,
+            ("master" | "primary", _) => CheckResult::Lost,
+            _ => CheckResult::ReadOnly,
+        },
+        _ => CheckResult::Lost,
     }
 }
 
@@ -90,13 +213,18 @@ fn runs_as_primary(body: &[u8]) -> bool {
         .is_ok_and(|s| matches!(s.role.as_deref(), Some("master" | "primary")) && s.state.as_deref() == Some("running"))
 }
 
-async fn pg_is_primary(check: &PgCheck, addr: std::net::SocketAddr) -> bool {
+fn pg_config(check: &PgCheck, addr: std::net::SocketAddr) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host(addr.ip().to_string()).port(addr.port()).user(&check.user).dbname(&check.database);
     c.connect_timeout(CHECK_TIMEOUT).application_name("pgfront-check");
     if let Some(p) = &check.password {
         c.password(p.expose());
     }
+    c
+}
+
+async fn pg_is_primary(check: &PgCheck, addr: std::net::SocketAddr) -> bool {
+    let c = pg_config(check, addr);
     let r = tokio::time::timeout(CHECK_TIMEOUT, async {
         let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
         let driver = tokio::spawn(conn);
@@ -141,6 +269,23 @@ mod tests {
             Some("http://127.0.0.1:8008/patroni")
         );
         assert_eq!(super::status_url("https://x/patroni"), None);
+    }
+
+    #[test]
+    fn rest_roles_as_check_results() {
+        use crate::topology::CheckResult::*;
+        for (body, want) in [
+            (r#"{"state":"running","role":"master"}"#, Writable),
+            (r#"{"state":"running","role":"primary"}"#, Writable),
+            (r#"{"state":"stopping","role":"master"}"#, Lost),
+            (r#"{"state":"running","role":"replica"}"#, ReadOnly),
+            (r#"{"state":"starting","role":"replica"}"#, ReadOnly),
+            (r#"{"state":"running","role":"demoted"}"#, ReadOnly),
+            (r#"{"state":"running"}"#, Lost),
+            ("garbage", Lost),
+        ] {
+            assert_eq!(super::rest_result(body.as_bytes()), want, "{body}");
+        }
     }
 
     #[test]

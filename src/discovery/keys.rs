@@ -68,6 +68,7 @@ pub fn parse_cluster(keys: &KeyMap) -> (ClusterState, Vec<KeyError>) {
                 state.leader = (!v.is_empty()).then(|| v.to_owned());
             }
             "failover" => state.failover = parse_failover(value),
+            "config" => state.ttl = parse_ttl(value),
             "status" => {
                 if let Ok(RawStatus { optime: Some(o) }) = serde_json::from_str(value) {
                     optime_key = Some(o);
@@ -155,6 +156,20 @@ pub fn parse_conn_url(url: &str) -> Option<(String, u16)> {
     (!host.is_empty()).then_some((host, port))
 }
 
+/// Patroni's dynamic configuration (`config` key) holds `ttl` as a number (or, written by
+/// hand, a string).
+fn parse_ttl(value: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct RawConfig {
+        ttl: Option<serde_json::Value>,
+    }
+    match serde_json::from_str::<RawConfig>(value).ok()?.ttl? {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
 /// Patroni writes the `failover` key as JSON (`{"leader": .., "member": .., "scheduled_at": ..}`),
 /// older versions as `leader:member`, and clears it by writing `{}` or deleting it.
 fn parse_failover(value: &str) -> Option<Failover> {
@@ -201,6 +216,7 @@ mod tests {
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(s.leader.as_deref(), Some("pg1"));
         assert_eq!(s.leader_optime, Some(67109000));
+        assert_eq!(s.ttl, Some(10));
         let pg1 = &s.members["pg1"];
         assert_eq!(pg1.role, MemberRole::Primary);
         assert_eq!(pg1.addr, Some("127.0.0.1:5441".parse().unwrap()));
@@ -238,6 +254,16 @@ mod tests {
     }
 
     #[test]
+    fn ttl_forms() {
+        assert_eq!(parse_ttl(r#"{"ttl":30,"loop_wait":10}"#), Some(30));
+        assert_eq!(parse_ttl(r#"{"ttl":"20"}"#), Some(20));
+        assert_eq!(parse_ttl(r#"{"ttl":12.5}"#), Some(12));
+        assert_eq!(parse_ttl(r#"{"ttl":-1}"#), None);
+        assert_eq!(parse_ttl(r#"{"loop_wait":10}"#), None);
+        assert_eq!(parse_ttl("garbage"), None);
+    }
+
+    #[test]
     fn failover_forms() {
         assert_eq!(parse_failover("{}"), None);
         assert_eq!(parse_failover(""), None);
@@ -247,6 +273,17 @@ mod tests {
         assert!(f.scheduled && f.leader.is_none());
         let f = parse_failover("pg1:pg3").unwrap();
         assert_eq!((f.leader.as_deref(), f.candidate.as_deref()), (Some("pg1"), Some("pg3")));
+    }
+
+    /// serde_json's recursion limit turns hostile nesting into an error, not a stack overflow.
+    #[test]
+    fn deeply_nested_values_are_rejected_without_overflow() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let obj = format!(r#"{{"tags":{}{}}}"#, r#"{"a":"#.repeat(50_000), "}".repeat(50_001));
+        let keys = km(&[("members/pg1", &deep), ("members/pg2", &obj), ("failover", &obj), ("status", &deep)]);
+        let (s, errs) = parse_cluster(&keys);
+        assert!(s.members.is_empty() && s.failover.is_none() && s.leader_optime.is_none());
+        assert_eq!(errs.len(), 2);
     }
 
     #[test]
@@ -261,6 +298,127 @@ mod tests {
             ("uninitialized", MemberRole::Other),
         ] {
             assert_eq!(MemberRole::parse(s), r, "{s}");
+        }
+    }
+
+    mod fuzz {
+        //! Hostile input: whatever bytes etcd holds under the cluster's prefix, parsing never
+        //! panics, and what it yields is bounded by what it was given.
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Member JSON close to Patroni's, with every field of any JSON type or missing.
+        fn arb_json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::Bool),
+                any::<i64>().prop_map(|n| serde_json::json!(n)),
+                any::<u64>().prop_map(|n| serde_json::json!(n)),
+                any::<f64>().prop_map(|n| serde_json::json!(n)),
+                ".{0,40}".prop_map(serde_json::Value::String),
+                prop_oneof![
+                    Just("postgres://127.0.0.1:5432/postgres"),
+                    Just("postgresql://u:p@[::1]:99999/x"),
+                    Just("postgres://@:/"),
+                    Just("postgres://[::1"),
+                    Just("master"),
+                    Just("replica"),
+                    Just("running"),
+                ]
+                .prop_map(|s| serde_json::Value::String(s.into())),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                    proptest::collection::btree_map(".{0,8}", inner, 0..6)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn arb_member_json() -> impl Strategy<Value = String> {
+            let fields = ["conn_url", "api_url", "role", "state", "timeline", "xlog_location", "replay_lsn", "tags"];
+            proptest::collection::vec((proptest::sample::select(fields.to_vec()), arb_json_value()), 0..10).prop_map(
+                |fs| {
+                    let m: serde_json::Map<String, serde_json::Value> =
+                        fs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                    serde_json::Value::Object(m).to_string()
+                },
+            )
+        }
+
+        /// Raw values: arbitrary bytes, arbitrary text, or JSON that nearly fits.
+        fn arb_value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..300),
+                ".{0,200}".prop_map(String::into_bytes),
+                arb_member_json().prop_map(String::into_bytes),
+            ]
+        }
+
+        fn arb_key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(vec![
+                    "leader",
+                    "failover",
+                    "status",
+                    "optime/leader",
+                    "config",
+                    "members/",
+                    "members/pg1",
+                    "members/pg2",
+                    "members/a/b",
+                ])
+                .prop_map(str::to_owned),
+                ".{0,30}",
+                ".{0,30}".prop_map(|s| format!("members/{s}")),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn member_json_never_panics(name in ".{1,20}", value in arb_value()) {
+                let text = String::from_utf8_lossy(&value);
+                if let Ok(m) = parse_member("members/x", &name, &text) {
+                    prop_assert_eq!(&m.name, &name);
+                    // A host comes only with a port, never empty.
+                    prop_assert_eq!(m.host.is_some(), m.port.is_some());
+                    prop_assert!(m.host.as_ref().is_none_or(|h| !h.is_empty()));
+                }
+            }
+
+            #[test]
+            fn conn_url_never_panics(url in ".{0,80}") {
+                if let Some((host, _)) = parse_conn_url(&url) {
+                    prop_assert!(!host.is_empty() && url.contains(host.as_str()));
+                }
+            }
+
+            #[test]
+            fn leader_and_failover_never_panic(value in arb_value()) {
+                let text = String::from_utf8_lossy(&value).into_owned();
+                let _ = parse_failover(&text);
+                let keys: KeyMap = [("leader".to_string(), value.clone()), ("failover".to_string(), value)].into();
+                let (s, _) = parse_cluster(&keys);
+                if let Some(l) = &s.leader {
+                    prop_assert!(!l.is_empty() && text.contains(l.as_str()));
+                }
+            }
+
+            #[test]
+            fn parse_cluster_over_any_keys(keys in proptest::collection::btree_map(arb_key(), arb_value(), 0..12)) {
+                let (s, errors) = parse_cluster(&keys);
+                // Every member comes from one key, every error names one key.
+                prop_assert!(s.members.len() + errors.len() <= keys.len());
+                for name in s.members.keys() {
+                    let key = format!("members/{name}");
+                    prop_assert!(keys.contains_key(&key));
+                }
+                // Parsing is a function of the keys.
+                prop_assert_eq!(parse_cluster(&keys), (s, errors));
+            }
         }
     }
 }

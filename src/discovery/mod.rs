@@ -3,33 +3,42 @@
 //!
 //! ```text
 //! etcd3 / etcd2 source ──SourceEvent──► cluster task ──watch<Arc<ClusterView>>──► listener followers
-//!                                          ▲   │ leader runs but is not seen as primary yet
-//!                                          └── confirm (PostgreSQL / Patroni REST, every ~20 ms)
+//!                                        ▲ ▲ ▲  │ leader runs but is not seen as primary yet
+//!                                        │ │ └── confirm (PostgreSQL / Patroni REST, every ~20 ms)
+//!                                        │ └──── primary check (while etcd is unreachable)
+//!                                        └────── DNS lookups (member host names, cached)
 //! ```
-//! While etcd is unreachable the last view stands; the source reconnects with backoff and
-//! re-reads everything, so nothing is missed.
+//! The cluster task never waits on I/O between an event and its publication: promotion
+//! checks, primary checks and DNS lookups run in their own tasks and report back.
+//!
+//! While etcd is unreachable the last keys stand only as far as a direct check of the routed
+//! primary allows (see `topology`): without Patroni's `failsafe_mode`, Patroni demotes its
+//! primary when it cannot reach etcd. The source reconnects with backoff (moving to the next
+//! endpoint each time) and re-reads everything, so nothing is missed.
 
 pub mod confirm;
+pub(crate) mod dns;
 pub mod etcd2;
 pub mod etcd3;
 pub mod http;
 pub mod keys;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{ClusterConfig, EtcdApi};
 use crate::metrics::ClusterMetrics;
-use crate::topology::{ClusterState, ClusterView, PrimaryStatus};
+use crate::topology::{CheckResult, ClusterView, PrimaryStatus};
+use dns::{DnsCache, HostPort, Outcome};
 use keys::KeyMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +51,10 @@ pub enum DiscoveryError {
     WatchEnded { reason: String },
     #[error("etcd v2 at {endpoint}: {reason}")]
     Etcd2 { endpoint: String, reason: String },
+    /// etcd's history went back (etcd restored from a snapshot or re-created) or the watch
+    /// was cancelled or compacted: not an outage, the source re-reads and watches again.
+    #[error("etcd at {endpoint}: {reason}")]
+    Resync { endpoint: String, reason: String },
 }
 
 /// What a source reports to its cluster task.
@@ -52,6 +65,11 @@ pub enum SourceEvent {
     /// etcd could not be read; the last view stands.
     Down(DiscoveryError),
 }
+
+/// Patroni's default `ttl`, when its `config` key does not say.
+const DEFAULT_PATRONI_TTL: Duration = Duration::from_secs(30);
+const GRACE_MIN: Duration = Duration::from_secs(1);
+const GRACE_MAX: Duration = Duration::from_secs(300);
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -73,6 +91,10 @@ where
         };
         match r {
             Ok(()) => return,
+            Err(e @ DiscoveryError::Resync { .. }) => {
+                info!(error = %e, "re-reading the cluster's keys and watching again");
+                backoff = BACKOFF_MIN;
+            }
             Err(e) => {
                 if tx.send(SourceEvent::Down(e)).await.is_err() {
                     return;
@@ -131,7 +153,7 @@ pub fn spawn(
         EtcdApi::V3 => tokio::spawn(etcd3::run(cfg.clone(), src_tx, stop.clone())),
         EtcdApi::V2 => tokio::spawn(etcd2::run(cfg.clone(), src_tx, stop.clone())),
     };
-    let mut task = ClusterTask::new(cfg.clone(), tx.clone(), metrics, health.clone());
+    let mut task = ClusterTask::new(cfg.clone(), tx.clone(), metrics, health.clone(), Arc::new(dns::SystemResolver));
     if previous.is_some() {
         let last = rx.borrow().clone();
         task.seed(&last);
@@ -145,19 +167,25 @@ struct ClusterTask {
     tx: watch::Sender<Arc<ClusterView>>,
     metrics: ClusterMetrics,
     health: Arc<ClusterHealth>,
-    state: ClusterState,
-    confirmed: Option<String>,
+    view: ClusterView,
     confirming: Option<(String, JoinHandle<()>)>,
     confirm_tx: mpsc::Sender<String>,
+    /// The direct check of the primary while etcd is unreachable.
+    checking: Option<(String, JoinHandle<()>)>,
+    check_tx: mpsc::Sender<(String, CheckResult)>,
+    /// The last verdict logged: (member, result).
+    verdict: Option<(String, CheckResult)>,
+    /// When the check's verdict stops outliving etcd's return (see `topology`).
+    grace_until: Option<Instant>,
     key_errors: BTreeSet<String>,
-    dns: HashMap<(String, u16), (SocketAddr, Instant)>,
+    dns: DnsCache,
+    resolver: Arc<dyn dns::Resolve>,
+    lookups: JoinSet<(HostPort, Result<SocketAddr, String>)>,
     /// The member taking new primary connections, and since when routing has been paused.
     routed: Option<String>,
     paused_since: Option<(Instant, Option<String>)>,
     seen_keys: bool,
 }
-
-const DNS_TTL: Duration = Duration::from_secs(60);
 
 impl ClusterTask {
     fn new(
@@ -165,18 +193,24 @@ impl ClusterTask {
         tx: watch::Sender<Arc<ClusterView>>,
         metrics: ClusterMetrics,
         health: Arc<ClusterHealth>,
+        resolver: Arc<dyn dns::Resolve>,
     ) -> Self {
         ClusterTask {
             cfg,
             tx,
             metrics,
             health,
-            state: ClusterState::default(),
-            confirmed: None,
+            view: ClusterView::default(),
             confirming: None,
             confirm_tx: mpsc::channel(1).0,
+            checking: None,
+            check_tx: mpsc::channel(1).0,
+            verdict: None,
+            grace_until: None,
             key_errors: BTreeSet::new(),
-            dns: HashMap::new(),
+            dns: DnsCache::default(),
+            resolver,
+            lookups: JoinSet::new(),
             routed: None,
             paused_since: None,
             seen_keys: false,
@@ -185,8 +219,7 @@ impl ClusterTask {
 
     /// Starts from what the discovery this task replaces last published.
     fn seed(&mut self, last: &ClusterView) {
-        self.state = last.state.clone();
-        self.confirmed = last.confirmed.clone();
+        self.view = last.clone();
         self.routed = last.primary().map(|m| m.name.clone());
         self.seen_keys = true;
     }
@@ -194,29 +227,48 @@ impl ClusterTask {
     async fn run(mut self, mut src: mpsc::Receiver<SourceEvent>, stop: CancellationToken) {
         let (confirm_tx, mut confirm_rx) = mpsc::channel(4);
         self.confirm_tx = confirm_tx;
+        let (check_tx, mut check_rx) = mpsc::channel(4);
+        self.check_tx = check_tx;
         loop {
+            let dns_due = self.dns.poll_timeout();
+            let grace = self.grace_until;
             tokio::select! {
                 ev = src.recv() => match ev {
-                    Some(SourceEvent::Keys(keys)) => self.on_keys(keys).await,
+                    Some(SourceEvent::Keys(keys)) => self.on_keys(keys),
                     Some(SourceEvent::Down(e)) => self.on_down(e),
                     None => break,
                 },
                 Some(name) = confirm_rx.recv() => {
-                    if self.state.leader.as_deref() == Some(name.as_str()) {
+                    if self.view.state.leader.as_deref() == Some(name.as_str()) {
                         debug!(cluster = %self.cfg.name, member = %name, "new leader confirmed primary by direct check");
-                        self.confirmed = Some(name);
                     }
+                    self.view.handle_confirmed(&name);
+                }
+                Some((name, result)) = check_rx.recv() => self.view.handle_check(&name, result),
+                Some(done) = self.lookups.join_next(), if !self.lookups.is_empty() => {
+                    // A lookup task neither panics nor is aborted before the task ends.
+                    if let Ok((key, r)) = done {
+                        self.on_lookup(key, r);
+                    }
+                }
+                _ = tokio::time::sleep_until(dns_due.unwrap_or_else(Instant::now)), if dns_due.is_some() => {
+                    let due = self.dns.poll_due(Instant::now());
+                    self.start_lookups(due);
+                }
+                _ = tokio::time::sleep_until(grace.unwrap_or_else(Instant::now)), if grace.is_some() => {
+                    self.grace_until = None;
+                    self.view.handle_grace_over();
                 }
                 _ = stop.cancelled() => break,
             }
             self.publish();
         }
-        if let Some((_, h)) = self.confirming.take() {
+        for (_, h) in self.confirming.take().into_iter().chain(self.checking.take()) {
             h.abort();
         }
     }
 
-    async fn on_keys(&mut self, keys: KeyMap) {
+    fn on_keys(&mut self, keys: KeyMap) {
         if !self.health.etcd_up.swap(true, Ordering::Relaxed) {
             if self.seen_keys {
                 info!(cluster = %self.cfg.name, "etcd reachable again; following Patroni's keys");
@@ -226,18 +278,17 @@ impl ClusterTask {
             self.metrics.etcd_up.set(1);
         }
         self.seen_keys = true;
-        let (mut state, errors) = keys::parse_cluster(&keys);
+        let (state, errors) = keys::parse_cluster(&keys);
         let errors: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
         for e in errors.difference(&self.key_errors) {
             warn!(cluster = %self.cfg.name, "ignoring bad key: {e}");
             self.metrics.key_errors.inc();
         }
         self.key_errors = errors;
-        self.resolve(&mut state).await;
-        if state.leader != self.state.leader {
-            self.confirmed = None;
-        }
-        self.state = state;
+        self.view.handle_keys(state);
+        // Addresses from the cache at once; lookups that are due run beside.
+        let due = self.dns.handle_state(Instant::now(), &mut self.view.state);
+        self.start_lookups(due);
     }
 
     fn on_down(&mut self, e: DiscoveryError) {
@@ -246,7 +297,7 @@ impl ClusterTask {
         let was_up = self.health.etcd_up.swap(false, Ordering::Relaxed);
         let first_error = !self.seen_keys && self.health.last_error.lock().is_ok_and(|l| l.is_none());
         if was_up || first_error {
-            warn!(cluster = %self.cfg.name, error = %msg, "etcd unreachable; routing stays on the last known topology");
+            warn!(cluster = %self.cfg.name, error = %msg, "etcd unreachable; routing stays on the last known topology while a direct check finds the primary writable");
         } else {
             debug!(cluster = %self.cfg.name, error = %msg, "etcd still unreachable");
         }
@@ -254,39 +305,49 @@ impl ClusterTask {
         if let Ok(mut l) = self.health.last_error.lock() {
             *l = Some(msg);
         }
+        self.view.handle_etcd_down();
     }
 
-    /// Fills in addresses of members whose conn_url names a host rather than an IP.
-    async fn resolve(&mut self, state: &mut ClusterState) {
-        for m in state.members.values_mut() {
-            let (Some(host), Some(port), None) = (&m.host, m.port, m.addr) else { continue };
-            let key = (host.clone(), port);
-            if let Some((addr, at)) = self.dns.get(&key) {
-                if at.elapsed() < DNS_TTL {
-                    m.addr = Some(*addr);
-                    continue;
-                }
-            }
-            match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host.as_str(), port))).await {
-                Ok(Ok(mut addrs)) => {
-                    if let Some(a) = addrs.next() {
-                        self.dns.insert(key, (a, Instant::now()));
-                        m.addr = Some(a);
-                    }
-                }
-                _ => {
-                    warn!(cluster = %self.cfg.name, member = %m.name, %host, "cannot resolve member host");
-                    m.addr = self.dns.get(&key).map(|(a, _)| *a);
-                }
-            }
+    /// Starts a lookup task per host; each reports to the cluster task when done.
+    fn start_lookups(&mut self, due: Vec<HostPort>) {
+        for key in due {
+            let lookup = self.resolver.resolve(&key.0, key.1);
+            self.lookups.spawn(async move {
+                let r = match tokio::time::timeout(dns::DNS_TIMEOUT, lookup).await {
+                    Ok(Ok(Some(a))) => Ok(a),
+                    Ok(Ok(None)) => Err("no address".to_owned()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {:?}", dns::DNS_TIMEOUT)),
+                };
+                (key, r)
+            });
         }
     }
 
-    /// Publishes the view if it changed, starts or stops the promotion check, logs routing
-    /// changes.
+    fn on_lookup(&mut self, key: HostPort, r: Result<SocketAddr, String>) {
+        let (host, port) = (&key.0, key.1);
+        let error = r.as_ref().err().cloned();
+        match self.dns.handle_result(Instant::now(), &key, r.ok()) {
+            Outcome::Unchanged => {}
+            Outcome::Resolved(addr) => debug!(cluster = %self.cfg.name, %host, port, %addr, "member host resolved"),
+            Outcome::Failed { kept } => warn!(
+                cluster = %self.cfg.name, %host, port, error = error.as_deref().unwrap_or(""),
+                kept = %kept.map_or("none".to_owned(), |a| a.to_string()),
+                "cannot resolve member host; keeping its last address"
+            ),
+            Outcome::StillFailing => debug!(cluster = %self.cfg.name, %host, port, "member host still unresolved"),
+        }
+        self.dns.fill(&mut self.view.state);
+    }
+
+    /// Publishes the view if it changed, starts or stops the promotion and primary checks,
+    /// logs routing changes.
     fn publish(&mut self) {
-        let view = ClusterView { state: self.state.clone(), confirmed: self.confirmed.clone() };
-        self.manage_confirmation(&view);
+        self.manage_confirmation();
+        self.manage_check();
+        self.log_verdict();
+        self.manage_grace();
+        let view = &self.view;
         let status = view.primary_status();
         let routed = view.primary().map(|m| m.name.clone());
         self.metrics.primary_routable.set(i64::from(routed.is_some()));
@@ -321,13 +382,13 @@ impl ClusterTask {
         {
             self.paused_since = Some((Instant::now(), None));
         }
-        if **self.tx.borrow() != view {
-            self.tx.send_replace(Arc::new(view));
+        if **self.tx.borrow() != self.view {
+            self.tx.send_replace(Arc::new(self.view.clone()));
         }
     }
 
-    fn manage_confirmation(&mut self, view: &ClusterView) {
-        let want = view.awaiting_confirmation().cloned();
+    fn manage_confirmation(&mut self) {
+        let want = self.view.awaiting_confirmation().cloned();
         let current = self.confirming.as_ref().map(|(n, _)| n.as_str());
         if want.as_ref().map(|m| m.name.as_str()) == current {
             return;
@@ -340,4 +401,80 @@ impl ClusterTask {
             self.confirming = Some((m.name, h));
         }
     }
+
+    fn manage_check(&mut self) {
+        let want = self.view.check_target().cloned();
+        let current = self.checking.as_ref().map(|(n, _)| n.as_str());
+        if want.as_ref().map(|m| m.name.as_str()) == current {
+            return;
+        }
+        if let Some((_, h)) = self.checking.take() {
+            h.abort();
+        }
+        if let Some(m) = want {
+            if !confirm::can_watch(&m, &self.cfg) {
+                warn!(cluster = %self.cfg.name, member = %m.name, "cannot check the primary directly (no check_user and no Patroni api_url): routing stays on the last known topology");
+            }
+            let h = tokio::spawn(confirm::watch_primary(m.clone(), self.cfg.clone(), self.check_tx.clone()));
+            self.checking = Some((m.name, h));
+        }
+    }
+
+    /// Starts the grace period when etcd is back while a verdict of the direct check stands:
+    /// one Patroni ttl, the longest a leader key can outlive its holder's last refresh.
+    fn manage_grace(&mut self) {
+        match (self.view.in_grace(), self.grace_until) {
+            (true, None) => {
+                let ttl =
+                    self.view.state.ttl.map_or(DEFAULT_PATRONI_TTL, Duration::from_secs).clamp(GRACE_MIN, GRACE_MAX);
+                if let Some(c) = &self.view.check {
+                    info!(cluster = %self.cfg.name, member = %c.member, result = ?c.result, grace = ?ttl, "etcd reachable again; the direct check's verdict stands while etcd may still show keys from before the outage");
+                }
+                self.grace_until = Some(Instant::now() + ttl);
+            }
+            (false, Some(_)) => self.grace_until = None,
+            _ => {}
+        }
+    }
+
+    /// One log line, and a count, per change of what the direct check says of the primary.
+    fn log_verdict(&mut self) {
+        let now = self.view.check.as_ref().map(|c| (c.member.clone(), c.result));
+        if now == self.verdict {
+            return;
+        }
+        let before = self.verdict.as_ref().map(|(_, r)| *r);
+        let cluster = &self.cfg.name;
+        match &now {
+            Some((m, CheckResult::Pending)) => {
+                info!(%cluster, member = %m, "etcd unreachable: checking the primary directly")
+            }
+            Some((m, CheckResult::Lost)) => {
+                self.metrics.primary_check_lost.inc();
+                warn!(%cluster, member = %m, "etcd unreachable and the primary check has no connection: no new connections to it until a check finds it writable");
+            }
+            Some((m, CheckResult::ReadOnly)) => {
+                self.metrics.primary_read_only.inc();
+                warn!(%cluster, member = %m, "primary found read-only by direct check (demoted while etcd was unreachable): no new connections, its sessions are closed");
+            }
+            Some((m, CheckResult::Writable)) => {
+                if matches!(before, Some(CheckResult::Lost | CheckResult::ReadOnly)) {
+                    info!(%cluster, member = %m, "primary found writable by direct check: routing resumes");
+                } else {
+                    debug!(%cluster, member = %m, "primary found writable by direct check");
+                }
+            }
+            None => {
+                if matches!(before, Some(CheckResult::Lost | CheckResult::ReadOnly)) {
+                    info!(%cluster, "primary check ended: Patroni's keys decide again");
+                } else {
+                    debug!(%cluster, "primary check ended");
+                }
+            }
+        }
+        self.verdict = now;
+    }
 }
+
+#[cfg(test)]
+mod tests;

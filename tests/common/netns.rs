@@ -23,7 +23,7 @@ pub struct Segment {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (apt-get install iproute2)");
+    let out = Command::new("ip").args(args).current_dir("/").output().expect("ip (apt-get install iproute2)");
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
@@ -32,9 +32,15 @@ impl Segment {
     pub fn new(tag: &str) -> Segment {
         assert!(super::is_root(), "network namespace tests need root");
         super::require("ip", "iproute2");
-        let id = format!("pf{}{}", tag, std::process::id() % 100000);
+        // The full pid: no live process shares it, so a namespace of that name is a leftover
+        // of a dead run, and is removed.
+        let id = format!("pf{}{}", tag, std::process::id());
         let s = Segment { id: id.clone() };
         for n in ["lan", "lb1", "lb2", "cli"] {
+            super::leftovers::record("netns", &s.ns(n));
+            if std::path::Path::new("/var/run/netns").join(s.ns(n)).exists() {
+                ip(&["netns", "del", &s.ns(n)]);
+            }
             ip(&["netns", "add", &s.ns(n)]);
             ip(&["-n", &s.ns(n), "link", "set", "lo", "up"]);
         }
@@ -197,7 +203,7 @@ pub fn start_pgfront_with(
 ) -> super::Proc {
     let cfg = dir.join(format!("{n}.toml"));
     std::fs::write(&cfg, config_with(n, vrrp, extra)).unwrap();
-    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    let mut cmd = seg.cmd(n, super::pgfront_bin().to_str().unwrap());
     cmd.args(["proxy", "-c", cfg.to_str().unwrap()]).env("RUST_LOG", "info,pgfront::vip=debug");
     super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
@@ -346,7 +352,7 @@ pub fn start_lease_host(seg: &Segment, dir: &std::path::Path, n: &str) -> super:
         ),
     )
     .unwrap();
-    let mut cmd = seg.cmd(n, env!("CARGO_BIN_EXE_pgfront"));
+    let mut cmd = seg.cmd(n, super::pgfront_bin().to_str().unwrap());
     cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
     super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }

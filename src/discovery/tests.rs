@@ -1,0 +1,169 @@
+//! The cluster task driven by hand: fake resolvers, source events, paused time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::dns::{Resolve, ResolveFuture};
+use super::keys::KeyMap;
+use super::*;
+use crate::metrics::Metrics;
+use crate::config::Config;
+
+fn cluster_config(extra: &str) -> Arc<ClusterConfig> {
+    let text = format!(
+        r#"
+[[cluster]]
+name = "t"
+scope = "s"
+etcd_endpoints = ["http://127.0.0.1:1"]
+{extra}
+
+[[listener]]
+cluster = "t"
+bind = "127.0.0.1:0"
+"#
+    );
+    Config::parse(std::path::Path::new("test.toml"), &text).unwrap().clusters[0].clone()
+}
+
+/// A DNS that answers from a table while up and never answers while down; counts lookups.
+#[derive(Default)]
+struct FakeDns {
+    table: HashMap<String, SocketAddr>,
+    down: AtomicBool,
+    lookups: AtomicUsize,
+}
+
+impl FakeDns {
+    fn new(table: &[(&str, SocketAddr)]) -> Arc<FakeDns> {
+        Arc::new(FakeDns { table: table.iter().map(|(h, a)| (h.to_string(), *a)).collect(), ..Default::default() })
+    }
+}
+
+impl Resolve for FakeDns {
+    fn resolve(&self, host: &str, port: u16) -> ResolveFuture {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        let a = self.table.get(host).map(|a| SocketAddr::new(a.ip(), port));
+        Box::pin(async move { Ok(a) })
+    }
+}
+
+/// A resolver that fails the test when it is called.
+struct NoDns;
+
+impl Resolve for NoDns {
+    fn resolve(&self, host: &str, _: u16) -> ResolveFuture {
+        panic!("members given by IP must not be resolved (asked for {host})")
+    }
+}
+
+struct Harness {
+    src: mpsc::Sender<SourceEvent>,
+    view: watch::Receiver<Arc<ClusterView>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+fn start(cfg: Arc<ClusterConfig>, resolver: Arc<dyn Resolve>) -> Harness {
+    let (tx, view) = watch::channel(Arc::new(ClusterView::default()));
+    let (src, src_rx) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let task = ClusterTask::new(cfg, tx, Metrics::new().cluster("t"), Arc::new(ClusterHealth::default()), resolver);
+    tokio::spawn(task.run(src_rx, stop.clone()));
+    Harness { src, view, _stop: stop.drop_guard() }
+}
+
+fn member_json(host: &str, port: u16, role: &str) -> Vec<u8> {
+    format!(r#"{{"conn_url":"postgres://{host}:{port}/postgres","state":"running","role":"{role}"}}"#).into_bytes()
+}
+
+fn keys(leader: &str, members: &[(&str, &str, u16, &str)]) -> KeyMap {
+    let mut k = KeyMap::new();
+    k.insert("leader".into(), leader.as_bytes().to_vec());
+    for (name, host, port, role) in members {
+        k.insert(format!("members/{name}"), member_json(host, *port, role));
+    }
+    k
+}
+
+/// Waits (in virtual time, without limit: callers bound it) for a view that satisfies `f`.
+async fn view_where(rx: &mut watch::Receiver<Arc<ClusterView>>, f: impl Fn(&ClusterView) -> bool) -> Arc<ClusterView> {
+    loop {
+        let v = rx.borrow_and_update().clone();
+        if f(&v) {
+            return v;
+        }
+        rx.changed().await.expect("the cluster task runs");
+    }
+}
+
+fn primary_at(v: &ClusterView) -> Option<(String, SocketAddr)> {
+    v.primary().and_then(|m| Some((m.name.clone(), m.addr?)))
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_change_is_published_at_once_while_dns_hangs() {
+    let dns = FakeDns::new(&[
+        ("db1.test", addr("10.0.0.1:0")),
+        ("db2.test", addr("10.0.0.2:0")),
+        ("db3.test", addr("10.0.0.3:0")),
+    ]);
+    let mut h = start(cluster_config(""), dns.clone());
+    let before = [
+        ("pg1", "db1.test", 5432, "master"),
+        ("pg2", "db2.test", 5432, "replica"),
+        ("pg3", "db3.test", 5432, "replica"),
+    ];
+    h.src.send(SourceEvent::Keys(keys("pg1", &before))).await.unwrap();
+    let v = tokio::time::timeout(
+        Duration::from_secs(1),
+        view_where(&mut h.view, |v| v.state.members.values().all(|m| m.addr.is_some()) && v.primary().is_some()),
+    )
+    .await
+    .expect("members resolved while DNS answers");
+    assert_eq!(primary_at(&v), Some(("pg1".into(), addr("10.0.0.1:5432"))));
+
+    // DNS goes down for good; every cached answer is past its lifetime.
+    dns.down.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let after = [
+        ("pg1", "db1.test", 5432, "replica"),
+        ("pg2", "db2.test", 5432, "master"),
+        ("pg3", "db3.test", 5432, "replica"),
+    ];
+    h.src.send(SourceEvent::Keys(keys("pg2", &after))).await.unwrap();
+    // Published without waiting on the resolver: not even a fraction of one lookup timeout of
+    // virtual time passes.
+    let v = tokio::time::timeout(
+        Duration::from_millis(100),
+        view_where(&mut h.view, |v| v.state.leader.as_deref() == Some("pg2")),
+    )
+    .await
+    .expect("the leader change is published while DNS hangs");
+    assert_eq!(primary_at(&v), Some(("pg2".into(), addr("10.0.0.2:5432"))), "last good address kept");
+    assert_eq!(v.state.members["pg1"].addr, Some(addr("10.0.0.1:5432")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn members_given_by_ip_never_reach_the_resolver() {
+    let mut h = start(cluster_config(""), Arc::new(NoDns));
+    let ms = [("pg1", "10.0.0.1", 5432, "master"), ("pg2", "[::1]", 5433, "replica")];
+    h.src.send(SourceEvent::Keys(keys("pg1", &ms))).await.unwrap();
+    let v = tokio::time::timeout(Duration::from_millis(100), view_where(&mut h.view, |v| v.primary().is_some()))
+        .await
+        .expect("published");
+    assert_eq!(primary_at(&v), Some(("pg1".into(), addr("10.0.0.1:5432"))));
+    assert_eq!(v.state.members["pg2"].addr, Some(addr("[::1]:5433")));
+}
