@@ -89,10 +89,10 @@ fn etcd_outage_longer_than_patroni_ttl() {
         without_failsafe_the_demoted_primary_is_not_routed(&env);
         with_failsafe_writes_go_on(&env);
     }));
-    if result.is_err() {
+    if let Err(panic) = result {
         eprintln!("--- pgfront log (last 80 lines) ---\n{}", env.pf.proc.log_tail(80));
         eprintln!("{}", env.pg.log_tails(40));
-        std::panic::resume_unwind(result.unwrap_err());
+        std::panic::resume_unwind(panic);
     }
 }
 

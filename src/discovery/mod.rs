@@ -445,17 +445,19 @@ impl ClusterTask {
         }
         let before = self.verdict.as_ref().map(|(_, r)| *r);
         let cluster = &self.cfg.name;
+        // The check runs while etcd is unreachable, and for a grace period after it is back.
+        let etcd = if self.view.etcd_down { "unreachable" } else { "back" };
         match &now {
             Some((m, CheckResult::Pending)) => {
                 info!(%cluster, member = %m, "etcd unreachable: checking the primary directly")
             }
             Some((m, CheckResult::Lost)) => {
                 self.metrics.primary_check_lost.inc();
-                warn!(%cluster, member = %m, "etcd unreachable and the primary check has no connection: no new connections to it until a check finds it writable");
+                warn!(%cluster, member = %m, %etcd, "the primary check has no connection: no new connections to it until a check finds it writable");
             }
             Some((m, CheckResult::ReadOnly)) => {
                 self.metrics.primary_read_only.inc();
-                warn!(%cluster, member = %m, "primary found read-only by direct check (demoted while etcd was unreachable): no new connections, its sessions are closed");
+                warn!(%cluster, member = %m, %etcd, "primary found read-only by direct check (demoted when etcd was unreachable): no new connections, its sessions are closed");
             }
             Some((m, CheckResult::Writable)) => {
                 if matches!(before, Some(CheckResult::Lost | CheckResult::ReadOnly)) {
