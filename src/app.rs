@@ -338,7 +338,7 @@ impl Supervisor {
     fn new(path: PathBuf, admin: Option<(Option<SocketAddr>, std::net::TcpListener)>) -> Supervisor {
         let vip_statuses = Arc::new(Mutex::new(Vec::new()));
         let mut metrics = Metrics::new();
-        metrics.register_vips(vip_statuses.clone());
+        metrics.register_collector(vip::metrics::collector(vip_statuses.clone()));
         let metrics = Arc::new(metrics);
         let config_status = ConfigStatus {
             path: path.display().to_string(),

@@ -26,7 +26,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
-use crate::discovery::http::{self, HttpError};
+use crate::http::{self, HttpError};
 
 /// The default admin endpoint (the example configuration's `[admin] listen`).
 pub(crate) const DEFAULT_ADMIN: &str = "http://127.0.0.1:7000";

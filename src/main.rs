@@ -175,8 +175,8 @@ fn status(admin: &str, json: bool) -> ExitCode {
     let url = format!("{}/status", admin.trim_end_matches('/'));
     // Messages name the URL without any user:password@ in it.
     let shown = pgfront::config::redact_userinfo(&url).into_owned();
-    let client = pgfront::discovery::http::client();
-    let body = match rt.block_on(pgfront::discovery::http::get(&client, &url, None, Duration::from_secs(5))) {
+    let client = pgfront::http::client();
+    let body = match rt.block_on(pgfront::http::get(&client, &url, None, Duration::from_secs(5))) {
         Ok(r) if r.status == 200 => r.body,
         Ok(r) => {
             eprintln!("{shown}: HTTP {}", r.status);

@@ -871,7 +871,7 @@ mod tests {
         let cfg = crate::config::Config::parse(std::path::Path::new("t.toml"), &text).unwrap();
         let mut metrics = Metrics::new();
         let vips: Vec<_> = cfg.vips.iter().map(|v| crate::vip::driver::initial_status(v)).collect();
-        metrics.register_vips(Arc::new(std::sync::Mutex::new(vips.clone())));
+        metrics.register_collector(crate::vip::metrics::collector(Arc::new(std::sync::Mutex::new(vips.clone()))));
         let cluster = cfg.clusters[0].clone();
         let (tx, view) = tokio::sync::watch::channel(Arc::new(crate::topology::ClusterView::default()));
         let health = Arc::new(crate::discovery::ClusterHealth::default());

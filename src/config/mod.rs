@@ -97,6 +97,13 @@ impl Default for ProcessConfig {
     }
 }
 
+/// The VRRP version of a `[[vip]]` (the codec in `vip::packet` speaks both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VrrpVersion {
+    V2,
+    V3,
+}
+
 /// How the holder of a VIP is elected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Election {
@@ -121,7 +128,7 @@ pub struct VipConfig {
     pub interface: String,
     pub vrid: u8,
     pub priority: u8,
-    pub version: crate::vip::packet::Version,
+    pub version: VrrpVersion,
     pub advert_interval: Duration,
     pub preempt: bool,
     pub preempt_delay: Duration,
@@ -151,12 +158,7 @@ pub struct Credentials {
     pub password: Secret,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub ca: Option<PathBuf>,
-    /// Client certificate and key, both or neither.
-    pub identity: Option<(PathBuf, PathBuf)>,
-}
+pub use crate::http::TlsFiles;
 
 /// Credentials of an optional PostgreSQL check: used only to confirm, in milliseconds, that a
 /// new leader has finished its promotion before Patroni writes so into its member key.
@@ -537,7 +539,7 @@ impl Resolver<'_> {
             return Err(bad("tls_ca", "https:// endpoints need tls_ca, the CA that signed etcd's certificates".into()));
         }
         if let Some(t) = &tls {
-            if let Err(e) = crate::discovery::http::tls_client_config(t) {
+            if let Err(e) = crate::http::tls_client_config(t) {
                 return Err(bad(e.field(), e.to_string()));
             }
             if c.etcd_endpoints.iter().any(|e| e.starts_with("http://")) {
@@ -667,7 +669,7 @@ impl Resolver<'_> {
         v: FileVip,
         clusters: &HashSet<String>,
     ) -> Result<VipConfig, ConfigError> {
-        use crate::vip::packet::Version;
+        use VrrpVersion as Version;
         let bad = |name: &str, reason: String| self.err(span.clone(), format!("vip[{i}].{name}"), reason);
         if !valid_name(&v.name) {
             return Err(bad("name", format!("{:?}: use letters, digits, '-', '_' or '.'", v.name)));

@@ -24,8 +24,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::http;
 use crate::config::{ClusterConfig, PgCheck};
+use crate::http;
 use crate::topology::{CheckResult, Member};
 
 const CHECK_TIMEOUT: Duration = Duration::from_millis(800);

@@ -22,10 +22,10 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::http;
 use super::keys::KeyMap;
 use super::{DiscoveryError, SourceEvent};
 use crate::config::ClusterConfig;
+use crate::http;
 
 const ECODE_KEY_NOT_FOUND: u64 = 100;
 const ECODE_EVENT_INDEX_CLEARED: u64 = 401;

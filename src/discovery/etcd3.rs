@@ -19,9 +19,8 @@
 //! re-reads and watches again.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -48,43 +47,13 @@ fn endpoint_for(endpoints: &[String], attempt: usize) -> &str {
     endpoints.get(attempt % endpoints.len().max(1)).map_or("", String::as_str)
 }
 
-/// A client for `cfg`'s etcd over all its endpoints (balanced at random by etcd-client):
-/// credentials, TLS, and every request bounded by `etcd_timeout`.
-pub(crate) async fn connect(cfg: &ClusterConfig) -> Result<Client, DiscoveryError> {
-    connect_to(cfg, &cfg.endpoints).await
-}
-
-/// A client for `endpoints` of `cfg`'s etcd.
+/// A client for `endpoints` of `cfg`'s etcd (one session's endpoint, see `run`).
 async fn connect_to(cfg: &ClusterConfig, endpoints: &[String]) -> Result<Client, DiscoveryError> {
-    let mut opts = ConnectOptions::new()
-        .with_timeout(cfg.etcd_timeout)
-        .with_connect_timeout(cfg.etcd_timeout)
-        .with_keep_alive(Duration::from_secs(2), cfg.etcd_timeout)
-        .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
-    if let Some(c) = &cfg.credentials {
-        opts = opts.with_user(c.username.clone(), c.password.expose());
-    }
-    if let Some(t) = &cfg.tls {
-        let mut tls = TlsOptions::new();
-        let read = |p: &std::path::Path| {
-            std::fs::read(p)
-                .map_err(|e| DiscoveryError::WatchEnded { reason: format!("cannot read {}: {e}", p.display()) })
-        };
-        if let Some(ca) = &t.ca {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-        }
-        if let Some((cert, key)) = &t.identity {
-            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-        }
-        opts = opts.with_tls(tls);
-    }
-    let timeout = cfg.etcd_timeout;
-    let named = || endpoints.join(",");
-    match tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts))).await {
-        Ok(r) => r.map_err(|source| DiscoveryError::Etcd3 { endpoints: named(), source }),
-        Err(_) => Err(DiscoveryError::Timeout { endpoints: named(), timeout }),
-    }
+    crate::etcd::connect(cfg, endpoints).await.map_err(|e| match e {
+        crate::etcd::ConnectError::Etcd { endpoints, source } => DiscoveryError::Etcd3 { endpoints, source },
+        crate::etcd::ConnectError::Timeout { endpoints, timeout } => DiscoveryError::Timeout { endpoints, timeout },
+        e @ crate::etcd::ConnectError::Tls { .. } => DiscoveryError::WatchEnded { reason: e.to_string() },
+    })
 }
 
 /// Reads every key under the prefix; returns them with the revision they were read at.

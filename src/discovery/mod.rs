@@ -20,7 +20,6 @@ pub mod confirm;
 pub(crate) mod dns;
 pub mod etcd2;
 pub mod etcd3;
-pub mod http;
 pub mod keys;
 
 use std::collections::BTreeSet;

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::dns::{Resolve, ResolveFuture};
 use super::keys::KeyMap;
 use super::*;
-use crate::metrics::Metrics;
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 fn cluster_config(extra: &str) -> Arc<ClusterConfig> {
     let text = format!(

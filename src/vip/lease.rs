@@ -35,7 +35,6 @@ use super::fsm::State;
 use super::health::Health;
 use super::lifecycle::{self, ConfigFeed, LeaseRole, Start, StopMode, VipStop};
 use crate::config::{ClusterConfig, Election, VipConfig};
-use crate::discovery::etcd3;
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -258,7 +257,7 @@ async fn session_inner(
     fitness: &Fitness,
     stop: &VipStop,
 ) -> Result<(), String> {
-    let mut client = etcd3::connect(etcd).await.map_err(|e| e.to_string())?;
+    let mut client = crate::etcd::connect(etcd, &etcd.endpoints).await.map_err(|e| e.to_string())?;
     // The lease handed over by the previous process if it still lives, else a new one.
     let adopted = match adopt {
         Some(l) => match client.lease_keep_alive(l.id).await {

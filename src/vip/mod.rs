@@ -14,5 +14,6 @@ pub mod garp;
 pub mod health;
 pub mod lease;
 pub mod lifecycle;
+pub mod metrics;
 pub mod netlink;
 pub mod packet;

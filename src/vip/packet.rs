@@ -21,11 +21,7 @@ const AUTH_LEN: usize = 8;
 const AUTH_NONE: u8 = 0;
 const AUTH_SIMPLE: u8 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Version {
-    V2,
-    V3,
-}
+pub use crate::config::VrrpVersion as Version;
 
 /// One advertisement.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,8 +28,6 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::TlsFiles;
-
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// An HTTP client that speaks `https://` only, for etcd v2 with TLS.
@@ -132,6 +130,14 @@ fn chain(e: &dyn StdError) -> String {
 pub fn basic_auth(user: &str, password: &str) -> String {
     use base64::Engine;
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+/// The TLS files of a cluster's etcd (named in `[[cluster]]`: `tls_ca`, `tls_cert`, `tls_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, both or neither.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// Why the TLS files of a cluster cannot be used. `field` is the config field that names the
