@@ -432,7 +432,9 @@ role = "replica"
     p.wait_primary("main", "pg1", Duration::from_secs(20));
     assert_eq!(check(&["primary"]).code, 0);
 
-    // etcd stopped: CRITICAL once pgfront has noticed; the last topology still routes.
+    // etcd stopped: CRITICAL once pgfront has noticed. The last topology would still route, but
+    // only while a direct check confirms the primary: this fake member's Patroni API
+    // (127.0.0.1:1) does not answer, so pgfront holds new connections and says why.
     etcd.pause();
     let noticed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_status(&p, "pgfront to see etcd down", |s| cluster(s, "main")["etcd_up"] == false);
@@ -441,7 +443,9 @@ role = "replica"
         assert!(r.text.starts_with("PGFRONT ETCD CRITICAL - main: etcd unreachable: "), "{}", r.out);
         assert_eq!(r.perf("main_etcd_up").value, 0.0);
         assert!(r.out.lines().count() >= 2, "the full error on a detail line: {}", r.out);
-        assert_eq!(check(&["primary"]).code, 0, "routing survives an etcd outage");
+        let r = check(&["primary"]);
+        assert_eq!(r.code, 2, "an unconfirmed primary is not routed while etcd is down: {}", r.out);
+        assert!(r.text.contains("unconfirmed"), "{}", r.out);
     }));
     etcd.resume();
     if let Err(e) = noticed {
@@ -450,9 +454,18 @@ role = "replica"
     wait_status(&p, "pgfront to see etcd again", |s| cluster(s, "main")["etcd_up"] == true);
     assert_eq!(check(&["etcd"]).code, 0);
 
-    // What /status does not report yet.
+    // The configuration: OK, then a reload refused (the file is broken) is a WARNING.
     let r = check(&["config"]);
-    assert_eq!((r.code, r.text.as_str()), (0, "PGFRONT CONFIG OK - reload status not reported"), "{}", r.out);
+    assert_eq!(r.code, 0, "{}", r.out);
+    assert!(r.text.starts_with("PGFRONT CONFIG OK - revision 1"), "{}", r.out);
+    std::fs::write(&p.config, "this is not TOML").unwrap();
+    p.proc.signal(libc::SIGHUP);
+    wait_status(&p, "the refused reload", |s| s["config"]["last_error"].is_string());
+    let r = check(&["config"]);
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(r.text.starts_with("PGFRONT CONFIG WARNING"), "{}", r.out);
+    let r = check(&["config", "--failed-reload", "critical"]);
+    assert_eq!(r.code, 2, "{}", r.out);
     let r = check(&["vip"]);
     assert_eq!(r.code, 3, "no VIP on this proxy: nothing to check: {}", r.out);
 
