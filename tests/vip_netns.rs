@@ -4,10 +4,13 @@
 //! the gratuitous ARP, preempt and nopreempt behave, garbage VRRP packets change nothing, and a
 //! mixed pair pgfront + keepalived 2.2 elects whichever has the higher priority.
 //!
-//! Reload and upgrade (issue 7) are tested in-process, since the supervisor does not wire them
-//! yet: VIP instances (`vip::driver::run_with`, `vip::lease::run_with`) run on threads that
-//! entered a namespace with `setns` and build a current-thread runtime there, so every socket
-//! they open (raw VRRP, netlink, packet, etcd) is in that namespace. Each such thread is "a
+//! Binary upgrade with the real binary (`binary_upgrades_*`): SIGUSR2 ten times in a row to the
+//! pgfront on lb1 (the pid `/status` reports), with a keepalived or a pgfront peer on lb2 and a
+//! client opening sessions on the VIP every 10 ms; the peer never takes the VIP.
+//!
+//! Reload and upgrade (issue 7) of the VIP instances themselves are also tested in-process: VIP
+//! instances (`vip::driver::run_with`, `vip::lease::run_with`) run on threads that entered a
+//! namespace with `setns` and build a current-thread runtime there, so every socket they open (raw VRRP, netlink, packet, etcd) is in that namespace. Each such thread is "a
 //! pgfront process" for the purpose of the test: two in the same namespace are the old and the
 //! new process of an upgrade.
 
@@ -419,9 +422,12 @@ mod inproc {
         }
     }
 
+    /// One advert seen: source, priority, advertised interval, when it was seen.
+    type Seen = (IpAddr, u8, Duration, Instant);
+
     /// Every VRRP advert seen on the segment, from the client namespace.
     pub struct Sniffer {
-        seen: Arc<Mutex<Vec<(IpAddr, u8, Duration)>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
         stop: Arc<AtomicBool>,
         thread: Option<JoinHandle<()>>,
     }
@@ -452,7 +458,7 @@ mod inproc {
                     let src = IpAddr::from([raw[12], raw[13], raw[14], raw[15]]);
                     let dst = IpAddr::from([raw[16], raw[17], raw[18], raw[19]]);
                     if let Ok(a) = pgfront::vip::packet::decode(&raw[ihl.min(n)..], src, dst) {
-                        s2.lock().unwrap().push((src, a.priority, a.interval()));
+                        s2.lock().unwrap().push((src, a.priority, a.interval(), Instant::now()));
                     }
                 }
             });
@@ -476,12 +482,31 @@ mod inproc {
             let src: IpAddr = src.parse().unwrap();
             wait_for(what, limit, || {
                 let seen = self.seen.lock().unwrap();
-                (seen[mark..].iter().filter(|(s, p, i)| *s == src && f(*p, *i)).count() >= n).then_some(())
+                (seen[mark..].iter().filter(|(s, p, i, _)| *s == src && f(*p, *i)).count() >= n).then_some(())
             });
         }
 
         pub fn any_since(&self, mark: usize, f: impl Fn(IpAddr, u8, Duration) -> bool) -> bool {
-            self.seen.lock().unwrap()[mark..].iter().any(|(s, p, i)| f(*s, *p, *i))
+            self.seen.lock().unwrap()[mark..].iter().any(|(s, p, i, _)| f(*s, *p, *i))
+        }
+
+        /// How many adverts since `mark` match `f(source, priority, interval)`.
+        pub fn count_since(&self, mark: usize, f: impl Fn(IpAddr, u8, Duration) -> bool) -> usize {
+            self.seen.lock().unwrap()[mark..].iter().filter(|(s, p, i, _)| f(*s, *p, *i)).count()
+        }
+
+        /// The longest silence between two adverts from `src` seen since `mark`, up to now
+        /// (so a source that fell silent shows it): a figure, and what a backup's master-down
+        /// timer measures.
+        pub fn max_gap(&self, mark: usize, src: &str) -> Duration {
+            let src: IpAddr = src.parse().unwrap();
+            let seen = self.seen.lock().unwrap();
+            let times: Vec<Instant> = seen[mark..].iter().filter(|(s, ..)| *s == src).map(|(.., t)| *t).collect();
+            let mut gap = Duration::ZERO;
+            for w in times.windows(2) {
+                gap = gap.max(w[1] - w[0]);
+            }
+            times.last().map_or(gap, |t| gap.max(t.elapsed()))
         }
     }
 
@@ -1007,4 +1032,349 @@ fn key_info(seg: &common::netns::Segment, endpoint: &str) -> Option<(String, i64
             Some((kv.value_str().ok()?.to_owned(), kv.lease(), ttl))
         })
     })
+}
+
+/// Binary upgrades of the real pgfront (SIGUSR2) in a namespace: the helpers of the two tests
+/// below.
+mod binary {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use super::common::echo::startup;
+    use super::common::netns::*;
+    use super::common::*;
+
+    /// A client in the client namespace that opens a short session with pgfront's primary
+    /// listener on the VIP (port 5432) every 10 ms, one at a time: TCP connect, a PostgreSQL
+    /// startup packet, and its echo from the backend pgfront routed it to. Records every outcome:
+    /// `Ok(time taken)`, or `Err` starting with "connect:" (nothing accepted it) or "session:"
+    /// (accepted, not served).
+    pub struct ServiceProbe {
+        results: Arc<Mutex<Vec<Result<Duration, String>>>>,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    fn session(target: SocketAddr) -> Result<Duration, String> {
+        let t = Instant::now();
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(1)).map_err(|e| format!("connect: {e}"))?;
+        let mut served = || -> std::io::Result<bool> {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.set_write_timeout(Some(Duration::from_secs(10)))?;
+            let p = startup();
+            s.write_all(&p)?;
+            let mut back = vec![0u8; p.len()];
+            s.read_exact(&mut back)?;
+            Ok(back == p)
+        };
+        match served() {
+            Ok(true) => Ok(t.elapsed()),
+            Ok(false) => Err("session: the echo differs (an ErrorResponse?)".into()),
+            Err(e) => Err(format!("session: {e}")),
+        }
+    }
+
+    impl ServiceProbe {
+        pub fn start(seg: &Segment) -> ServiceProbe {
+            let results = Arc::new(Mutex::new(Vec::new()));
+            let stop = Arc::new(AtomicBool::new(false));
+            let (r2, stop2) = (results.clone(), stop.clone());
+            let target: SocketAddr = format!("{VIP}:5432").parse().unwrap();
+            let thread = seg.spawn_in("cli", move || {
+                // Bounded in count and time (and by the stop flag).
+                let end = Instant::now() + Duration::from_secs(600);
+                for _ in 0..60_000 {
+                    if stop2.load(Ordering::Relaxed) || Instant::now() > end {
+                        break;
+                    }
+                    let r = session(target);
+                    r2.lock().unwrap().push(r);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            ServiceProbe { results, stop, thread: Some(thread) }
+        }
+
+        pub fn count(&self) -> usize {
+            self.results.lock().unwrap().len()
+        }
+
+        /// Waits until `n` sessions in a row were served (pgfront routes the primary).
+        pub fn wait_served(&self, n: usize, limit: Duration) {
+            wait_for(&format!("{n} sessions in a row served through the VIP"), limit, || {
+                let r = self.results.lock().unwrap();
+                (r.len() >= n && r[r.len() - n..].iter().all(Result::is_ok)).then_some(())
+            });
+        }
+
+        /// Waits for `n` more probes or `limit`, whichever comes first (a failing probe is slow;
+        /// the tally says what went wrong better than a timeout).
+        pub fn wait_more(&self, n: usize, limit: Duration) {
+            let (want, end) = (self.count() + n, Instant::now() + limit);
+            while self.count() < want && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        /// Stops the probe; returns (served, failed with their index, longest served session)
+        /// for the probes from number `from` on.
+        pub fn finish(mut self, from: usize) -> (usize, Vec<(usize, String)>, Duration) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            let r = self.results.lock().unwrap();
+            let (mut ok, mut failed, mut longest) = (0, Vec::new(), Duration::ZERO);
+            for (i, x) in r.iter().enumerate().skip(from) {
+                match x {
+                    Ok(d) => {
+                        ok += 1;
+                        longest = longest.max(*d);
+                    }
+                    Err(e) => failed.push((i, e.clone())),
+                }
+            }
+            (ok, failed, longest)
+        }
+    }
+
+    impl Drop for ServiceProbe {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// The pid that pgfront in namespace `n` reports in `/status`.
+    pub fn pid(seg: &Segment, n: &str) -> Option<u32> {
+        local_status(seg, n)?["pid"].as_u64().map(|p| p as u32)
+    }
+
+    /// Whether a process exists (a zombie, exited but not reaped, counts as gone).
+    pub fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    }
+
+    /// One binary upgrade of the pgfront in namespace `n` whose pid is `current`: SIGUSR2, a new
+    /// pid in `/status`, the old process gone. Returns the new pid.
+    pub fn upgrade(seg: &Segment, n: &str, current: u32, i: usize) -> u32 {
+        // SAFETY: a signal to a process this test started (or one of its successors).
+        unsafe { libc::kill(current as i32, libc::SIGUSR2) };
+        let next = wait_for(&format!("upgrade {i}: a new pid in /status"), Duration::from_secs(30), || {
+            pid(seg, n).filter(|p| *p != current)
+        });
+        wait_for(&format!("upgrade {i}: the old process {current} to exit"), Duration::from_secs(30), || {
+            (!alive(current)).then_some(())
+        });
+        next
+    }
+
+    /// The first VIP in `/status` of the pgfront in namespace `n`.
+    pub fn local_vip(seg: &Segment, n: &str) -> Option<serde_json::Value> {
+        local_status(seg, n).map(|s| s["vips"][0].clone())
+    }
+}
+
+/// Binary upgrade with the real binary, VRRP (issue 7, item 2): pgfront on lb1 (VRRPv3, 100 ms
+/// adverts, priority 150, health ties at their default so a new process that came up unfit
+/// would drop to keepalived's priority and lose the tie) routes its primary listener to an echo
+/// backend through an etcd on lb1's loopback; keepalived on lb2 (priority 100) is its backup.
+/// Ten SIGUSR2 in a row, each to the pid `/status` reports: keepalived never becomes master, no
+/// priority-0 advert, the VIP never leaves lb1 nor appears on lb2, and every session a client
+/// opens on the VIP every 10 ms is served. Then SIGTERM: keepalived takes over (the watchers
+/// work).
+#[test]
+fn binary_upgrades_keep_the_vrrp_vip_from_a_keepalived_peer() {
+    use binary::*;
+    use inproc::{count_lines, AddrMonitor, Sniffer};
+    let seg = Segment::new("j");
+    let dir = tempfile::tempdir().unwrap();
+    let lb1_ip = format!("{SUBNET}.11");
+    let etcd = start_etcd_loopback(&seg, dir.path(), "lb1");
+    let _backends = EchoBackends::start(&seg, "lb1", "lb1", "http://127.0.0.1:2379", "s");
+    let v = Vrrp { priority: 150, version: 3, interval: "100ms", preempt: true };
+    let lb1 = start_pgfront_with(&seg, dir.path(), "lb1", Some(&v), "[process]\ndrain_timeout = \"10s\"\n");
+    let mut ka: Option<Proc> = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_holder(&seg, "lb1", "lb2", Duration::from_secs(15));
+        let probe = ServiceProbe::start(&seg);
+        probe.wait_served(20, Duration::from_secs(20));
+        let vip = local_vip(&seg, "lb1").unwrap();
+        assert_eq!((vip["state"].as_str(), vip["priority"].as_u64()), (Some("master"), Some(150)), "fit: {vip}");
+        let k = start_keepalived(&seg, dir.path(), "lb2", 100, 3, "0.1");
+        let ka_log = k.log.clone();
+        ka = Some(k);
+        wait_for("keepalived to start as backup", Duration::from_secs(15), || {
+            (count_lines(&ka_log, "Entering BACKUP STATE") > 0).then_some(())
+        });
+        let sniff = Sniffer::start(&seg);
+        let m = sniff.mark();
+        sniff.wait("20 adverts from lb1", m, &lb1_ip, 20, |p, _| p == 150, Duration::from_secs(10));
+        assert_eq!(count_lines(&ka_log, "Entering MASTER STATE"), 0, "keepalived follows pgfront's adverts");
+        let mon1 = AddrMonitor::start(&seg, "lb1", dir.path());
+        let mon2 = AddrMonitor::start(&seg, "lb2", dir.path());
+
+        let p0 = probe.count();
+        let m0 = sniff.mark();
+        let began = std::time::Instant::now();
+        let mut current = pid(&seg, "lb1").expect("pid in /status");
+        let mut gaps = Vec::new();
+        for i in 0..10 {
+            let m = sniff.mark();
+            current = upgrade(&seg, "lb1", current, i);
+            // The new process advertises on its own once the old one is gone.
+            let m2 = sniff.mark();
+            sniff.wait(
+                &format!("upgrade {i}: adverts from the new process"),
+                m2,
+                &lb1_ip,
+                5,
+                |p, _| p == 150,
+                Duration::from_secs(10),
+            );
+            gaps.push(sniff.max_gap(m, &lb1_ip));
+        }
+        let storm = began.elapsed();
+        // 100 more probes (≥ 1 s: more than 3 of keepalived's master-down intervals) after the
+        // last hand-over.
+        probe.wait_more(100, Duration::from_secs(30));
+        let (ok, failed, longest) = probe.finish(p0);
+        let m_end = sniff.mark();
+        let adverts = sniff.count_since(m0, |s, p, _| s.to_string() == lb1_ip && p == 150);
+        let gap = gaps.iter().max().copied().unwrap_or_default();
+        eprintln!(
+            "10 binary upgrades (VRRPv3 100 ms, keepalived backup) in {:.1} s: {ok} client sessions on the VIP served, {} failed (longest {longest:?}); {adverts} adverts from lb1, longest silence per upgrade {:?} (max {gap:?})",
+            storm.as_secs_f64(),
+            failed.len(),
+            gaps
+        );
+        assert!(failed.is_empty(), "every client session on the VIP was served: {:?}", &failed[..failed.len().min(20)]);
+        assert_eq!(count_lines(&ka_log, "Entering MASTER STATE"), 0, "keepalived never became master");
+        assert!(!sniff.any_since(0, |_, p, _| p == 0), "no priority-0 advert was sent");
+        assert!(!sniff.any_since(0, |s, _, _| s.to_string() != lb1_ip), "only lb1 advertised");
+        let deleted: Vec<String> = mon1.vip_events().into_iter().filter(|l| l.starts_with("Deleted")).collect();
+        assert!(deleted.is_empty(), "the VIP was never removed from lb1: {deleted:?}");
+        assert!(mon2.vip_events().is_empty(), "the VIP never appeared on lb2: {:?}", mon2.vip_events());
+        assert!(seg.holds_vip("lb1") && !seg.holds_vip("lb2"));
+        let vip = local_vip(&seg, "lb1").unwrap();
+        assert_eq!((vip["state"].as_str(), vip["priority"].as_u64()), (Some("master"), Some(150)), "{vip}");
+        let log = std::fs::read_to_string(&lb1.log).unwrap_or_default();
+        assert_eq!(log.matches("upgrade: the new process is ready").count(), 10, "10 upgrades");
+        assert_eq!(log.matches("upgrade: old process done").count(), 10, "every old process ended");
+
+        // A clean stop of the newest process: its priority-0 advert hands the VIP to keepalived
+        // at once. Proves the watchers above would have seen a hand-over gone wrong.
+        // SAFETY: a signal to the process this test's pgfront became.
+        unsafe { libc::kill(current as i32, libc::SIGTERM) };
+        wait_for("keepalived to take over", Duration::from_secs(10), || {
+            (count_lines(&ka_log, "Entering MASTER STATE") > 0 && seg.holds_vip("lb2")).then_some(())
+        });
+        wait_for("the last pgfront to exit", Duration::from_secs(30), || (!alive(current)).then_some(()));
+        assert!(!seg.holds_vip("lb1"), "a clean stop removes the address");
+        assert!(
+            sniff.any_since(m_end, |s, p, _| s.to_string() == lb1_ip && p == 0),
+            "the sniffer sees the priority-0 advert"
+        );
+        assert!(mon1.vip_events().iter().any(|l| l.starts_with("Deleted")), "the monitor sees the VIP leave lb1");
+        assert!(mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")), "the monitor sees the VIP on lb2");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- lb1 (all processes) ---\n{}", lb1.log_tail(80));
+        if let Some(ka) = &ka {
+            eprintln!("--- keepalived ---\n{}", ka.log_tail(40));
+        }
+        eprintln!("--- etcd ---\n{}", etcd.log_tail(10));
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// Binary upgrade with the real binary, etcd lease election: pgfront on lb1 holds the VIP's key
+/// in an etcd in the client namespace, pgfront on lb2 waits for it. Ten SIGUSR2 in a row: the
+/// key keeps its value and its lease (each new process keeps that lease alive once the old one
+/// is gone), lb2 stays backup and never gets the VIP, lb1 never loses it, and every session a
+/// client opens on the VIP every 10 ms is served. Then SIGTERM deletes the key and lb2 takes over.
+#[test]
+fn binary_upgrades_keep_the_etcd_lease_and_key() {
+    use binary::*;
+    use inproc::AddrMonitor;
+    let seg = Segment::new("k");
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start_etcd_in(&seg, dir.path());
+    let endpoint = format!("http://{SUBNET}.100:2379");
+    // The backends live on lb1's loopback: only lb1's pgfront can route to them.
+    let _backends = EchoBackends::start(&seg, "lb1", "cli", &endpoint, "s");
+    let lb1 = start_lease_host(&seg, dir.path(), "lb1");
+    let mut lb2: Option<Proc> = None;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_holder(&seg, "lb1", "lb2", Duration::from_secs(15));
+        lb2 = Some(start_lease_host(&seg, dir.path(), "lb2"));
+        let backup = wait_for("lb2 to be backup", Duration::from_secs(15), || {
+            local_vip(&seg, "lb2").filter(|v| v["state"] == "backup")
+        });
+        let mon1 = AddrMonitor::start(&seg, "lb1", dir.path());
+        let mon2 = AddrMonitor::start(&seg, "lb2", dir.path());
+        let probe = ServiceProbe::start(&seg);
+        probe.wait_served(20, Duration::from_secs(20));
+        let p0 = probe.count();
+        let (value, lease, _) = key_info(&seg, &endpoint).expect("the key exists");
+
+        let began = std::time::Instant::now();
+        let mut current = pid(&seg, "lb1").expect("pid in /status");
+        for i in 0..10 {
+            current = upgrade(&seg, "lb1", current, i);
+            // The new process alone keeps the lease alive: its remaining TTL goes up again.
+            let mut last = lease_ttl(&seg, &endpoint, lease);
+            wait_for(&format!("upgrade {i}: the lease kept alive by the new process"), Duration::from_secs(10), || {
+                let (v, l, ttl) = key_info(&seg, &endpoint).expect("the key stays");
+                assert_eq!((v.as_str(), l), (value.as_str(), lease), "upgrade {i}: same key value, same lease");
+                let up = ttl > last;
+                last = ttl;
+                up.then_some(())
+            });
+        }
+        let storm = began.elapsed();
+        probe.wait_more(100, Duration::from_secs(30));
+        let (ok, failed, longest) = probe.finish(p0);
+        eprintln!(
+            "10 binary upgrades (etcd lease 3 s, pgfront peer) in {:.1} s: {ok} client sessions on the VIP served, {} failed (longest {longest:?}); key kept on lease {lease:x}",
+            storm.as_secs_f64(),
+            failed.len()
+        );
+        assert!(failed.is_empty(), "every client session on the VIP was served: {:?}", &failed[..failed.len().min(20)]);
+        let peer = local_vip(&seg, "lb2").unwrap();
+        assert_eq!(peer["state"], "backup", "{peer}");
+        assert_eq!(peer["transitions"], backup["transitions"], "lb2 never moved: {peer}");
+        let deleted: Vec<String> = mon1.vip_events().into_iter().filter(|l| l.starts_with("Deleted")).collect();
+        assert!(deleted.is_empty(), "the VIP was never removed from lb1: {deleted:?}");
+        assert!(mon2.vip_events().is_empty(), "the VIP never appeared on lb2: {:?}", mon2.vip_events());
+        assert!(seg.holds_vip("lb1") && !seg.holds_vip("lb2"));
+        assert_eq!(local_vip(&seg, "lb1").unwrap()["state"], "master");
+
+        // A clean stop deletes the key: lb2 takes over.
+        // SAFETY: a signal to the process this test's pgfront became.
+        unsafe { libc::kill(current as i32, libc::SIGTERM) };
+        wait_for("the VIP on lb2 alone", Duration::from_secs(10), || {
+            (seg.holds_vip("lb2") && !seg.holds_vip("lb1")).then_some(())
+        });
+        wait_for("the last pgfront to exit", Duration::from_secs(30), || (!alive(current)).then_some(()));
+        let (v, l, _) = key_info(&seg, &endpoint).expect("lb2's key");
+        assert!(v != value && l != lease, "the key is lb2's now");
+        assert!(mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")), "the monitor sees the VIP on lb2");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- lb1 (all processes) ---\n{}", lb1.log_tail(80));
+        if let Some(lb2) = &lb2 {
+            eprintln!("--- lb2 ---\n{}", lb2.log_tail(30));
+        }
+        eprintln!("--- etcd ---\n{}", etcd.log_tail(10));
+        std::panic::resume_unwind(e);
+    }
 }

@@ -356,3 +356,80 @@ pub fn start_lease_host(seg: &Segment, dir: &std::path::Path, n: &str) -> super:
     cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
     super::Proc::spawn(n, cmd, &dir.join(format!("{n}.log")), false)
 }
+
+/// etcd inside namespace `n`, on that namespace's loopback only (`http://127.0.0.1:2379` there):
+/// the discovery of a pgfront in the same namespace, out of reach of every other one.
+pub fn start_etcd_loopback(seg: &Segment, dir: &std::path::Path, n: &str) -> super::Proc {
+    let bin = super::require("etcd", "etcd-server");
+    let mut cmd = seg.cmd(n, bin.to_str().unwrap());
+    let url = "http://127.0.0.1:2379";
+    cmd.args([
+        "--name",
+        n,
+        "--data-dir",
+        dir.join(format!("etcd-{n}")).to_str().unwrap(),
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--listen-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls",
+        "http://127.0.0.1:2380",
+        "--initial-cluster",
+        &format!("{n}=http://127.0.0.1:2380"),
+    ]);
+    let p = super::Proc::spawn(&format!("{n}-etcd"), cmd, &dir.join(format!("{n}-etcd.log")), false);
+    super::wait_for(&format!("etcd on the loopback of {n}"), Duration::from_secs(20), || {
+        seg.run_in(n, move || super::http_get(&format!("{url}/health"))).filter(|(s, _)| *s == 200).map(|_| ())
+    });
+    p
+}
+
+/// Two echo "databases" (see `super::echo`) on the loopback of namespace `n`, published as the
+/// primary and the replica of Patroni scope `scope` in the etcd at `etcd` (reached from namespace
+/// `etcd_ns`): a pgfront in `n` routes its primary listener to them. They stop on drop.
+pub struct EchoBackends {
+    pub primary: u16,
+    pub replica: u16,
+    stop: tokio_util::sync::CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoBackends {
+    pub fn start(seg: &Segment, n: &str, etcd_ns: &str, etcd: &str, scope: &str) -> EchoBackends {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = stop.clone();
+        let thread = seg.spawn_in(n, move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let ports = (super::echo::echo_server(s2.clone()).await, super::echo::echo_server(s2.clone()).await);
+                let _ = tx.send(ports);
+                s2.cancelled().await;
+            });
+        });
+        let (primary, replica) = rx.recv_timeout(Duration::from_secs(10)).expect("echo backends bound");
+        let (etcd, scope) = (etcd.to_owned(), scope.to_owned());
+        seg.run_in(etcd_ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(super::echo::put_keys(&etcd, &scope, primary, replica));
+        });
+        EchoBackends { primary, replica, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for EchoBackends {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// pgfront's `/status` in namespace `n`, asked on that namespace's loopback (admin port).
+pub fn local_status(seg: &Segment, n: &str) -> Option<serde_json::Value> {
+    let (code, body) = seg.run_in(n, || super::http_get(&format!("http://127.0.0.1:{ADMIN}/status")))?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
