@@ -21,6 +21,7 @@ use crate::admin::{self, metrics::Metrics};
 use crate::balancer::pool::Pool;
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::{self, ClusterHandle};
+use crate::proxy::cancel::CancelMap;
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
 use crate::topology::ClusterView;
@@ -80,13 +81,20 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     for c in &config.clusters {
         clusters.insert(c.name.clone(), discovery::spawn(c.clone(), metrics.cluster(&c.name), stop.clone()));
     }
+    let cancels = Arc::new(CancelMap::new(metrics.cancel_keys()));
     let mut pools = Vec::new();
     for (cfg, sock) in bound {
         let pool = Pool::new(&cfg, metrics.listener(&cfg.name));
         // Validation guarantees the cluster exists.
         let view = clusters[&cfg.cluster].view.clone();
         tokio::spawn(follow(cfg.clone(), pool.clone(), view, stop.clone()));
-        let ctx = Arc::new(SessionCtx { cfg: cfg.clone(), pool: pool.clone(), stop: stop.clone(), kill: kill.clone() });
+        let ctx = Arc::new(SessionCtx {
+            cfg: cfg.clone(),
+            pool: pool.clone(),
+            cancels: cancels.clone(),
+            stop: stop.clone(),
+            kill: kill.clone(),
+        });
         tokio::spawn(listener::run(sock, ctx, stop.clone(), tracker.clone()));
         pools.push((cfg, pool));
     }

@@ -30,11 +30,27 @@ const CHUNK: usize = 16 * 1024;
 /// Pipes until both directions have ended (or either failed). Counts bytes as they pass:
 /// `up` from client to server, `down` from server to client.
 pub async fn pipe(client: &TcpStream, server: &TcpStream, up: &Counter, down: &Counter) -> io::Result<()> {
-    tokio::try_join!(one_way(client, server, up), one_way(server, client, down))?;
+    pipe_watching(client, server, up, down, None).await
+}
+
+/// A function shown the server's bytes before they are forwarded, until it returns false.
+pub type Watch<'a> = &'a mut (dyn FnMut(&[u8]) -> bool + Send);
+
+/// `pipe`, showing each chunk from the server to `watch` (the session's cancel-key scanner)
+/// before forwarding it, until `watch` returns false; after that the data path is the same as
+/// `pipe`'s.
+pub async fn pipe_watching(
+    client: &TcpStream,
+    server: &TcpStream,
+    up: &Counter,
+    down: &Counter,
+    watch: Option<Watch<'_>>,
+) -> io::Result<()> {
+    tokio::try_join!(one_way(client, server, up, None), one_way(server, client, down, watch))?;
     Ok(())
 }
 
-async fn one_way(src: &TcpStream, dst: &TcpStream, count: &Counter) -> io::Result<()> {
+async fn one_way(src: &TcpStream, dst: &TcpStream, count: &Counter, mut watch: Option<Watch<'_>>) -> io::Result<()> {
     loop {
         src.readable().await?;
         let mut buf = Vec::with_capacity(CHUNK);
@@ -47,6 +63,11 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, count: &Counter) -> io::Resul
                     return Ok(());
                 }
                 Ok(n) => {
+                    if let Some(w) = watch.as_mut() {
+                        if !w(&buf[..n]) {
+                            watch = None;
+                        }
+                    }
                     write_all(dst, &buf[..n]).await?;
                     count.inc_by(n as u64);
                     // A source that never runs dry and a sink that never fills would keep this
