@@ -82,6 +82,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         clusters.insert(c.name.clone(), discovery::spawn(c.clone(), metrics.cluster(&c.name), stop.clone()));
     }
     let cancels = Arc::new(CancelMap::new(metrics.cancel_keys()));
+    let fds = listener::fd_budget(&config.listeners);
     let mut pools = Vec::new();
     for (cfg, sock) in bound {
         let pool = Pool::new(&cfg, metrics.listener(&cfg.name));
@@ -95,7 +96,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             stop: stop.clone(),
             kill: kill.clone(),
         });
-        tokio::spawn(listener::run(sock, ctx, stop.clone(), tracker.clone()));
+        tokio::spawn(listener::run(sock, ctx, fds.clone(), stop.clone(), tracker.clone()));
         pools.push((cfg, pool));
     }
     // VIPs: each VRRP instance runs until `vip_stop`, which is cancelled first on the way

@@ -74,7 +74,14 @@ enum Refused {
     NoDescriptors,
 }
 
-pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<SessionCtx>, _permit: OwnedSemaphorePermit) {
+/// Serves one client. `_permits` (the listener's `maxconn`, the process's descriptor budget) are
+/// given back when the session ends.
+pub async fn run(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<SessionCtx>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+) {
     let m = ctx.pool.metrics();
     m.accepted.inc();
     m.active.inc();
@@ -343,7 +350,8 @@ mod tests {
         let (c, sem) = (ctx.clone(), Arc::new(Semaphore::new(100)));
         tokio::spawn(async move {
             while let Ok((s, peer)) = l.accept().await {
-                tokio::spawn(run(s, peer, c.clone(), sem.clone().acquire_owned().await.unwrap()));
+                let permits = (sem.clone().acquire_owned().await.unwrap(), sem.clone().acquire_owned().await.unwrap());
+                tokio::spawn(run(s, peer, c.clone(), permits));
             }
         });
         (addr, ctx)
