@@ -87,10 +87,12 @@ impl Drop for Entry<'_> {
     }
 }
 
-/// One session's side of it: scans the server's first bytes, then holds the entry.
+/// One session's side of it: scans the server's first bytes, then holds the entry. It lives
+/// in the session's future for the whole session, so it is kept small (the server's address
+/// is borrowed from the lease).
 pub(crate) struct KeyWatch<'a> {
     map: &'a CancelMap,
-    server: SocketAddr,
+    server: &'a SocketAddr,
     state: WatchState<'a>,
 }
 
@@ -101,7 +103,7 @@ enum WatchState<'a> {
 }
 
 impl<'a> KeyWatch<'a> {
-    pub(crate) fn new(map: &'a CancelMap, server: SocketAddr, first: Kind) -> KeyWatch<'a> {
+    pub(crate) fn new(map: &'a CancelMap, server: &'a SocketAddr, first: Kind) -> KeyWatch<'a> {
         KeyWatch { map, server, state: WatchState::Scanning(KeyScanner::new(first)) }
     }
 
@@ -111,7 +113,7 @@ impl<'a> KeyWatch<'a> {
         match s.feed(chunk) {
             Scanned::More => true,
             Scanned::Key(key) => {
-                self.state = WatchState::Known(self.map.insert(key, self.server));
+                self.state = WatchState::Known(self.map.insert(key, *self.server));
                 false
             }
             Scanned::NoKey(why) => {
@@ -153,7 +155,7 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:5001".parse().unwrap();
         let key = [0, 0, 0, 9, 1, 2, 3, 4];
         {
-            let mut w = KeyWatch::new(&map, a, Kind::Startup { version: 196608 });
+            let mut w = KeyWatch::new(&map, &a, Kind::Startup { version: 196608 });
             let hello = hello_with_key(9);
             assert!(w.feed(&hello[..7]), "needs more");
             assert!(!w.feed(&hello[7..]), "done once the key is seen");

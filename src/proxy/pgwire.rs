@@ -250,7 +250,9 @@ pub enum NoKey {
 #[derive(Debug, Clone)]
 pub struct KeyScanner {
     state: ScanState,
-    seen: usize,
+    /// Bytes consumed; never much above `MAX_SCAN`, so 32 bits (the scanner lives as long as
+    /// its session: kept small).
+    seen: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -264,12 +266,12 @@ enum ScanState {
         have: u8,
     },
     Skip {
-        left: usize,
+        left: u32,
     },
     Key {
         buf: KeyBuf,
-        have: usize,
-        want: usize,
+        have: u16,
+        want: u16,
     },
     Done(NoKey),
 }
@@ -312,7 +314,7 @@ impl KeyScanner {
     /// answering `NoKey` (a key is reported once).
     pub fn feed(&mut self, mut data: &[u8]) -> Scanned {
         while !data.is_empty() {
-            if self.seen >= MAX_SCAN {
+            if self.seen as usize >= MAX_SCAN {
                 return self.finish(NoKey::GaveUp);
             }
             let n = match &mut self.state {
@@ -331,7 +333,7 @@ impl KeyScanner {
                     *have += n as u8;
                     if *have == 5 {
                         let (t, len) = (buf[0], u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize);
-                        self.seen += n;
+                        self.seen += n as u32;
                         data = &data[n..];
                         if let Some(done) = self.header(t, len) {
                             return done;
@@ -341,17 +343,18 @@ impl KeyScanner {
                     n
                 }
                 ScanState::Skip { left } => {
-                    let n = (*left).min(data.len());
-                    *left -= n;
+                    let n = (*left as usize).min(data.len());
+                    *left -= n as u32;
                     if *left == 0 {
                         self.state = ScanState::Header { buf: [0; 5], have: 0 };
                     }
                     n
                 }
                 ScanState::Key { buf, have, want } => {
-                    let n = (*want - *have).min(data.len());
-                    buf.slice(*want)[*have..*have + n].copy_from_slice(&data[..n]);
-                    *have += n;
+                    let (h, w) = (*have as usize, *want as usize);
+                    let n = (w - h).min(data.len());
+                    buf.slice(w)[h..h + n].copy_from_slice(&data[..n]);
+                    *have += n as u16;
                     if *have == *want {
                         let key = match std::mem::replace(buf, KeyBuf::Inline([0; INLINE_KEY])) {
                             KeyBuf::Inline(b) => CancelKey::Inline { len: *want as u8, bytes: b },
@@ -363,12 +366,12 @@ impl KeyScanner {
                     n
                 }
             };
-            self.seen += n;
+            self.seen += n as u32;
             data = &data[n..];
         }
         match self.state {
             ScanState::Done(why) => Scanned::NoKey(why),
-            _ if self.seen >= MAX_SCAN => self.finish(NoKey::GaveUp),
+            _ if self.seen as usize >= MAX_SCAN => self.finish(NoKey::GaveUp),
             _ => Scanned::More,
         }
     }
@@ -381,15 +384,18 @@ impl KeyScanner {
         let body = len - 4;
         match t {
             b'K' if (4 + 4..=4 + MAX_SECRET_LEN).contains(&body) => {
-                self.state = ScanState::Key { buf: KeyBuf::with_len(body), have: 0, want: body };
+                self.state = ScanState::Key { buf: KeyBuf::with_len(body), have: 0, want: body as u16 };
                 None
             }
             b'K' => Some(self.finish(NoKey::GaveUp)),
             b'Z' | b'E' => Some(self.finish(NoKey::NotSent)),
-            _ if self.seen + body > MAX_SCAN => Some(self.finish(NoKey::GaveUp)),
+            _ if self.seen as usize + body > MAX_SCAN => Some(self.finish(NoKey::GaveUp)),
             _ => {
-                self.state =
-                    if body == 0 { ScanState::Header { buf: [0; 5], have: 0 } } else { ScanState::Skip { left: body } };
+                self.state = if body == 0 {
+                    ScanState::Header { buf: [0; 5], have: 0 }
+                } else {
+                    ScanState::Skip { left: body as u32 }
+                };
                 None
             }
         }

@@ -150,7 +150,7 @@ pub async fn run(
         }
     };
 
-    let mut keys = KeyWatch::new(&ctx.cancels, lease.backend.addr, kind);
+    let mut keys = KeyWatch::new(&ctx.cancels, &lease.backend.addr, kind);
     let mut watch = |chunk: &[u8]| keys.feed(chunk);
     tokio::select! {
         r = pipe::pipe_watching(&client, &server, &m.bytes_from_clients, &m.bytes_to_clients, Some(&mut watch)) => {
