@@ -51,7 +51,9 @@ pub fn fd_budget(listeners: &[Arc<ListenerConfig>]) -> Arc<Semaphore> {
     if (sessions as u64) < wanted {
         warn!(
             nofile,
-            sessions, wanted, "RLIMIT_NOFILE allows fewer sessions than the listeners' maxconn: the excess waits in the backlog (raise LimitNOFILE)"
+            sessions,
+            wanted,
+            "RLIMIT_NOFILE allows fewer sessions than the listeners' maxconn: the rest wait in the backlog"
         );
     }
     Arc::new(Semaphore::new(sessions))

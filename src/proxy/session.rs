@@ -113,7 +113,8 @@ pub async fn run(
         }
     };
     if kind == Kind::Cancel {
-        let known = ctx.cancels.lookup(&bytes[8..]);
+        // `read_first` only returns a Cancel of at least 16 bytes; `get` keeps that local.
+        let known = bytes.get(8..).and_then(|key| ctx.cancels.lookup(key));
         if let Some(server) = known {
             m.cancels_routed.inc();
             if let Err(e) = cancel::forward(server, &bytes, ctx.cfg.connect_timeout).await {
@@ -442,6 +443,31 @@ mod tests {
         );
         let (_c, answer) = client.await.unwrap();
         assert_eq!(answer[0], b'R', "served by the new primary: {answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_queued_client_that_leaves_after_its_startup_leaves_the_queue() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let server = fake_server(1, tx).await;
+        let mut cfg = (*listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(30))).clone();
+        cfg.server_maxconn = 1;
+        let (front, ctx) = front(Arc::new(cfg), &[server]).await;
+        let (_held, hello) = session(front).await;
+        assert_eq!(hello[0], b'R');
+        // The second client sends its startup, waits in the queue (server_maxconn 1), leaves.
+        let mut queued = TcpStream::connect(front).await.unwrap();
+        queued.write_all(&startup()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ctx.pool.status().queued != 1 {
+            assert!(Instant::now() < deadline, "the second client is queued");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(queued);
+        while ctx.pool.status().queued != 0 {
+            assert!(Instant::now() < deadline, "the client that left is dropped from the queue at once");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ctx.pool.metrics().active.get(), 1, "its session task ended");
     }
 
     #[tokio::test]
