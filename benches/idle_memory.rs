@@ -62,9 +62,24 @@ async fn echo_backend(l: TcpListener) {
     }
 }
 
+/// A connection through a proxy to the echo backend. pgfront reads a client's first packet
+/// and waits for the server's first byte before piping, so open with a startup packet (the
+/// echo backend answers it with itself).
+async fn connect(port: u16) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut startup = 196608u32.to_be_bytes().to_vec();
+    startup.extend_from_slice(b"user\0bench\0\0");
+    let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend(startup);
+    c.write_all(&packet).await.unwrap();
+    let mut back = vec![0u8; packet.len()];
+    c.read_exact(&mut back).await.unwrap();
+    c
+}
+
 async fn measure(name: &str, port: u16, pid: i32, n: usize) -> (f64, f64) {
     // Warm up: one connection through, so lazily built state is not counted.
-    let mut warm = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut warm = connect(port).await;
     warm.write_all(b"warm").await.unwrap();
     let mut b = [0u8; 4];
     warm.read_exact(&mut b).await.unwrap();
@@ -73,7 +88,7 @@ async fn measure(name: &str, port: u16, pid: i32, n: usize) -> (f64, f64) {
     let before = rss_kib(pid);
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut c = connect(port).await;
         c.write_all(b"hello pgfront").await.unwrap();
         let mut b = [0u8; 13];
         c.read_exact(&mut b).await.unwrap();
@@ -84,7 +99,7 @@ async fn measure(name: &str, port: u16, pid: i32, n: usize) -> (f64, f64) {
     let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     drop(conns);
     // Throughput: 64 MiB up and back through one connection.
-    let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let c = connect(port).await;
     c.set_nodelay(true).unwrap();
     let total = 64usize << 20;
     let (mut r, mut w) = c.into_split();

@@ -56,6 +56,7 @@ use crate::config::{ClusterConfig, Config, ListenerConfig, Role, VipConfig};
 use crate::discovery::{self, ClusterHandle};
 use crate::handover;
 use crate::metrics::Metrics;
+use crate::proxy::cancel::CancelMap;
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
 use crate::sysd;
@@ -327,6 +328,10 @@ struct Supervisor {
     exe: Option<PathBuf>,
     shared: Arc<ArcSwap<Shared>>,
     config_status: ConfigStatus,
+    /// Where sessions register their cancel keys (shared by every listener).
+    cancels: Arc<CancelMap>,
+    /// The process's descriptor budget, a permit per session (`listener::fd_budget`).
+    fds: Option<Arc<Semaphore>>,
     /// The process is stopping: queued clients are refused.
     stop: CancellationToken,
     /// Close every session now.
@@ -339,6 +344,7 @@ impl Supervisor {
         let vip_statuses = Arc::new(Mutex::new(Vec::new()));
         let mut metrics = Metrics::new();
         metrics.register_collector(vip::metrics::collector(vip_statuses.clone()));
+        let cancel_keys = metrics.cancel_keys();
         let metrics = Arc::new(metrics);
         let config_status = ConfigStatus {
             path: path.display().to_string(),
@@ -368,6 +374,8 @@ impl Supervisor {
             takeover: Vec::new(),
             shared,
             config_status,
+            cancels: Arc::new(CancelMap::new(cancel_keys)),
+            fds: None,
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
         };
@@ -490,6 +498,10 @@ impl Supervisor {
         d: ConfigDiff,
         mut bound: HashMap<SocketAddr, Arc<TcpListener>>,
     ) -> Vec<oneshot::Receiver<()>> {
+        if self.fds.is_none() {
+            // Once per process: the limit does not change with the configuration.
+            self.fds = Some(listener::fd_budget(&new.listeners));
+        }
         // Clusters first: listeners that move follow the new ones.
         for c in &d.clusters.added {
             self.start_cluster(c.clone());
@@ -611,16 +623,24 @@ impl Supervisor {
         let ctx = Arc::new(ArcSwap::from_pointee(SessionCtx {
             cfg: cfg.clone(),
             pool: pool.clone(),
+            cancels: self.cancels.clone(),
             stop: self.stop.clone(),
             kill: kill.clone(),
         }));
+        let fds = self.fds.get_or_insert_with(|| listener::fd_budget(&[])).clone();
         let sem = Arc::new(Semaphore::new(cfg.maxconn as usize));
         let follow_stop = CancellationToken::new();
         tokio::spawn(follow(cfg.clone(), pool.clone(), self.view(&cfg.cluster), follow_stop.clone()));
         let accept_stop = CancellationToken::new();
         let sessions = TaskTracker::new();
-        let accept =
-            tokio::spawn(listener::run(sock.clone(), ctx.clone(), sem.clone(), accept_stop.clone(), sessions.clone()));
+        let accept = tokio::spawn(listener::run(
+            sock.clone(),
+            ctx.clone(),
+            sem.clone(),
+            fds,
+            accept_stop.clone(),
+            sessions.clone(),
+        ));
         self.listeners.insert(
             cfg.name.clone(),
             ListenerPart { cfg, sock, ctx, pool, sem, accept_stop, accept, follow_stop, kill, sessions },
@@ -655,6 +675,7 @@ impl Supervisor {
         p.ctx.store(Arc::new(SessionCtx {
             cfg: cfg.clone(),
             pool: ctx.pool.clone(),
+            cancels: ctx.cancels.clone(),
             stop: ctx.stop.clone(),
             kill: ctx.kill.clone(),
         }));

@@ -24,6 +24,13 @@ pub struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CancelLabels {
+    pub listener: String,
+    /// `known_key`: forwarded to the session's server; `unknown_key`: routed like a session.
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
     pub listener: String,
     pub member: String,
@@ -66,6 +73,9 @@ pub struct Metrics {
     bytes_from_clients: Family<ListenerLabels, Counter>,
     bytes_to_clients: Family<ListenerLabels, Counter>,
     server_active: Family<ServerLabels, Gauge>,
+    bad_startup: Family<ListenerLabels, Counter>,
+    cancels: Family<CancelLabels, Counter>,
+    cancel_keys: Gauge,
     primary_routable: Family<ClusterLabels, Gauge>,
     leader_changes: Family<ClusterLabels, Counter>,
     routing_pause: HistFamily<ClusterLabels>,
@@ -107,6 +117,9 @@ impl Metrics {
             bytes_from_clients: Family::default(),
             bytes_to_clients: Family::default(),
             server_active: Family::default(),
+            bad_startup: Family::default(),
+            cancels: Family::default(),
+            cancel_keys: Gauge::default(),
             primary_routable: Family::default(),
             leader_changes: Family::default(),
             routing_pause: Family::new_with_constructor(wait_buckets),
@@ -127,7 +140,7 @@ impl Metrics {
         r.register("pgfront_listener_active_connections", "Client connections open", m.active.clone());
         r.register(
             "pgfront_listener_refused",
-            "Clients answered with an ErrorResponse (reason: no_server, full, closed)",
+            "Clients answered with an ErrorResponse (reason: no_server, full, closed, no_descriptors)",
             m.refused.clone(),
         );
         r.register(
@@ -145,6 +158,17 @@ impl Metrics {
         r.register("pgfront_client_received_bytes", "Bytes received from clients", m.bytes_from_clients.clone());
         r.register("pgfront_client_sent_bytes", "Bytes sent to clients", m.bytes_to_clients.clone());
         r.register("pgfront_server_active_connections", "Connections open to each server", m.server_active.clone());
+        r.register(
+            "pgfront_listener_bad_startup",
+            "Clients closed because their first packet was not PostgreSQL or did not come in time",
+            m.bad_startup.clone(),
+        );
+        r.register(
+            "pgfront_cancel_requests",
+            "Cancel requests (route: known_key, sent to the session's server; unknown_key, routed like a session)",
+            m.cancels.clone(),
+        );
+        r.register("pgfront_cancel_keys", "Open sessions whose cancel key pgfront knows", m.cancel_keys.clone());
         r.register(
             "pgfront_cluster_primary_routable",
             "1 when a writable primary takes new connections",
@@ -194,6 +218,7 @@ impl Metrics {
     pub fn listener(&self, name: &str) -> ListenerMetrics {
         let l = ListenerLabels { listener: name.to_owned() };
         let refused = |reason| self.refused.get_or_create(&RefusedLabels { listener: name.to_owned(), reason }).clone();
+        let cancel = |route| self.cancels.get_or_create(&CancelLabels { listener: name.to_owned(), route }).clone();
         ListenerMetrics {
             listener: name.to_owned(),
             accepted: self.accepted.get_or_create(&l).clone(),
@@ -201,6 +226,10 @@ impl Metrics {
             refused_no_server: refused("no_server"),
             refused_full: refused("full"),
             refused_closed: refused("closed"),
+            refused_no_descriptors: refused("no_descriptors"),
+            bad_startup: self.bad_startup.get_or_create(&l).clone(),
+            cancels_routed: cancel("known_key"),
+            cancels_unrouted: cancel("unknown_key"),
             connect_errors: self.connect_errors.get_or_create(&l).clone(),
             drained: self.drained.get_or_create(&l).clone(),
             queue: self.queue.get_or_create(&l).clone(),
@@ -220,6 +249,11 @@ impl Metrics {
             closed_lifetime: closed("lifetime"),
             closed_shutdown: closed("shutdown"),
         }
+    }
+
+    /// The process-wide count of known cancel keys (`proxy::cancel::CancelMap`).
+    pub fn cancel_keys(&self) -> Gauge {
+        self.cancel_keys.clone()
     }
 
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
@@ -252,6 +286,10 @@ pub struct ListenerMetrics {
     pub refused_no_server: Counter,
     pub refused_full: Counter,
     pub refused_closed: Counter,
+    pub refused_no_descriptors: Counter,
+    pub bad_startup: Counter,
+    pub cancels_routed: Counter,
+    pub cancels_unrouted: Counter,
     pub connect_errors: Counter,
     pub drained: Counter,
     pub queue: Gauge,
