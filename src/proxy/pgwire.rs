@@ -407,9 +407,46 @@ impl KeyScanner {
     }
 }
 
+/// The SQLSTATE (`C`) and message (`M`) fields of an `ErrorResponse` body (after its type
+/// byte and length). `None` if the body is malformed.
+pub fn error_code(body: &[u8]) -> Option<(&str, &str)> {
+    let (mut code, mut message) = (None, "");
+    let mut rest = body;
+    while let Some((&tag, tail)) = rest.split_first() {
+        if tag == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0)?;
+        let value = std::str::from_utf8(&tail[..end]).ok()?;
+        match tag {
+            b'C' => code = Some(value),
+            b'M' => message = value,
+            _ => {}
+        }
+        rest = &tail[end + 1..];
+    }
+    code.map(|c| (c, message))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_code_reads_sqlstate_and_message() {
+        let e = error_response("57P03", "the database system is shutting down");
+        assert_eq!(error_code(&e[5..]), Some(("57P03", "the database system is shutting down")));
+        assert_eq!(error_code(b"SFATAL\0"), None, "no code");
+        assert_eq!(error_code(b"C57P03"), None, "unterminated");
+        assert_eq!(error_code(b""), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn error_code_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = error_code(&body);
+        }
+    }
     use tokio::io::duplex;
 
     fn startup_packet() -> Vec<u8> {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -127,7 +127,7 @@ pub async fn run(
 
     let deadline = Instant::now() + ctx.cfg.queue_timeout;
     let placed = tokio::select! {
-        r = connect_backend(&ctx, deadline, &bytes, kind != Kind::Cancel) => r,
+        r = connect_backend(&ctx, deadline, &bytes, answer_expected(kind)) => r,
         _ = client_gone(&client) => {
             debug!(listener = %ctx.cfg.name, %peer, "client left while waiting for a server");
             return;
@@ -135,7 +135,7 @@ pub async fn run(
         _ = ctx.stop.cancelled() => Err(Refused::Pool(Refusal::Closed)),
     };
     drop(bytes);
-    let (lease, server) = match placed {
+    let (lease, server, prefix) = match placed {
         Ok(p) => p,
         Err(refused) => {
             let (code, msg) = refusal_message(&ctx.cfg, refused);
@@ -152,9 +152,20 @@ pub async fn run(
     };
 
     let mut keys = KeyWatch::new(&ctx.cancels, &lease.backend.addr, kind);
+    // What the connect already read of the server's answer goes to the client first.
+    let mut scanning = true;
+    if !prefix.is_empty() {
+        scanning = keys.feed(&prefix);
+        if let Err(e) = client.write_all(&prefix).await {
+            debug!(listener = %ctx.cfg.name, %peer, error = %e, "client gone before the server's first message");
+            return;
+        }
+        m.bytes_to_clients.inc_by(prefix.len() as u64);
+    }
+    drop(prefix);
     let mut watch = |chunk: &[u8]| keys.feed(chunk);
     tokio::select! {
-        r = pipe::pipe_watching(&client, &server, &m.bytes_from_clients, &m.bytes_to_clients, Some(&mut watch)) => {
+        r = pipe::pipe_watching(&client, &server, &m.bytes_from_clients, &m.bytes_to_clients, scanning.then_some(&mut watch)) => {
             if let Err(e) = r {
                 debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, error = %e, "session ended");
             }
@@ -174,8 +185,8 @@ async fn connect_backend(
     ctx: &SessionCtx,
     deadline: Instant,
     first: &[u8],
-    expect_answer: bool,
-) -> Result<(Lease, TcpStream), Refused> {
+    expect_answer: Answer,
+) -> Result<(Lease, TcpStream, Vec<u8>), Refused> {
     let mut avoid = Vec::new();
     let mut backoff = RETRY_MIN;
     let mut changes = ctx.pool.changes();
@@ -185,7 +196,7 @@ async fn connect_backend(
         let limit = ctx.cfg.connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
         let opened = tokio::time::timeout(limit, open(lease.backend.addr, first, expect_answer, ctx.cfg.tcp_keepalive));
         let err = match opened.await {
-            Ok(Ok(s)) => return Ok((lease, s)),
+            Ok(Ok((s, prefix))) => return Ok((lease, s, prefix)),
             Ok(Err(e)) => e,
             Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {limit:?}")),
         };
@@ -221,24 +232,80 @@ async fn connect_backend(
     }
 }
 
-/// Connects to `addr`, sends the client's first packet and, with `expect_answer`, waits for
-/// the server's first byte (left in the socket for the pipe to forward).
+/// What a connect waits for before it counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Nothing (a cancel request gets no answer).
+    Nothing,
+    /// The server's first byte (the one-byte answer to SSLRequest / GSSENCRequest, or a TLS
+    /// record): left in the socket for the pipe.
+    FirstByte,
+    /// The server's first message to a StartupMessage, read here: a server that answers
+    /// `57P03` (cannot_connect_now: "the database system is shutting down", "… is starting
+    /// up", "… is in recovery mode") has not served the client, so the connect is failed and
+    /// retried like a refused one; any other message is handed to the client first.
+    FirstMessage,
+}
+
+fn answer_expected(kind: Kind) -> Answer {
+    match kind {
+        Kind::Cancel => Answer::Nothing,
+        Kind::Startup { .. } => Answer::FirstMessage,
+        _ => Answer::FirstByte,
+    }
+}
+
+/// Largest first message read here (an ErrorResponse is a few hundred bytes).
+const MAX_FIRST_MESSAGE: usize = 8192;
+
+/// Connects to `addr`, sends the client's first packet and waits for the answer `expect`
+/// says. Returns the socket and the bytes already read from it (to be sent to the client
+/// before the pipe starts).
 async fn open(
     addr: SocketAddr,
     first: &[u8],
-    expect_answer: bool,
+    expect: Answer,
     keepalive: Option<Duration>,
-) -> std::io::Result<TcpStream> {
+) -> std::io::Result<(TcpStream, Vec<u8>)> {
+    let closed = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without answering");
     let mut s = TcpStream::connect(addr).await?;
     tune(&s, keepalive);
     s.write_all(first).await?;
-    if expect_answer {
-        let mut b = [0u8; 1];
-        if s.peek(&mut b).await? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without answering"));
+    match expect {
+        Answer::Nothing => Ok((s, Vec::new())),
+        Answer::FirstByte => {
+            let mut b = [0u8; 1];
+            if s.peek(&mut b).await? == 0 {
+                return Err(closed());
+            }
+            Ok((s, Vec::new()))
+        }
+        Answer::FirstMessage => {
+            let mut head = [0u8; 5];
+            s.read_exact(&mut head).await.map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    closed()
+                } else {
+                    e
+                }
+            })?;
+            let mut got = head.to_vec();
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            if head[0] == b'E' && (4..=MAX_FIRST_MESSAGE).contains(&len) {
+                got.resize(1 + len, 0);
+                s.read_exact(&mut got[5..]).await?;
+                if let Some((code, message)) = pgwire::error_code(&got[5..]) {
+                    if code == sqlstate::CANNOT_CONNECT_NOW {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionRefused,
+                            format!("the server is not ready ({code}: {message})"),
+                        ));
+                    }
+                }
+            }
+            Ok((s, got))
         }
     }
-    Ok(s)
 }
 
 /// The process (or system) is out of file descriptors or socket memory.
@@ -421,6 +488,53 @@ mod tests {
         assert_eq!(answer[0], b'E', "an ErrorResponse, not a client piped to a server that never speaks");
         assert!(String::from_utf8_lossy(&answer).contains("57P03"), "{answer:?}");
         assert!(ctx.pool.metrics().connect_errors.get() >= 2, "retried within the queue timeout");
+    }
+
+    /// A server that answers every startup with `57P03` (a PostgreSQL shutting down), and
+    /// counts the startups it got.
+    async fn shutting_down_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let n = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let n = n.clone();
+                tokio::spawn(async move {
+                    if pgwire::read_first(&mut s).await.is_ok() {
+                        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let e = pgwire::error_response("57P03", "the database system is shutting down");
+                        let _ = s.write_all(&e).await;
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_shutting_down_is_a_failed_connect_and_the_client_is_held() {
+        // The old primary of a switchover that discovery has not seen yet (etcd partitioned):
+        // its "shutting down" never reaches the client, who is placed on the new primary.
+        let (old, seen) = shutting_down_server().await;
+        let cfg = listener_cfg(Role::Primary, Duration::from_millis(500), Duration::from_secs(20));
+        let (front, ctx) = front(cfg, &[old]).await;
+        let client = tokio::spawn(session(front));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "the old primary was tried, and tried again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let new = fake_server(1, tx).await;
+        ctx.pool.apply(
+            &Targets { eligible: vec![Backend { member: "new".into(), addr: new }], keep: vec![] },
+            Duration::ZERO,
+        );
+        let (_c, answer) = client.await.unwrap();
+        assert_eq!(answer[0], b'R', "served by the new primary, never shown 57P03: {answer:?}");
+        // The first message the connect read is handed on whole, and its key is learnt.
+        assert_eq!(&answer[..9], &[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
     }
 
     #[tokio::test]
