@@ -786,6 +786,7 @@ fn report(p: &Params, results: &[RunResult]) {
             broken,
             rate,
             life,
+            after,
             left,
             mode.replaces_process(),
         ));
@@ -797,7 +798,7 @@ fn report(p: &Params, results: &[RunResult]) {
         p.cadence.as_millis()
     );
     println!(
-        "| {:<26} | {:>6} | {:>7} | {:>9} | {:>16} | {:>16} | {:>18} | {:>22} | {:>8} |",
+        "| {:<26} | {:>6} | {:>7} | {:>9} | {:>16} | {:>16} | {:>18} | {:>22} | {:>24} | {:>8} |",
         "mode",
         "rounds",
         "reloads",
@@ -806,15 +807,16 @@ fn report(p: &Params, results: &[RunResult]) {
         "broken sessions",
         "achieved conn/s",
         "old-proc lifetime (s)",
+        "exit after sessions (s)",
         "old left"
     );
     println!(
-        "|{:-<28}|{:->8}|{:->9}|{:->11}|{:->18}|{:->18}|{:->20}|{:->24}|{:->10}|",
-        "", "", "", "", "", "", "", "", ""
+        "|{:-<28}|{:->8}|{:->9}|{:->11}|{:->18}|{:->18}|{:->20}|{:->24}|{:->26}|{:->10}|",
+        "", "", "", "", "", "", "", "", "", ""
     );
-    for (label, n, reloads, ok, failed, broken, rate, life, left, replaces) in rows {
+    for (label, n, reloads, ok, failed, broken, rate, life, after, left, replaces) in rows {
         println!(
-            "| {label:<26} | {n:>6} | {reloads:>7} | {ok:>9} | {failed:>16} | {broken:>16} | {rate:>18} | {life:>22} | {:>8} |",
+            "| {label:<26} | {n:>6} | {reloads:>7} | {ok:>9} | {failed:>16} | {broken:>16} | {rate:>18} | {life:>22} | {after:>24} | {:>8} |",
             if replaces { left.to_string() } else { "—".into() }
         );
     }
