@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,28 +129,7 @@ fn fifty_reloads_under_load_lose_nothing() {
                 assert!(rt.block_on(async { handshake(ro).await.is_ok() }));
             }
         }
-        let storm = began.elapsed();
-        stop.cancel();
-        rt.block_on(opener).unwrap();
-        for h in long {
-            rt.block_on(h).unwrap();
-        }
-        // Let the last openers finish.
-        wait_for("the last connections", Duration::from_secs(30), || {
-            (conns.in_flight.load(Ordering::Relaxed) == 0).then_some(())
-        });
-        let (c_ok, c_failed) = (conns.ok.load(Ordering::Relaxed), conns.failed.load(Ordering::Relaxed));
-        let (s_ok, s_failed) = (sessions.ok.load(Ordering::Relaxed), sessions.failed.load(Ordering::Relaxed));
-        eprintln!(
-            "50 reloads in {:.1} s: {c_ok} new connections ok ({:.0}/s), {c_failed} failed; long-lived: {s_ok} round trips ok, {s_failed} broken",
-            storm.as_secs_f64(),
-            c_ok as f64 / storm.as_secs_f64()
-        );
-        for e in conns.errors.lock().unwrap().iter().chain(sessions.errors.lock().unwrap().iter()) {
-            eprintln!("  {e}");
-        }
-        assert_eq!(c_failed, 0, "failed new connections");
-        assert_eq!(s_failed, 0, "broken long-lived sessions");
+        finish_load(&rt, "50 reloads", began.elapsed(), &stop, opener, long, &conns, &sessions);
         assert!(pf.log().contains("reload"), "a reload line in the log");
     }));
     if let Err(e) = result {

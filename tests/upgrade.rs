@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,27 +87,7 @@ fn ten_upgrades_under_load_lose_nothing() {
             // Let the load run on the new process for a moment.
             std::thread::sleep(Duration::from_millis(300));
         }
-        let storm = began.elapsed();
-        stop.cancel();
-        rt.block_on(opener).unwrap();
-        for h in long {
-            rt.block_on(h).unwrap();
-        }
-        wait_for("the last connections", Duration::from_secs(30), || {
-            (conns.in_flight.load(Ordering::Relaxed) == 0).then_some(())
-        });
-        let (c_ok, c_failed) = (conns.ok.load(Ordering::Relaxed), conns.failed.load(Ordering::Relaxed));
-        let (s_ok, s_failed) = (sessions.ok.load(Ordering::Relaxed), sessions.failed.load(Ordering::Relaxed));
-        eprintln!(
-            "10 upgrades in {:.1} s: {c_ok} new connections ok ({:.0}/s), {c_failed} failed; long-lived: {s_ok} round trips ok, {s_failed} broken",
-            storm.as_secs_f64(),
-            c_ok as f64 / storm.as_secs_f64()
-        );
-        for e in conns.errors.lock().unwrap().iter().chain(sessions.errors.lock().unwrap().iter()) {
-            eprintln!("  {e}");
-        }
-        assert_eq!(c_failed, 0, "failed new connections");
-        assert_eq!(s_failed, 0, "broken long-lived sessions");
+        finish_load(&rt, "10 upgrades", began.elapsed(), &stop, opener, long, &conns, &sessions);
         // Every old process exits once its sessions have ended (long before drain_timeout).
         for p in &old {
             wait_for(&format!("old process {p} to exit"), Duration::from_secs(20), || (!alive(*p)).then_some(()));

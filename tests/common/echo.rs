@@ -166,3 +166,38 @@ pub fn opener(
         }
     })
 }
+
+/// Ends a load (`stop`, then waits for the opener, the long-lived sessions and the connections
+/// in flight), prints what it saw, prefixed by `what` (e.g. "50 reloads"), and asserts that
+/// nothing failed.
+pub fn finish_load(
+    rt: &tokio::runtime::Runtime,
+    what: &str,
+    elapsed: Duration,
+    stop: &CancellationToken,
+    opener: tokio::task::JoinHandle<()>,
+    long: Vec<tokio::task::JoinHandle<()>>,
+    conns: &Counts,
+    sessions: &Counts,
+) {
+    stop.cancel();
+    rt.block_on(opener).unwrap();
+    for h in long {
+        rt.block_on(h).unwrap();
+    }
+    super::wait_for("the last connections", Duration::from_secs(30), || {
+        (conns.in_flight.load(Ordering::Relaxed) == 0).then_some(())
+    });
+    let (c_ok, c_failed) = (conns.ok.load(Ordering::Relaxed), conns.failed.load(Ordering::Relaxed));
+    let (s_ok, s_failed) = (sessions.ok.load(Ordering::Relaxed), sessions.failed.load(Ordering::Relaxed));
+    eprintln!(
+        "{what} in {:.1} s: {c_ok} new connections ok ({:.0}/s), {c_failed} failed; long-lived: {s_ok} round trips ok, {s_failed} broken",
+        elapsed.as_secs_f64(),
+        c_ok as f64 / elapsed.as_secs_f64()
+    );
+    for e in conns.errors.lock().unwrap().iter().chain(sessions.errors.lock().unwrap().iter()) {
+        eprintln!("  {e}");
+    }
+    assert_eq!(c_failed, 0, "failed new connections");
+    assert_eq!(s_failed, 0, "broken long-lived sessions");
+}
