@@ -263,7 +263,7 @@ pub async fn run(
             Some(Control::Reload) => sup.reload().await,
             Some(Control::Upgrade) => {
                 if sup.upgrade().await {
-                    sup.retire_after_upgrade().await;
+                    sup.retire_after_upgrade(&mut control).await;
                     return Ok(());
                 }
             }
@@ -534,9 +534,17 @@ impl Supervisor {
         // VIPs: removed ones are released (priority-0 advert, or the etcd key deleted); changed
         // ones keep their role unless the change needs a new election; added ones start as backup.
         for v in &d.vips.removed {
-            self.stop_vip(&v.name);
+            let _ = self.stop_vip(&v.name);
         }
-        let changed_clusters: Vec<&str> = d.clusters.changed.iter().map(|(_, c)| c.name.as_str()).collect();
+        // An etcd election restarts only when its etcd connection changed, not for a change of
+        // scope, checks or intervals (a restart releases the VIP).
+        let changed_clusters: Vec<&str> = d
+            .clusters
+            .changed
+            .iter()
+            .filter(|(o, n)| etcd_connection(o) != etcd_connection(n))
+            .map(|(_, c)| c.name.as_str())
+            .collect();
         for v in &new.vips {
             let changed = d.vips.changed.iter().find(|(_, n)| n.name == v.name).map(|(_, n)| n.clone());
             let etcd_changed = matches!(&v.election, crate::config::Election::Etcd { cluster, .. } if changed_clusters.contains(&cluster.as_str()));
@@ -604,8 +612,14 @@ impl Supervisor {
         };
         old.stop.cancel();
         let stop = CancellationToken::new();
+        let same_cluster = old.handle.cfg.prefix() == cfg.prefix();
+        if !same_cluster {
+            // Another Patroni cluster (scope or namespace changed): its last view would route to
+            // the wrong database. Clients are held until the new one is read.
+            old.handle.tx.send_replace(Arc::new(ClusterView::default()));
+        }
         let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), Some(&old.handle));
-        info!(cluster = %cfg.name, "cluster changed: discovery restarted from the last known topology");
+        info!(cluster = %cfg.name, same_cluster, "cluster changed: discovery restarted (from the last known topology when the scope is the same)");
         self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
     }
 
@@ -713,6 +727,11 @@ impl Supervisor {
     }
 
     fn start_vip(&mut self, v: Arc<VipConfig>, config: &Config) {
+        self.start_vip_after(v, config, None)
+    }
+
+    /// Starts a VIP instance once `previous` (the instance it replaces) has finished.
+    fn start_vip_after(&mut self, v: Arc<VipConfig>, config: &Config, previous: Option<JoinHandle<()>>) {
         let status = vip::driver::initial_status(&v);
         let stop = vip::lifecycle::VipStop::new();
         let fit = self.fitness();
@@ -727,6 +746,9 @@ impl Supervisor {
         };
         let (cfg, st, s) = (v.clone(), status.clone(), stop.clone());
         let task = tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
             let r = match etcd {
                 Some(etcd) => vip::lease::run_with(rx, etcd, st, fit, s, start).await,
                 None => vip::driver::run_with(rx, st, fit, s, start).await,
@@ -751,19 +773,22 @@ impl Supervisor {
             _ => true,
         };
         if restart {
-            self.stop_vip(&v.name);
-            self.start_vip(v, config);
+            // The new instance starts once the old one has released (or after 2 s): otherwise
+            // the old one's late address removal could undo the new one's claim.
+            let previous = self.stop_vip(&v.name);
+            self.start_vip_after(v, config, previous);
         }
     }
 
-    fn stop_vip(&mut self, name: &str) {
-        if let Some(v) = self.vips.remove(name) {
-            v.stop.release();
-            info!(vip = %name, "VIP removed or changed: released");
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(2), v.task).await;
-            });
-        }
+    /// Releases a VIP; returns a handle that resolves once its instance has finished (2 s at
+    /// most).
+    fn stop_vip(&mut self, name: &str) -> Option<JoinHandle<()>> {
+        let v = self.vips.remove(name)?;
+        v.stop.release();
+        info!(vip = %name, "VIP removed or changed: released");
+        Some(tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), v.task).await;
+        }))
     }
 
     /// The proxy is fit to hold a VIP while every cluster behind a primary listener has etcd
@@ -839,7 +864,8 @@ impl Supervisor {
     /// After a successful upgrade: close this process's copies of the sockets (the new process
     /// holds them), let the VIPs go without a priority-0 advert (the new process advertises
     /// already), and let the sessions finish within `drain_timeout`.
-    async fn retire_after_upgrade(mut self) {
+    /// SIGTERM meanwhile shortens the wait to `shutdown_timeout`; SIGINT closes the sessions now.
+    async fn retire_after_upgrade(mut self, control: &mut mpsc::Receiver<Control>) {
         // No priority-0 advert, the address and the etcd key stay: the new process carries on.
         let vips: Vec<VipPart> = self.vips.drain().map(|(_, v)| v).collect();
         for v in &vips {
@@ -873,14 +899,39 @@ impl Supervisor {
         let open: usize = trackers.iter().map(|t| t.len()).sum();
         let deadline = self.config.process.drain_timeout;
         info!(open, ?deadline, "upgrade: sockets handed over; waiting for this process's sessions to end");
-        let all = async {
-            for t in &trackers {
-                t.wait().await;
+        let mut until = tokio::time::Instant::now() + deadline;
+        let mut listening = true;
+        let finished = loop {
+            let all = async {
+                for t in &trackers {
+                    t.wait().await;
+                }
+            };
+            tokio::select! {
+                r = tokio::time::timeout_at(until, all) => {
+                    if r.is_err() {
+                        let open: usize = trackers.iter().map(|t| t.len()).sum();
+                        warn!(open, "upgrade: sessions still open after {deadline:?}: closing them");
+                    }
+                    break r.is_ok();
+                }
+                c = control.recv(), if listening => match c {
+                    Some(Control::Stop { graceful: true }) => {
+                        let sooner = tokio::time::Instant::now() + self.config.process.shutdown_timeout;
+                        until = until.min(sooner);
+                        info!("SIGTERM while draining after an upgrade: sessions get the shutdown timeout");
+                    }
+                    Some(Control::Stop { graceful: false }) => {
+                        warn!("SIGINT while draining after an upgrade: closing the sessions");
+                        break false;
+                    }
+                    // Reload and upgrade belong to the new process now.
+                    Some(_) => warn!("this process has handed over to a new one: only SIGTERM and SIGINT apply"),
+                    None => listening = false,
+                },
             }
         };
-        if tokio::time::timeout(deadline, all).await.is_err() {
-            let open: usize = trackers.iter().map(|t| t.len()).sum();
-            warn!(open, "upgrade: sessions still open after {deadline:?}: closing them");
+        if !finished {
             self.kill.cancel();
             let all = async {
                 for t in &trackers {
@@ -943,6 +994,11 @@ impl Supervisor {
     }
 }
 
+/// What an etcd client of a cluster connects with (`crate::etcd::connect`).
+fn etcd_connection(c: &ClusterConfig) -> impl PartialEq + '_ {
+    (&c.endpoints, c.api, &c.credentials, &c.tls, c.etcd_timeout)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -967,5 +1023,34 @@ async fn follow(
             r = view.changed() => if r.is_err() { return },
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(extra: &str) -> Arc<ClusterConfig> {
+        let text = format!(
+            "[[cluster]]\nname = \"main\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n{extra}\n\
+             [[listener]]\ncluster = \"main\"\nbind = \"127.0.0.1:5432\"\n"
+        );
+        Config::parse(std::path::Path::new("t.toml"), &text).unwrap().clusters[0].clone()
+    }
+
+    #[test]
+    fn etcd_elections_restart_only_when_the_etcd_connection_changes() {
+        let base = cluster("");
+        // Checks, intervals and scope do not touch the election's etcd client.
+        for other in ["check_user = \"postgres\"", "resync_interval = \"5s\"", "confirm_interval = \"50ms\""] {
+            let c = cluster(other);
+            assert_ne!(base, c);
+            assert!(etcd_connection(&base) == etcd_connection(&c), "{other}");
+        }
+        let slower = cluster("etcd_timeout = \"5s\"");
+        assert!(etcd_connection(&base) != etcd_connection(&slower));
+        let moved = cluster("").as_ref().clone();
+        let moved = ClusterConfig { endpoints: vec!["http://127.0.0.1:2380".into()], ..moved };
+        assert!(etcd_connection(&base) != etcd_connection(&moved));
     }
 }
