@@ -499,15 +499,7 @@ impl Driver {
 
     /// Reload: applies `new` in place, unless it changes what needs a restart.
     fn reconfigure(&mut self, new: Arc<VipConfig>) {
-        if lifecycle::needs_restart(&self.cfg, &new) {
-            error!(vip = %self.cfg.name, changed = ?lifecycle::changed_fields(&self.cfg, &new),
-                   "this change needs the VRRP instance restarted; the running instance keeps its configuration");
-            return;
-        }
-        let changed = lifecycle::changed_fields(&self.cfg, &new);
-        if changed.is_empty() {
-            return;
-        }
+        let Some(changed) = lifecycle::live_changes(&self.cfg, &new) else { return };
         self.cfg = new;
         self.addr.cfg = self.cfg.clone();
         self.auth = self.cfg.auth_pass.as_ref().map(|p| packet::auth_bytes(p.expose()));

@@ -28,7 +28,7 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::driver::{role_to_take_over, Fitness, SharedVipStatus, VipAddress, VipError};
 use super::fsm::State;
@@ -89,15 +89,7 @@ impl Holder {
 
     /// Reload: applies `new` in place, unless it changes what needs a restart.
     fn reconfigure(&mut self, new: Arc<VipConfig>) {
-        if lifecycle::needs_restart(&self.cfg, &new) {
-            error!(vip = %self.cfg.name, changed = ?lifecycle::changed_fields(&self.cfg, &new),
-                   "this change needs the VIP instance restarted; the running instance keeps its configuration");
-            return;
-        }
-        let changed = lifecycle::changed_fields(&self.cfg, &new);
-        if changed.is_empty() {
-            return;
-        }
+        let Some(changed) = lifecycle::live_changes(&self.cfg, &new) else { return };
         self.cfg = new;
         self.addr.cfg = self.cfg.clone();
         self.health.set_thresholds(self.cfg.unhealthy_after, self.cfg.healthy_after);

@@ -77,6 +77,19 @@ pub(crate) fn needs_restart(old: &VipConfig, new: &VipConfig) -> bool {
         || old.interface != new.interface
 }
 
+/// What a running instance may apply of `new` in place: the names of the changed fields, or
+/// `None` when there is nothing to apply or the change needs the instance restarted (logged:
+/// the supervisor restarts it).
+pub(crate) fn live_changes(old: &VipConfig, new: &VipConfig) -> Option<Vec<&'static str>> {
+    let changed = changed_fields(old, new);
+    if needs_restart(old, new) {
+        tracing::error!(vip = %old.name, ?changed,
+                        "this change needs the VIP instance restarted; the running instance keeps its configuration");
+        return None;
+    }
+    (!changed.is_empty()).then_some(changed)
+}
+
 /// The names of the fields that differ, for the one log line a reload writes (never values:
 /// `auth_pass` is a secret).
 pub(crate) fn changed_fields(old: &VipConfig, new: &VipConfig) -> Vec<&'static str> {
