@@ -54,6 +54,7 @@ use crate::balancer::pool::Pool;
 use crate::config::diff::{self, ConfigDiff};
 use crate::config::{ClusterConfig, Config, ListenerConfig, Role, VipConfig};
 use crate::discovery::{self, ClusterHandle};
+use crate::events::{EventKind, Events, NewEvent};
 use crate::handover;
 use crate::metrics::Metrics;
 use crate::proxy::cancel::CancelMap;
@@ -312,6 +313,8 @@ struct Supervisor {
     path: PathBuf,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// The recent-events ring every part records into (served by the admin endpoint).
+    events: Events,
     vip_statuses: Arc<Mutex<Vec<vip::driver::SharedVipStatus>>>,
     clusters: HashMap<String, ClusterPart>,
     listeners: HashMap<String, ListenerPart>,
@@ -353,8 +356,10 @@ impl Supervisor {
             last_reload: None,
             last_error: None,
         };
+        let events = Events::default();
         let shared = Arc::new(ArcSwap::from_pointee(Shared {
             metrics: metrics.clone(),
+            events: events.clone(),
             clusters: Vec::new(),
             listeners: Vec::new(),
             vips: Vec::new(),
@@ -364,6 +369,7 @@ impl Supervisor {
             path,
             config: Arc::new(Config::empty()),
             metrics,
+            events,
             vip_statuses,
             clusters: HashMap::new(),
             listeners: HashMap::new(),
@@ -448,11 +454,25 @@ impl Supervisor {
                 self.config_status.last_error = None;
                 self.metrics.config_reloads_ok.inc();
                 info!(revision = self.config_status.revision, "configuration reloaded: {summary}");
+                self.events.record(
+                    EventKind::Reload,
+                    NewEvent {
+                        detail: format!("configuration reloaded (revision {}): {summary}", self.config_status.revision),
+                        ..NewEvent::default()
+                    },
+                );
             }
             Err(e) => {
                 self.config_status.last_error = Some(e.clone());
                 self.metrics.config_reloads_error.inc();
                 error!("configuration reload refused, the running configuration is unchanged: {e}");
+                self.events.record(
+                    EventKind::ReloadFailed,
+                    NewEvent {
+                        detail: format!("configuration reload refused, the running configuration is unchanged: {e}"),
+                        ..NewEvent::default()
+                    },
+                );
             }
         }
         self.publish();
@@ -591,6 +611,7 @@ impl Supervisor {
         }
         self.shared.store(Arc::new(Shared {
             metrics: self.metrics.clone(),
+            events: self.events.clone(),
             clusters,
             listeners,
             vips,
@@ -600,7 +621,8 @@ impl Supervisor {
 
     fn start_cluster(&mut self, cfg: Arc<ClusterConfig>) {
         let stop = CancellationToken::new();
-        let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), None);
+        let handle =
+            discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), self.events.clone(), stop.clone(), None);
         self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
     }
 
@@ -618,7 +640,13 @@ impl Supervisor {
             // the wrong database. Clients are held until the new one is read.
             old.handle.tx.send_replace(Arc::new(ClusterView::default()));
         }
-        let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), Some(&old.handle));
+        let handle = discovery::spawn(
+            cfg.clone(),
+            self.metrics.cluster(&cfg.name),
+            self.events.clone(),
+            stop.clone(),
+            Some(&old.handle),
+        );
         info!(cluster = %cfg.name, same_cluster, "cluster changed: discovery restarted (from the last known topology when the scope is the same)");
         self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
     }
@@ -640,11 +668,18 @@ impl Supervisor {
             cancels: self.cancels.clone(),
             stop: self.stop.clone(),
             kill: kill.clone(),
+            events: self.events.clone(),
         }));
         let fds = self.fds.get_or_insert_with(|| listener::fd_budget(&[])).clone();
         let sem = Arc::new(Semaphore::new(cfg.maxconn as usize));
         let follow_stop = CancellationToken::new();
-        tokio::spawn(follow(cfg.clone(), pool.clone(), self.view(&cfg.cluster), follow_stop.clone()));
+        tokio::spawn(follow(
+            cfg.clone(),
+            pool.clone(),
+            self.view(&cfg.cluster),
+            self.events.clone(),
+            follow_stop.clone(),
+        ));
         let accept_stop = CancellationToken::new();
         let sessions = TaskTracker::new();
         let accept = tokio::spawn(listener::run(
@@ -683,7 +718,7 @@ impl Supervisor {
         if routing_changed {
             p.follow_stop.cancel();
             p.follow_stop = CancellationToken::new();
-            tokio::spawn(follow(cfg.clone(), p.pool.clone(), view, p.follow_stop.clone()));
+            tokio::spawn(follow(cfg.clone(), p.pool.clone(), view, self.events.clone(), p.follow_stop.clone()));
         }
         let ctx = p.ctx.load();
         p.ctx.store(Arc::new(SessionCtx {
@@ -692,6 +727,7 @@ impl Supervisor {
             cancels: ctx.cancels.clone(),
             stop: ctx.stop.clone(),
             kill: ctx.kill.clone(),
+            events: ctx.events.clone(),
         }));
         p.cfg = cfg;
     }
@@ -744,14 +780,14 @@ impl Supervisor {
             }
             crate::config::Election::Vrrp => None,
         };
-        let (cfg, st, s) = (v.clone(), status.clone(), stop.clone());
+        let (cfg, st, s, ev) = (v.clone(), status.clone(), stop.clone(), self.events.clone());
         let task = tokio::spawn(async move {
             if let Some(previous) = previous {
                 let _ = previous.await;
             }
             let r = match etcd {
-                Some(etcd) => vip::lease::run_with(rx, etcd, st, fit, s, start).await,
-                None => vip::driver::run_with(rx, st, fit, s, start).await,
+                Some(etcd) => vip::lease::run_with(rx, etcd, st, fit, s, start, ev).await,
+                None => vip::driver::run_with(rx, st, fit, s, start, ev).await,
             };
             if let Err(e) = r {
                 error!("{e}; this host will not hold {}", cfg.addr);
@@ -1004,10 +1040,12 @@ fn unix_now() -> u64 {
 }
 
 /// Applies every new view of the cluster to one listener's pool, as soon as it arrives.
+/// Each drained server is recorded in `events`.
 async fn follow(
     cfg: Arc<ListenerConfig>,
     pool: Arc<Pool>,
     mut view: watch::Receiver<Arc<ClusterView>>,
+    events: Events,
     stop: CancellationToken,
 ) {
     loop {
@@ -1017,6 +1055,19 @@ async fn follow(
             info!(
                 listener = %cfg.name, member = %b.member, addr = %b.addr, grace = ?cfg.drain_grace,
                 "server lost its role: closing its connections"
+            );
+            let when =
+                if cfg.drain_grace.is_zero() { "now".to_owned() } else { format!("after {:?}", cfg.drain_grace) };
+            events.record(
+                EventKind::Drain,
+                NewEvent {
+                    cluster: Some(cfg.cluster.clone()),
+                    ..NewEvent::listener(
+                        &cfg.name,
+                        format!("{} ({}) lost its role: its connections are closed {when}", b.member, b.addr),
+                    )
+                }
+                .member(&b.member),
             );
         }
         tokio::select! {

@@ -6,8 +6,9 @@
 //! Layout: pure cores (`config`, `config::diff`, `topology`, `discovery::keys`,
 //! `balancer::select`, `proxy::pgwire`, `vip::{packet, fsm}`) with the I/O around them
 //! (`discovery` sources, `balancer::pool`, `proxy::{listener, session}`, `vip` drivers, `admin`),
-//! started, reloaded and stopped by `app`. `metrics` sits at the bottom: every part registers
-//! and updates its own families there, and `admin` only serves them.
+//! started, reloaded and stopped by `app`. `metrics` and `events` sit at the bottom: every part registers
+//! and updates its own metric families there and records its events (leader changes, drains,
+//! refusals, VIP transitions, reloads) into the one ring, and `admin` only serves them.
 
 pub mod admin;
 pub mod app;
@@ -16,6 +17,7 @@ pub mod check;
 pub mod config;
 pub mod discovery;
 pub(crate) mod etcd;
+pub mod events;
 pub(crate) mod handover;
 pub mod http;
 pub mod metrics;

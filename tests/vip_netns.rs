@@ -288,6 +288,7 @@ mod inproc {
     use std::time::{Duration, Instant};
 
     use pgfront::config::{ClusterConfig, Config, VipConfig};
+    use pgfront::events::Events;
     use pgfront::vip::driver::{self, SharedVipStatus};
     use pgfront::vip::fsm::State;
     use pgfront::vip::lease;
@@ -323,7 +324,9 @@ mod inproc {
     impl Instance {
         pub fn vrrp(seg: &Segment, n: &str, name: &str, cfg: Arc<VipConfig>, start: Start) -> Instance {
             Instance::spawn(seg, n, name, cfg, move |rx, status, stop| {
-                Box::pin(async move { driver::run_with(rx, status, Arc::new(|| true), stop, start).await })
+                Box::pin(async move {
+                    driver::run_with(rx, status, Arc::new(|| true), stop, start, Events::default()).await
+                })
             })
         }
 
@@ -336,7 +339,9 @@ mod inproc {
             start: Start,
         ) -> Instance {
             Instance::spawn(seg, n, name, cfg, move |rx, status, stop| {
-                Box::pin(async move { lease::run_with(rx, etcd, status, Arc::new(|| true), stop, start).await })
+                Box::pin(async move {
+                    lease::run_with(rx, etcd, status, Arc::new(|| true), stop, start, Events::default()).await
+                })
             })
         }
 

@@ -3,9 +3,10 @@
 //! | route      | what |
 //! |------------|------|
 //! | `/metrics` | Prometheus text format |
-//! | `/status`  | JSON: clusters (leader, members, roles, lag), listeners (servers, connections, queue) |
+//! | `/status`  | JSON: clusters (leader, members, roles, lag, routing paused for), listeners (servers, connections, queue, oldest queued wait, routing paused for), VIPs, configuration |
+//! | `/events`  | JSON: the recent events, newest first (`events::Event`); `?since=<id>` for the newer ones only |
 //! | `/health`  | 200 when every primary listener has a routable primary, else 503 with the reason |
-//! | `/`        | the same as `/status`, as an HTML page for humans |
+//! | `/`        | the status page for humans (`page`): `/status` and the events as HTML, refreshing itself; `/?part=main` is its refreshed part |
 //!
 //! ## Limits (hostile or broken clients)
 //! Whatever a client of this port does, the endpoint holds at most
@@ -66,8 +67,11 @@ use crate::balancer::pool::{Pool, PoolStatus};
 use crate::config::ListenerConfig;
 use crate::config::{Balance, Role};
 use crate::discovery::ClusterHandle;
+use crate::events::Events;
 use crate::metrics::{self, AdminMetrics};
 use crate::topology::{MemberRole, PrimaryStatus};
+
+mod page;
 
 /// Admin connections open at once; more wait in the kernel's backlog. A scrape or a status
 /// page needs one or a few; 64 leaves room for several tools and operators.
@@ -118,6 +122,8 @@ impl Default for Limits {
 /// What the admin endpoint reads: the supervisor replaces it whole at every start and reload.
 pub struct Shared {
     pub metrics: Arc<metrics::Metrics>,
+    /// The recent-events ring (the same one for the life of the process).
+    pub events: Events,
     pub clusters: Vec<ClusterHandle>,
     pub listeners: Vec<(Arc<ListenerConfig>, Arc<Pool>)>,
     pub vips: Vec<crate::vip::driver::SharedVipStatus>,
@@ -159,6 +165,8 @@ pub struct ClusterStatus {
     pub primary: Option<String>,
     pub primary_status: PrimaryStatus,
     pub switchover_pending: bool,
+    /// Seconds since no primary has been routable; `None` while one is.
+    pub routing_paused_seconds: Option<f64>,
     pub members: Vec<MemberStatus>,
 }
 
@@ -181,12 +189,15 @@ pub struct ListenerStatus {
     pub role: Role,
     pub balance: Balance,
     pub server_maxconn: u32,
+    /// Primary listeners: seconds since no primary of the cluster has been routable (clients
+    /// wait in the queue meanwhile); `None` while one is, and for other roles.
+    pub routing_paused_seconds: Option<f64>,
     #[serde(flatten)]
     pub pool: PoolStatus,
 }
 
 pub fn status(shared: &Shared) -> Status {
-    let clusters = shared
+    let clusters: Vec<ClusterStatus> = shared
         .clusters
         .iter()
         .map(|c| {
@@ -200,6 +211,7 @@ pub fn status(shared: &Shared) -> Status {
                 primary: view.primary().map(|m| m.name.clone()),
                 primary_status: view.primary_status(),
                 switchover_pending: view.state.failover.as_ref().is_some_and(|f| !f.scheduled),
+                routing_paused_seconds: c.health.routing_paused_for().map(|d| d.as_secs_f64()),
                 members: view
                     .state
                     .members
@@ -227,6 +239,10 @@ pub fn status(shared: &Shared) -> Status {
             role: cfg.role,
             balance: cfg.balance,
             server_maxconn: cfg.server_maxconn,
+            routing_paused_seconds: match cfg.role {
+                Role::Primary => clusters.iter().find(|c| c.name == cfg.cluster).and_then(|c| c.routing_paused_seconds),
+                _ => None,
+            },
             pool: pool.status(),
         })
         .collect();
@@ -422,87 +438,54 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("no primary: {}\n", bad.join(", ")))
             }
         }
-        "/" => reply(StatusCode::OK, "text/html; charset=utf-8", page(&status(shared))),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "routes: / /status /health /metrics\n"),
+        "/events" => match since(req.uri().query()) {
+            Ok(since) => {
+                let body = serde_json::to_vec_pretty(&shared.events.list(since)).unwrap_or_default();
+                reply(StatusCode::OK, "application/json", body)
+            }
+            Err(bad) => reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("since: not an event id: {bad:?} (use /events?since=<id>)\n"),
+            ),
+        },
+        "/" => {
+            let s = serde_json::to_value(status(shared)).unwrap_or_default();
+            let events = shared.events.list(None);
+            if req.uri().query() == Some("part=main") {
+                reply(StatusCode::OK, "text/html; charset=utf-8", page::main(&s, &events))
+            } else {
+                let nonce = nonce();
+                let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", page::render(&s, &events, &nonce));
+                let csp = format!(
+                    "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; connect-src 'self'; \
+                     base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+                );
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&csp) {
+                    r.headers_mut().insert(hyper::header::CONTENT_SECURITY_POLICY, v);
+                }
+                r
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "routes: / /status /events /health /metrics\n"),
     }
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+/// `since=<id>` of `/events`; other parameters are ignored.
+fn since(query: Option<&str>) -> Result<Option<u64>, String> {
+    let Some(v) = query.into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("since=")) else {
+        return Ok(None);
+    };
+    v.parse().map(Some).map_err(|_| v.to_owned())
 }
 
-fn page(s: &Status) -> String {
-    use std::fmt::Write;
-    let mut h = String::from(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>pgfront</title>\
-         <style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}\
-         td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.ok{color:#070}.bad{color:#b00}</style></head><body>",
-    );
-    let _ = write!(h, "<h1>pgfront {}</h1>", s.version);
-    let _ = write!(h, "<p>configuration {} &middot; revision {}", esc(&s.config.path), s.config.revision);
-    if let Some(e) = &s.config.last_error {
-        let _ = write!(h, " &middot; <b class=bad>last reload refused: {}</b>", esc(e));
-    }
-    h.push_str("</p>");
-    for c in &s.clusters {
-        let cls = if c.primary.is_some() { "ok" } else { "bad" };
-        let _ = write!(
-            h,
-            "<h2>cluster {} <small>(scope {})</small></h2><p>etcd: {} &middot; primary: <b class={cls}>{}</b> ({:?})</p>\
-             <table><tr><th>member</th><th>address</th><th>role</th><th>state</th><th>timeline</th><th>lag</th></tr>",
-            esc(&c.name),
-            esc(&c.scope),
-            if c.etcd_up { "up" } else { "<b class=bad>unreachable</b>" },
-            esc(c.primary.as_deref().unwrap_or("none")),
-            c.primary_status,
-        );
-        for m in &c.members {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&m.name),
-                m.addr.map(|a| a.to_string()).unwrap_or_default(),
-                m.role,
-                esc(&m.state),
-                m.timeline.map(|t| t.to_string()).unwrap_or_default(),
-                m.lag_bytes.map(|l| l.to_string()).unwrap_or_default(),
-            );
-        }
-        h.push_str("</table>");
-    }
-    h.push_str("<h2>listeners</h2><table><tr><th>listener</th><th>bind</th><th>role</th><th>queued</th><th>servers (active/maxconn)</th></tr>");
-    for l in &s.listeners {
-        let servers: Vec<String> = l
-            .pool
-            .servers
-            .iter()
-            .map(|sv| format!("{} {} {}/{} {:?}", esc(&sv.member), sv.addr, sv.active, l.server_maxconn, sv.state))
-            .collect();
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td></tr>",
-            esc(&l.name),
-            l.bind,
-            l.role,
-            l.pool.queued,
-            servers.join("<br>")
-        );
-    }
-    h.push_str("</table>");
-    if !s.vips.is_empty() {
-        h.push_str("<h2>VIPs</h2><table><tr><th>vip</th><th>address</th><th>interface</th><th>vrid</th><th>state</th><th>priority</th><th>master seen</th><th>transitions</th><th>GARPs</th></tr>");
-        for v in &s.vips {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&v.name), esc(&v.address), esc(&v.interface), v.vrid, v.state, v.priority,
-                esc(v.master_seen.as_deref().unwrap_or("-")), v.transitions, v.garps_sent
-            );
-        }
-        h.push_str("</table>");
-    }
-    h.push_str("</body></html>");
-    h
+/// A value for the page's script nonce that differs at each answer: an injected script
+/// cannot know it. (`RandomState` is keyed from the OS's random source.)
+fn nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    format!("{:016x}", h.finish())
 }
 
 #[cfg(test)]
@@ -541,6 +524,7 @@ mod tests {
     fn empty() -> Shared {
         Shared {
             metrics: Arc::new(Metrics::new()),
+            events: Events::default(),
             clusters: vec![],
             listeners: vec![],
             vips: vec![],
@@ -884,6 +868,7 @@ mod tests {
             .collect();
         let shared = Shared {
             metrics: Arc::new(metrics),
+            events: Events::default(),
             clusters: vec![crate::discovery::ClusterHandle { cfg: cluster, view, health, tx }],
             listeners,
             vips,

@@ -61,8 +61,9 @@ struct Inner {
 }
 
 enum Waiter {
-    /// In the selector's queue; the sender wakes the client when it is granted.
-    Queued(oneshot::Sender<()>),
+    /// In the selector's queue since the instant given; the sender wakes the client when it
+    /// is granted.
+    Queued(oneshot::Sender<()>, Instant),
     /// Granted, not picked up yet: this entry owns the slot.
     Granted(Grant),
 }
@@ -154,8 +155,8 @@ impl Inner {
             for (id, b) in grants {
                 let grant = self.grant(b, metrics);
                 match self.waiters.get_mut(&id) {
-                    Some(w @ Waiter::Queued(_)) => {
-                        if let Waiter::Queued(tx) = std::mem::replace(w, Waiter::Granted(grant)) {
+                    Some(w @ Waiter::Queued(..)) => {
+                        if let Waiter::Queued(tx, _) = std::mem::replace(w, Waiter::Granted(grant)) {
                             // The receiver outlives the waiter's guard, so this does not fail;
                             // if it did, the entry still owns the slot and the guard frees it.
                             let _ = tx.send(());
@@ -212,7 +213,7 @@ impl Drop for WaitGuard<'_> {
         }
         let mut g = self.pool.lock();
         match g.waiters.remove(&self.id) {
-            Some(Waiter::Queued(_)) => {
+            Some(Waiter::Queued(..)) => {
                 g.sel.cancel(self.id);
             }
             Some(Waiter::Granted(grant)) => {
@@ -229,6 +230,8 @@ impl Drop for WaitGuard<'_> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PoolStatus {
     pub queued: usize,
+    /// Seconds the oldest queued client has waited (0 when nobody waits).
+    pub oldest_queued_wait_seconds: f64,
     pub servers: Vec<ServerStatus>,
 }
 
@@ -319,7 +322,7 @@ impl Pool {
                 }
                 Acquire::Queued(id) => {
                     let (tx, rx) = oneshot::channel();
-                    g.waiters.insert(id, Waiter::Queued(tx));
+                    g.waiters.insert(id, Waiter::Queued(tx, Instant::now()));
                     self.metrics.queue.set(g.sel.queue_len() as i64);
                     (id, rx)
                 }
@@ -336,7 +339,7 @@ impl Pool {
         match g.waiters.remove(&id) {
             // Also when granted just as the timeout fired: the slot is ours, use it.
             Some(Waiter::Granted(grant)) => Ok(self.lease(grant)),
-            Some(Waiter::Queued(_)) => {
+            Some(Waiter::Queued(..)) => {
                 g.sel.cancel(id);
                 self.metrics.queue.set(g.sel.queue_len() as i64);
                 Err(match woken {
@@ -362,8 +365,13 @@ impl Pool {
     /// Queue length and per-server counts, read under the lock so they agree with each other.
     pub fn status(&self) -> PoolStatus {
         let g = self.lock();
+        let oldest = match g.sel.oldest_waiter().and_then(|id| g.waiters.get(&id)) {
+            Some(Waiter::Queued(_, since)) => since.elapsed().as_secs_f64(),
+            _ => 0.0,
+        };
         PoolStatus {
             queued: g.sel.queue_len(),
+            oldest_queued_wait_seconds: oldest,
             servers: g
                 .sel
                 .servers()

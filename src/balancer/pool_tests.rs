@@ -157,6 +157,24 @@ async fn draining_server_is_forgotten_when_its_slot_in_transit_is_dropped() {
     assert_eq!(pool.status().queued, 0);
 }
 
+/// The status's oldest wait is the head of the queue's: it follows the queue as clients leave.
+#[tokio::test(start_paused = true)]
+async fn oldest_queued_wait_is_the_head_of_the_queue() {
+    let pool = pool(1, Balance::Leastconn);
+    assert_eq!(pool.status().oldest_queued_wait_seconds, 0.0);
+    let first = queued(&pool);
+    tokio::time::advance(Duration::from_millis(30)).await;
+    let second = queued(&pool);
+    tokio::time::advance(Duration::from_millis(20)).await;
+    let s = pool.status();
+    assert_eq!(s.queued, 2);
+    assert!((s.oldest_queued_wait_seconds - 0.050).abs() < 1e-6, "{}", s.oldest_queued_wait_seconds);
+    drop(first);
+    assert!((pool.status().oldest_queued_wait_seconds - 0.020).abs() < 1e-6);
+    drop(second);
+    assert_eq!(pool.status().oldest_queued_wait_seconds, 0.0);
+}
+
 /// Timeout path: a queued client that times out leaves nothing behind, and its refusal says why.
 #[tokio::test(start_paused = true)]
 async fn timeout_refuses_and_leaves_no_waiter() {

@@ -87,6 +87,11 @@ impl Selector {
         self.queue.len()
     }
 
+    /// The waiter at the head of the queue: it has waited longest (the queue is FIFO).
+    pub fn oldest_waiter(&self) -> Option<WaiterId> {
+        self.queue.front().copied()
+    }
+
     pub fn has_eligible(&self) -> bool {
         self.servers.iter().any(|s| s.state == ServerState::Eligible)
     }

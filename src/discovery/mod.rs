@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{ClusterConfig, EtcdApi};
+use crate::events::{EventKind, Events, NewEvent};
 use crate::metrics::ClusterMetrics;
 use crate::topology::{CheckResult, ClusterView, PrimaryStatus};
 use dns::{DnsCache, HostPort, Outcome};
@@ -116,6 +117,26 @@ where
 pub struct ClusterHealth {
     pub etcd_up: AtomicBool,
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Since when no primary has been routable (`None` while one is): the admin endpoint's
+    /// "routing paused for". Written by the cluster task at each change only.
+    pub routing_paused_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ClusterHealth {
+    /// How long primary routing has been paused, `None` while a primary is routable.
+    pub fn routing_paused_for(&self) -> Option<Duration> {
+        self.routing_paused_since.lock().ok().and_then(|s| s.map(|t| t.elapsed()))
+    }
+
+    fn set_routing_paused(&self, paused: bool) {
+        if let Ok(mut s) = self.routing_paused_since.lock() {
+            match (paused, s.is_some()) {
+                (true, false) => *s = Some(std::time::Instant::now()),
+                (false, true) => *s = None,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// The handle the rest of the process keeps of a cluster.
@@ -134,9 +155,11 @@ pub struct ClusterHandle {
 /// endpoints, credentials or scope; the caller has stopped it). The new task publishes into
 /// the same channel and starts from the last view published there, so listeners keep routing
 /// on the last known topology until the new source has answered.
+/// `events`: where leader changes, routing pauses and etcd outages are recorded.
 pub fn spawn(
     cfg: Arc<ClusterConfig>,
     metrics: ClusterMetrics,
+    events: Events,
     stop: CancellationToken,
     previous: Option<&ClusterHandle>,
 ) -> ClusterHandle {
@@ -152,10 +175,14 @@ pub fn spawn(
         EtcdApi::V3 => tokio::spawn(etcd3::run(cfg.clone(), src_tx, stop.clone())),
         EtcdApi::V2 => tokio::spawn(etcd2::run(cfg.clone(), src_tx, stop.clone())),
     };
-    let mut task = ClusterTask::new(cfg.clone(), tx.clone(), metrics, health.clone(), Arc::new(dns::SystemResolver));
+    let mut task =
+        ClusterTask::new(cfg.clone(), tx.clone(), metrics, events, health.clone(), Arc::new(dns::SystemResolver));
     if previous.is_some() {
         let last = rx.borrow().clone();
         task.seed(&last);
+    } else {
+        // Nothing is routable before etcd has been read.
+        health.set_routing_paused(true);
     }
     tokio::spawn(task.run(src_rx, stop));
     ClusterHandle { cfg, view: rx, health, tx }
@@ -165,6 +192,7 @@ struct ClusterTask {
     cfg: Arc<ClusterConfig>,
     tx: watch::Sender<Arc<ClusterView>>,
     metrics: ClusterMetrics,
+    events: Events,
     health: Arc<ClusterHealth>,
     view: ClusterView,
     confirming: Option<(String, JoinHandle<()>)>,
@@ -191,6 +219,7 @@ impl ClusterTask {
         cfg: Arc<ClusterConfig>,
         tx: watch::Sender<Arc<ClusterView>>,
         metrics: ClusterMetrics,
+        events: Events,
         health: Arc<ClusterHealth>,
         resolver: Arc<dyn dns::Resolve>,
     ) -> Self {
@@ -198,6 +227,7 @@ impl ClusterTask {
             cfg,
             tx,
             metrics,
+            events,
             health,
             view: ClusterView::default(),
             confirming: None,
@@ -269,11 +299,14 @@ impl ClusterTask {
 
     fn on_keys(&mut self, keys: KeyMap) {
         if !self.health.etcd_up.swap(true, Ordering::Relaxed) {
-            if self.seen_keys {
+            let detail = if self.seen_keys {
                 info!(cluster = %self.cfg.name, "etcd reachable again; following Patroni's keys");
+                "etcd reachable again; following Patroni's keys".to_owned()
             } else {
                 info!(cluster = %self.cfg.name, prefix = %self.cfg.prefix(), keys = keys.len(), "read cluster from etcd");
-            }
+                format!("read the cluster from etcd ({} keys under {})", keys.len(), self.cfg.prefix())
+            };
+            self.events.record(EventKind::EtcdUp, NewEvent::cluster(&self.cfg.name, detail));
             self.metrics.etcd_up.set(1);
         }
         self.seen_keys = true;
@@ -297,6 +330,8 @@ impl ClusterTask {
         let first_error = !self.seen_keys && self.health.last_error.lock().is_ok_and(|l| l.is_none());
         if was_up || first_error {
             warn!(cluster = %self.cfg.name, error = %msg, "etcd unreachable; routing stays on the last known topology while a direct check finds the primary writable");
+            self.events
+                .record(EventKind::EtcdDown, NewEvent::cluster(&self.cfg.name, format!("etcd unreachable: {msg}")));
         } else {
             debug!(cluster = %self.cfg.name, error = %msg, "etcd still unreachable");
         }
@@ -355,6 +390,14 @@ impl ClusterTask {
             match (&self.routed, &routed) {
                 (Some(old), None) => {
                     info!(cluster = %self.cfg.name, member = %old, reason = ?status, "primary takes no new connections; clients are held");
+                    self.events.record(
+                        EventKind::RoutingPaused,
+                        NewEvent::cluster(
+                            &self.cfg.name,
+                            format!("{old} takes no new connections ({}); clients are held", status_text(status)),
+                        )
+                        .member(old),
+                    );
                     self.paused_since = Some((now, Some(old.clone())));
                 }
                 (old, Some(new)) => {
@@ -373,10 +416,26 @@ impl ClusterTask {
                         paused_ms = paused.as_millis() as u64,
                         "primary routed"
                     );
+                    let pause_ms = paused.as_millis() as u64;
+                    let detail = match &was {
+                        Some(was) if was == new => format!("{new} routed again after a pause of {pause_ms} ms"),
+                        Some(was) => format!("{was} → {new}, routing paused {pause_ms} ms"),
+                        None => format!("{new} routed (no primary before; paused {pause_ms} ms)"),
+                    };
+                    self.events.record(
+                        EventKind::LeaderChange,
+                        NewEvent {
+                            old: was.clone(),
+                            pause_ms: Some(pause_ms),
+                            ..NewEvent::cluster(&self.cfg.name, detail)
+                        }
+                        .member(new),
+                    );
                 }
                 (None, None) => {}
             }
             self.routed = routed;
+            self.health.set_routing_paused(self.routed.is_none());
         } else if routed.is_none() && self.paused_since.is_none() && self.seen_keys && status != PrimaryStatus::Routable
         {
             self.paused_since = Some((Instant::now(), None));
@@ -452,15 +511,32 @@ impl ClusterTask {
             }
             Some((m, CheckResult::Lost)) => {
                 self.metrics.primary_check_lost.inc();
+                self.events.record(
+                    EventKind::PrimaryCheck,
+                    NewEvent::cluster(
+                        cluster,
+                        format!("etcd {etcd}: the direct check of the primary has no connection"),
+                    )
+                    .member(m),
+                );
                 warn!(%cluster, member = %m, %etcd, "the primary check has no connection: no new connections to it until a check finds it writable");
             }
             Some((m, CheckResult::ReadOnly)) => {
                 self.metrics.primary_read_only.inc();
+                self.events.record(
+                    EventKind::PrimaryCheck,
+                    NewEvent::cluster(cluster, format!("etcd {etcd}: primary found read-only by direct check"))
+                        .member(m),
+                );
                 warn!(%cluster, member = %m, %etcd, "primary found read-only by direct check (demoted when etcd was unreachable): no new connections, its sessions are closed");
             }
             Some((m, CheckResult::Writable)) => {
                 if matches!(before, Some(CheckResult::Lost | CheckResult::ReadOnly)) {
                     info!(%cluster, member = %m, "primary found writable by direct check: routing resumes");
+                    self.events.record(
+                        EventKind::PrimaryCheck,
+                        NewEvent::cluster(cluster, "primary found writable by direct check").member(m),
+                    );
                 } else {
                     debug!(%cluster, member = %m, "primary found writable by direct check");
                 }
@@ -474,6 +550,20 @@ impl ClusterTask {
             }
         }
         self.verdict = now;
+    }
+}
+
+/// Why the primary is not routable, in words.
+pub(crate) fn status_text(s: PrimaryStatus) -> &'static str {
+    match s {
+        PrimaryStatus::Routable => "routable",
+        PrimaryStatus::NoLeader => "no leader",
+        PrimaryStatus::LeaderUnknown => "leader without a member entry",
+        PrimaryStatus::LeaderNotRunning => "leader not running",
+        PrimaryStatus::Promoting => "new leader promoting",
+        PrimaryStatus::SwitchoverPending => "switchover pending",
+        PrimaryStatus::Unconfirmed => "etcd unreachable, primary unconfirmed",
+        PrimaryStatus::ReadOnly => "primary read-only",
     }
 }
 

@@ -76,7 +76,14 @@ fn start(cfg: Arc<ClusterConfig>, resolver: Arc<dyn Resolve>) -> Harness {
     let (tx, view) = watch::channel(Arc::new(ClusterView::default()));
     let (src, src_rx) = mpsc::channel(16);
     let stop = CancellationToken::new();
-    let task = ClusterTask::new(cfg, tx, Metrics::new().cluster("t"), Arc::new(ClusterHealth::default()), resolver);
+    let task = ClusterTask::new(
+        cfg,
+        tx,
+        Metrics::new().cluster("t"),
+        crate::events::Events::default(),
+        Arc::new(ClusterHealth::default()),
+        resolver,
+    );
     tokio::spawn(task.run(src_rx, stop.clone()));
     Harness { src, view, _stop: stop.drop_guard() }
 }

@@ -45,6 +45,7 @@ use super::pgwire::{self, sqlstate, FirstPacket, Kind};
 use super::pipe;
 use crate::balancer::pool::{Lease, Pool, Refusal};
 use crate::config::{ListenerConfig, Role};
+use crate::events::Events;
 
 /// How long a refused client gets to read its ErrorResponse.
 const REFUSE_LIMIT: Duration = Duration::from_secs(5);
@@ -65,6 +66,8 @@ pub struct SessionCtx {
     pub stop: CancellationToken,
     /// Close every open session now.
     pub kill: CancellationToken,
+    /// Where refusals are counted for the status page (coalesced per listener and reason).
+    pub events: Events,
 }
 
 /// Why a client is refused: the pool's answer, or pgfront out of file descriptors.
@@ -139,12 +142,14 @@ pub async fn run(
         Ok(p) => p,
         Err(refused) => {
             let (code, msg) = refusal_message(&ctx.cfg, refused);
-            match refused {
-                Refused::Pool(Refusal::NoServer) => m.refused_no_server.inc(),
-                Refused::Pool(Refusal::Full) => m.refused_full.inc(),
-                Refused::Pool(Refusal::Closed) => m.refused_closed.inc(),
-                Refused::NoDescriptors => m.refused_no_descriptors.inc(),
+            let (counter, reason) = match refused {
+                Refused::Pool(Refusal::NoServer) => (&m.refused_no_server, "no_server"),
+                Refused::Pool(Refusal::Full) => (&m.refused_full, "full"),
+                Refused::Pool(Refusal::Closed) => (&m.refused_closed, "closed"),
+                Refused::NoDescriptors => (&m.refused_no_descriptors, "no_descriptors"),
             };
+            counter.inc();
+            ctx.events.refused(&ctx.cfg.name, reason, || msg.clone());
             warn!(listener = %ctx.cfg.name, %peer, code, "refused: {msg}");
             pgwire::refuse(&mut client, kind, code, &msg, REFUSE_LIMIT).await;
             return;
@@ -411,8 +416,14 @@ mod tests {
         let eligible = servers.iter().enumerate().map(|(i, a)| Backend { member: format!("m{i}").into(), addr: *a });
         pool.apply(&Targets { eligible: eligible.collect(), keep: vec![] }, Duration::ZERO);
         let cancels = Arc::new(CancelMap::new(Default::default()));
-        let ctx =
-            Arc::new(SessionCtx { cfg, pool, cancels, stop: CancellationToken::new(), kill: CancellationToken::new() });
+        let ctx = Arc::new(SessionCtx {
+            cfg,
+            pool,
+            cancels,
+            stop: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            events: Events::default(),
+        });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (c, sem) = (ctx.clone(), Arc::new(Semaphore::new(100)));

@@ -31,6 +31,7 @@ use super::lifecycle::{self, ConfigFeed, LeaseRole, Start, StopMode, VipRole, Vi
 use super::netlink::{self, Netlink};
 use super::packet::{self, Advert, Version};
 use crate::config::VipConfig;
+use crate::events::{EventKind, Events, NewEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VipError {
@@ -199,6 +200,7 @@ struct Driver {
     auth: Option<[u8; 8]>,
     fitness: Fitness,
     health: Health,
+    events: Events,
 }
 
 /// The address itself, the same whichever election holds it: added and removed through
@@ -335,19 +337,22 @@ pub async fn run(
     status: SharedVipStatus,
     fitness: Fitness,
     stop: impl Into<VipStop>,
+    events: Events,
 ) -> Result<(), VipError> {
-    run_with(cfg, status, fitness, stop.into(), Start::Fresh).await
+    run_with(cfg, status, fitness, stop.into(), Start::Fresh, events).await
 }
 
 /// Runs one VRRP instance until `stop`, following `cfg` (reload): a fresh start begins as
 /// backup; `Start::TakeOver` of a master role begins as master with the address left in place.
 /// The way `stop` is given (`release` or `hand_over`) says whether to release the VIP.
+/// Each state change is recorded in `events`.
 pub async fn run_with(
     cfg: impl ConfigFeed,
     status: SharedVipStatus,
     fitness: Fitness,
     stop: VipStop,
     start: Start,
+    events: Events,
 ) -> Result<(), VipError> {
     let mut feed = cfg.into_receiver();
     let cfg = feed.borrow_and_update().clone();
@@ -376,7 +381,7 @@ pub async fn run_with(
     let auth = cfg.auth_pass.as_ref().map(|p| packet::auth_bytes(p.expose()));
     let health = Health::new(cfg.unhealthy_after, cfg.healthy_after);
     let fsm = Vrrp::new(fsm_config(&cfg, local, &health));
-    let mut d = Driver { cfg: cfg.clone(), local, ifindex, sock, addr, fsm, status, auth, fitness, health };
+    let mut d = Driver { cfg: cfg.clone(), local, ifindex, sock, addr, fsm, status, auth, fitness, health, events };
     info!(vip = %cfg.name, addr = %cfg.addr, interface = %cfg.interface, vrid = cfg.vrid, priority = cfg.priority,
           version = ?cfg.version, interval = ?cfg.advert_interval, local = %local, take_over, "VRRP instance starting");
     if take_over {
@@ -385,6 +390,15 @@ pub async fn run_with(
         d.fsm.handle_startup(Instant::now());
     }
     d.run(feed, stop).await
+}
+
+/// A state as the status page and `/status` write it.
+pub(crate) fn state_name(s: State) -> &'static str {
+    match s {
+        State::Initialize => "initialize",
+        State::Backup => "backup",
+        State::Master => "master",
+    }
 }
 
 /// The state machine's settings for `cfg`, with the priority lowered while unfit.
@@ -602,6 +616,24 @@ impl Driver {
                 Action::StateChanged { from, to } => {
                     info!(vip = %self.cfg.name, addr = %self.cfg.addr, from = ?from, to = ?to,
                           master_seen = ?self.fsm.master_seen, priority = self.fsm.priority(), "VRRP state change");
+                    let seen = match self.fsm.master_seen {
+                        Some((a, p)) => format!("; master seen: {a} (priority {p})"),
+                        None => String::new(),
+                    };
+                    self.events.record(
+                        EventKind::Vip,
+                        NewEvent::vip(
+                            &self.cfg.name,
+                            format!(
+                                "VRRP {} → {}: {} on {}, priority {}{seen}",
+                                state_name(from),
+                                state_name(to),
+                                self.cfg.addr,
+                                self.cfg.interface,
+                                self.fsm.priority()
+                            ),
+                        ),
+                    );
                 }
             }
         }

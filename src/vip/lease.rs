@@ -35,6 +35,7 @@ use super::fsm::State;
 use super::health::Health;
 use super::lifecycle::{self, ConfigFeed, LeaseRole, Start, StopMode, VipStop};
 use crate::config::{ClusterConfig, Election, VipConfig};
+use crate::events::{EventKind, Events, NewEvent};
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -51,6 +52,7 @@ struct Holder {
     /// The address is on the interface as handed over by the previous process, not yet
     /// confirmed by etcd: removed if the key turns out not to be ours.
     kept: bool,
+    events: Events,
 }
 
 impl Holder {
@@ -75,6 +77,10 @@ impl Holder {
         self.addr.add().await;
         if self.set_state(State::Master) {
             info!(vip = %self.cfg.name, addr = %self.cfg.addr, "etcd lease election: this host holds the VIP");
+            self.events.record(
+                EventKind::Vip,
+                NewEvent::vip(&self.cfg.name, format!("etcd lease: this host holds {} (master)", self.cfg.addr)),
+            );
         }
         self.addr.announce();
     }
@@ -84,6 +90,10 @@ impl Holder {
         self.addr.remove().await;
         if self.set_state(State::Backup) {
             info!(vip = %self.cfg.name, addr = %self.cfg.addr, "etcd lease election: VIP released ({why})");
+            self.events.record(
+                EventKind::Vip,
+                NewEvent::vip(&self.cfg.name, format!("etcd lease: {} released (backup): {why}", self.cfg.addr)),
+            );
         }
     }
 
@@ -110,13 +120,15 @@ pub async fn run(
     status: SharedVipStatus,
     fitness: Fitness,
     stop: impl Into<VipStop>,
+    events: Events,
 ) -> Result<(), VipError> {
-    run_with(cfg, etcd, status, fitness, stop.into(), Start::Fresh).await
+    run_with(cfg, etcd, status, fitness, stop.into(), Start::Fresh, events).await
 }
 
 /// Runs one etcd-lease election until `stop`, following `cfg` (reload). With
 /// `Start::TakeOver`, the lease and key of the previous process are carried on (upgrade).
 /// The way `stop` is given (`release` or `hand_over`) says whether to release the VIP.
+/// Each change of holder is recorded in `events`.
 pub async fn run_with(
     cfg: impl ConfigFeed,
     etcd: Arc<ClusterConfig>,
@@ -124,6 +136,7 @@ pub async fn run_with(
     fitness: Fitness,
     stop: VipStop,
     start: Start,
+    events: Events,
 ) -> Result<(), VipError> {
     let mut feed = cfg.into_receiver();
     let cfg = feed.borrow_and_update().clone();
@@ -139,7 +152,7 @@ pub async fn run_with(
     if let Ok(mut s) = status.lock() {
         s.cfg = cfg.clone();
     }
-    let mut h = Holder { cfg: cfg.clone(), key: key.clone(), me, addr, status, health, ttl, kept };
+    let mut h = Holder { cfg: cfg.clone(), key: key.clone(), me, addr, status, health, ttl, kept, events };
     let mut feed = Some(feed);
     if !kept {
         h.set_state(State::Backup);

@@ -174,10 +174,17 @@ impl Proc {
     /// Starts `cmd` with its output in `log`, in its own process group, in the directory of
     /// `log` (its own temp dir) unless `cmd` names one, dying with the test process, and
     /// recorded in [`leftovers`]. `as_postgres`: as the postgres user (when root).
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path, as_postgres: bool) -> Proc {
+    pub fn spawn(name: &str, cmd: Command, log: &Path, as_postgres: bool) -> Proc {
+        Proc::spawn_split(name, cmd, None, log, as_postgres)
+    }
+
+    /// `spawn` with the standard output in a file of its own (`stdout`), the errors in `log`.
+    pub fn spawn_split(name: &str, mut cmd: Command, stdout: Option<&Path>, log: &Path, as_postgres: bool) -> Proc {
         leftovers::hold_if_stopping();
-        let out = fs::File::create(log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        cmd.stdout(out.try_clone().unwrap()).stderr(out).stdin(Stdio::null()).process_group(0);
+        let create = |p: &Path| fs::File::create(p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()));
+        let out = create(log);
+        let stdout = stdout.map_or_else(|| out.try_clone().unwrap(), create);
+        cmd.stdout(stdout).stderr(out).stdin(Stdio::null()).process_group(0);
         // Otherwise the child inherits the test's working directory, the clone, which the
         // postgres user cannot enter when the clone is in root's home or a `mktemp -d` dir.
         if cmd.get_current_dir().is_none() {
