@@ -279,6 +279,9 @@ pub(crate) struct ListenerJson {
     pub server_maxconn: u32,
     #[serde(default)]
     pub queued: u64,
+    /// Seconds the oldest queued client has waited, if the proxy reports it.
+    #[serde(default)]
+    pub oldest_queued_wait_seconds: Option<f64>,
     #[serde(default)]
     pub servers: Vec<ServerJson>,
 }
@@ -631,6 +634,9 @@ fn queue(listeners: &[&ListenerJson], th: &Thresholds) -> Outcome {
     for l in listeners {
         let n = l.queued as f64;
         v.perf.push(th.perf(format!("{}_queued", l.name), n, "", Some(0.0), None));
+        if let Some(wait) = l.oldest_queued_wait_seconds {
+            v.perf.push(perf(format!("{}_oldest_wait", l.name), wait.max(0.0), "s", "", "", Some(0.0), None));
+        }
         v.add(th.state(n), format!("{}: {} queued", l.name, l.queued));
     }
     v.finish("no listener to check")
@@ -1262,6 +1268,11 @@ mod tests {
         let o = eval(Kind::Queue, &simple(Some("pg1"), &[], 1, 0), &t);
         assert_eq!((o.state, o.parts.clone()), (State::Warning, vec!["rw: 1 queued".to_owned()]));
         assert_eq!(eval(Kind::Queue, &simple(Some("pg1"), &[], 6, 0), &t).state, State::Critical);
+        // The oldest wait, when the proxy reports it.
+        let mut obs = simple(Some("pg1"), &[], 1, 0);
+        obs.local.listeners[0].oldest_queued_wait_seconds = Some(4.5);
+        let o = eval(Kind::Queue, &obs, &t);
+        assert!(o.perf.iter().any(|p| p.to_string() == "'rw_oldest_wait'=4.5s;;;0"), "{:?}", o.perf);
         // Narrowed to the other listener, the queue of rw is not looked at.
         let check = Check { listener: Some("ro".into()), ..Check::new(Kind::Queue) };
         assert_eq!(evaluate(&check, &simple(Some("pg1"), &[], 6, 0), &t).state, State::Ok);

@@ -410,6 +410,8 @@ role = "replica"
     let r = check(&["queue", "-w", "0", "-c", "5"]);
     assert_eq!((r.code, r.text.as_str()), (1, "PGFRONT QUEUE WARNING - rw: 1 queued"), "{}", r.out);
     assert_eq!(r.perf("rw_queued").value, 1.0);
+    let wait = r.perf("rw_oldest_wait");
+    assert!(wait.value >= 0.0 && wait.uom == "s", "{}", r.out);
     let r = check(&["queue", "-w", "0", "-c", "5", "--listener", "ro"]);
     assert_eq!(r.code, 0, "narrowed to ro: {}", r.out);
     let r = check(&["sessions", "-w", "80", "-c", "99"]);
@@ -428,6 +430,8 @@ role = "replica"
     assert_eq!(r.code, 2, "{}", r.out);
     assert!(r.text.starts_with("PGFRONT PRIMARY CRITICAL - main: no primary (no leader"), "{}", r.out);
     assert_eq!(r.perf("main_has_primary").value, 0.0);
+    let paused = r.perf("main_paused");
+    assert!(paused.value >= 0.0 && paused.uom == "s" && r.text.contains(", paused "), "{}", r.out);
     keys.put("leader", "pg1");
     p.wait_primary("main", "pg1", Duration::from_secs(20));
     assert_eq!(check(&["primary"]).code, 0);

@@ -59,6 +59,11 @@ fn browse(url: &str, dir: &Path) -> Dump {
         log: std::fs::read_to_string(&log).unwrap_or_default(),
     };
     eprintln!("chromium: {url} dumped in {:?} ({} bytes of DOM)", started.elapsed(), dump.dom.len());
+    // To look at the pages: PGFRONT_PAGE_DUMP=<dir> keeps each dump there.
+    if let Some(keep) = std::env::var_os("PGFRONT_PAGE_DUMP") {
+        let n = std::fs::read_dir(&keep).map_or(0, |d| d.count());
+        let _ = std::fs::write(Path::new(&keep).join(format!("page-{n}.html")), &dump.dom);
+    }
     assert!(status.success() && dump.dom.contains("</html>"), "chromium failed ({status}):\n{}", dump.log);
     dump
 }
@@ -128,6 +133,13 @@ role = "replica"
     (etcd, pg, pf)
 }
 
+/// The port of one of pgfront's listeners, from `/status`.
+fn pf_port(pf: &Pgfront, listener: &str) -> u16 {
+    let s = pf.status().expect("/status");
+    let l = s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == listener).unwrap().clone();
+    l["bind"].as_str().and_then(|b| b.rsplit(':').next()).and_then(|p| p.parse().ok()).unwrap()
+}
+
 fn events(pf: &Pgfront, query: &str) -> Vec<serde_json::Value> {
     let (code, body) = http_get(&format!("http://127.0.0.1:{}/events{query}", pf.admin)).expect("/events answers");
     assert_eq!(code, 200, "{body}");
@@ -177,7 +189,25 @@ fn scenario(pg: &Patroni, pf: &Pgfront) {
         .expect("a streaming replica")
         .name;
     let last_id = events(pf, "").first().and_then(|e| e["id"].as_u64()).unwrap_or(0);
-    let out = pg.switchover(&old, &new);
+    // Patroni refuses a candidate whose replication it has not seen catch up yet ("exceeds
+    // maximum replication lag") just after the cluster formed: let WAL flow, and ask again.
+    let port = pg.member(&new).pg_port;
+    let (ok, _, err) = psql(pf_port(pf, "rw"), "CREATE TABLE page_probe (id int)");
+    assert!(ok, "{err}");
+    pg.wait_replicated(port, "page_probe");
+    let mut attempts = 0;
+    let out = wait_for("patronictl switchover to succeed", Duration::from_secs(90), || {
+        attempts += 1;
+        match pg.try_switchover(&old, &new) {
+            Ok(out) => Some(out),
+            // Each attempt takes patronictl about a second.
+            Err(text) if attempts < 60 => {
+                eprintln!("patronictl switchover refused, trying again: {}", text.lines().last().unwrap_or_default());
+                None
+            }
+            Err(text) => panic!("patronictl switchover failed {attempts} times: {text}"),
+        }
+    });
     eprintln!("patronictl: {}", out.lines().last().unwrap_or_default());
     pf.wait_primary(CLUSTER, &new, Duration::from_secs(60));
     let s = pf.status().unwrap();

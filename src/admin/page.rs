@@ -135,10 +135,10 @@ th{font-weight:600;color:#333;background:#f3f3f3}td.detail{white-space:normal;mi
 tr.leader td{background:var(--lead);font-weight:600}.ok{color:var(--ok)}.bad{color:var(--bad);font-weight:600}.warn{color:var(--warn)}\
 .mute{color:var(--mute)}.tag{display:inline-block;border-radius:3px;padding:0 5px;margin-left:4px;font-size:12px;font-weight:600;background:#eee}\
 .tag.lead{background:var(--ok);color:#fff}.tag.maint{background:#f9a825;color:#000}.tag.bad{background:var(--bad);color:#fff}\
-.kv{display:flex;flex-wrap:wrap;gap:2px 14px;margin:2px 0 4px}\
+.p{display:block}.kv{display:flex;flex-wrap:wrap;gap:2px 14px;margin:2px 0 4px}\
 #script-errors{background:#fdecea;color:var(--bad);margin:8px 16px;padding:6px 24px}\
 footer{padding:0 16px 16px;color:var(--mute);font-size:12px}\
-@media (max-width:600px){main{padding:6px}header{padding:8px}th,td{padding:3px 5px}}";
+@media (max-width:600px){main{padding:6px}header{padding:8px}th,td{padding:3px 5px}table.ev tr:first-child{display:none}table.ev tr{display:block;border-bottom:1px solid var(--line);padding:3px 0}table.ev td{display:inline-block;border:0;padding:1px 4px}table.ev td.detail{display:block;min-width:0}table.ev .p{display:inline;margin-right:6px}}";
 
 /// The page's script: it records script errors into the page, shows times in the browser's
 /// time zone, and swaps in a fresh `<main>` every `REFRESH_MS` (not while the tab is hidden).
@@ -186,7 +186,7 @@ pub(crate) fn render(status: &Value, events: &[Event], nonce: &str) -> String {
          <a href=\"/metrics\">/metrics</a> · <a href=\"/health\">/health</a></footer>",
     );
     let script =
-        SCRIPT.replace("REFRESH_MS", &REFRESH_MS.to_string()).replace("REFRESH s", &(REFRESH_MS / 1000).to_string());
+        SCRIPT.replace("REFRESH_MS", &REFRESH_MS.to_string()).replace("REFRESH s", &format!("{} s", REFRESH_MS / 1000));
     let _ = write!(h, "<script nonce=\"{}\">{script}</script></body></html>", esc(nonce));
     h
 }
@@ -224,7 +224,7 @@ fn cluster(h: &mut String, c: &Value, all_listeners: &[Value]) {
     let leader = s(c, "leader");
     let _ = write!(
         h,
-        "<section class=cluster data-cluster=\"{}\"><h2>cluster {} <small>scope {}</small></h2>",
+        "<section class=\"cluster wide\" data-cluster=\"{}\"><h2>cluster {} <small>scope {}</small></h2>",
         esc(name),
         esc(name),
         text(c, "scope")
@@ -418,7 +418,7 @@ fn event_list(h: &mut String, events: &[Event]) {
         h.push_str("<p class=mute>nothing yet</p></section>");
         return;
     }
-    h.push_str("<div class=scroll><table><tr><th>time</th><th>event</th><th>where</th><th>what</th></tr>");
+    h.push_str("<div class=scroll><table class=ev><tr><th>time</th><th>event</th><th>where</th><th>what</th></tr>");
     for e in events {
         let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         let cls = match kind.as_str() {
@@ -429,7 +429,7 @@ fn event_list(h: &mut String, events: &[Event]) {
         let place: Vec<String> = [&e.cluster, &e.listener, &e.member, &e.vip]
             .into_iter()
             .zip(["cluster", "listener", "member", "vip"])
-            .filter_map(|(v, what)| v.as_ref().map(|v| format!("{what} {}", esc(v))))
+            .filter_map(|(v, what)| v.as_ref().map(|v| format!("<span class=p>{what} {}</span>", esc(v))))
             .collect();
         let mut what = esc(&e.detail);
         if e.count > 1 {
@@ -444,7 +444,7 @@ fn event_list(h: &mut String, events: &[Event]) {
             e.id,
             time(e.at_ms),
             kind.replace('_', " "),
-            place.join("<br>"),
+            place.concat(),
         );
     }
     h.push_str("</table></div></section>");
