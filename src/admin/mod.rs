@@ -839,6 +839,41 @@ mod tests {
         srv.task.await.unwrap();
     }
 
+    /// `/events` (newest first, `since`), and the page: whole with a CSP whose nonce is its
+    /// script's, or only its refreshed part.
+    #[tokio::test]
+    async fn events_and_the_page() {
+        use crate::events::{EventKind, NewEvent};
+        let shared = empty();
+        let events = shared.events.clone();
+        events.record(EventKind::Reload, NewEvent { detail: "configuration reloaded".into(), ..NewEvent::default() });
+        events.refused("rw", "no_server", || "no primary <b>".into());
+        let srv = start(Limits::default(), shared).await;
+        let body = |r: &str| r.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        let all: Vec<serde_json::Value> =
+            serde_json::from_str(&body(&get(Ipv4Addr::LOCALHOST, srv.addr, "/events").await)).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0]["kind"].as_str(), all[0]["count"].as_u64()), (Some("refused"), Some(1)));
+        assert_eq!(all[1]["kind"], "reload");
+        let newer: Vec<serde_json::Value> =
+            serde_json::from_str(&body(&get(Ipv4Addr::LOCALHOST, srv.addr, "/events?since=1").await)).unwrap();
+        assert_eq!(newer.len(), 1);
+        let bad = get(Ipv4Addr::LOCALHOST, srv.addr, "/events?since=abc").await;
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+
+        let page = get(Ipv4Addr::LOCALHOST, srv.addr, "/").await;
+        let csp = page.lines().find(|l| l.to_ascii_lowercase().starts_with("content-security-policy:")).unwrap();
+        let nonce = csp.split("'nonce-").nth(1).and_then(|n| n.split('\'').next()).unwrap();
+        assert!(page.contains(&format!("<script nonce=\"{nonce}\">")), "{page}");
+        assert!(page.contains("no primary &lt;b&gt;"));
+        let again = get(Ipv4Addr::LOCALHOST, srv.addr, "/").await;
+        assert!(!again.contains(nonce), "a nonce is used once");
+        let part = body(&get(Ipv4Addr::LOCALHOST, srv.addr, "/?part=main").await);
+        assert!(part.starts_with("<section") && !part.contains("<script") && part.contains("recent events"), "{part}");
+        srv.stop.cancel();
+        srv.task.await.unwrap();
+    }
+
     /// `/status`, `/` and `/metrics` of a proxy whose configuration holds every kind of secret.
     #[tokio::test]
     async fn no_route_shows_a_secret() {
@@ -875,7 +910,7 @@ mod tests {
             config: config_status(),
         };
         let srv = start(Limits::default(), shared).await;
-        for path in ["/status", "/", "/metrics", "/health", "/nothing"] {
+        for path in ["/status", "/", "/?part=main", "/events", "/metrics", "/health", "/nothing"] {
             let body = get(Ipv4Addr::LOCALHOST, srv.addr, path).await;
             assert!(body.starts_with("HTTP/1.1 "), "{path}: {body}");
             for secret in ["etcdpw-Zq81", "checkpw-Ub52", "vrrp-K7x"] {

@@ -69,6 +69,8 @@ impl Resolve for NoDns {
 struct Harness {
     src: mpsc::Sender<SourceEvent>,
     view: watch::Receiver<Arc<ClusterView>>,
+    events: crate::events::Events,
+    health: Arc<ClusterHealth>,
     _stop: tokio_util::sync::DropGuard,
 }
 
@@ -76,16 +78,10 @@ fn start(cfg: Arc<ClusterConfig>, resolver: Arc<dyn Resolve>) -> Harness {
     let (tx, view) = watch::channel(Arc::new(ClusterView::default()));
     let (src, src_rx) = mpsc::channel(16);
     let stop = CancellationToken::new();
-    let task = ClusterTask::new(
-        cfg,
-        tx,
-        Metrics::new().cluster("t"),
-        crate::events::Events::default(),
-        Arc::new(ClusterHealth::default()),
-        resolver,
-    );
+    let (events, health) = (crate::events::Events::default(), Arc::new(ClusterHealth::default()));
+    let task = ClusterTask::new(cfg, tx, Metrics::new().cluster("t"), events.clone(), health.clone(), resolver);
     tokio::spawn(task.run(src_rx, stop.clone()));
-    Harness { src, view, _stop: stop.drop_guard() }
+    Harness { src, view, events, health, _stop: stop.drop_guard() }
 }
 
 fn member_json(host: &str, port: u16, role: &str) -> Vec<u8> {
@@ -173,4 +169,38 @@ async fn members_given_by_ip_never_reach_the_resolver() {
         .expect("published");
     assert_eq!(primary_at(&v), Some(("pg1".into(), addr("10.0.0.1:5432"))));
     assert_eq!(v.state.members["pg2"].addr, Some(addr("[::1]:5433")));
+}
+
+/// A leader change is one event with the routing pause (measured in the task's clock), after
+/// the routing-paused event; `/status`'s "routing paused for" is set meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_leader_change_is_recorded_with_its_routing_pause() {
+    use crate::events::EventKind;
+    let mut h = start(cluster_config(""), Arc::new(NoDns));
+    let ms = [("pg1", "10.0.0.1", 5432, "master"), ("pg2", "10.0.0.2", 5432, "replica")];
+    h.src.send(SourceEvent::Keys(keys("pg1", &ms))).await.unwrap();
+    view_where(&mut h.view, |v| v.primary().is_some()).await;
+    assert_eq!(h.health.routing_paused_for(), None);
+    let mut gone = keys("pg1", &ms);
+    gone.remove("leader");
+    h.src.send(SourceEvent::Keys(gone)).await.unwrap();
+    view_where(&mut h.view, |v| v.primary().is_none()).await;
+    assert!(h.health.routing_paused_for().is_some());
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let ms = [("pg1", "10.0.0.1", 5432, "replica"), ("pg2", "10.0.0.2", 5432, "master")];
+    h.src.send(SourceEvent::Keys(keys("pg2", &ms))).await.unwrap();
+    view_where(&mut h.view, |v| v.primary().is_some_and(|m| m.name == "pg2")).await;
+    assert_eq!(h.health.routing_paused_for(), None);
+    let ev = h.events.list(None);
+    let kinds: Vec<EventKind> = ev.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [EventKind::LeaderChange, EventKind::RoutingPaused, EventKind::LeaderChange, EventKind::EtcdUp],
+        "{ev:#?}"
+    );
+    let change = &ev[0];
+    assert_eq!((change.old.as_deref(), change.member.as_deref()), (Some("pg1"), Some("pg2")));
+    assert_eq!(change.pause_ms, Some(1500));
+    assert_eq!(change.detail, "pg1 → pg2, routing paused 1500 ms");
+    assert_eq!(ev[1].detail, "pg1 takes no new connections (no leader); clients are held");
 }
