@@ -499,6 +499,14 @@ mod tests {
         assert_eq!(answer[0], b'E', "an ErrorResponse, not a client piped to a server that never speaks");
         assert!(String::from_utf8_lossy(&answer).contains("57P03"), "{answer:?}");
         assert!(ctx.pool.metrics().connect_errors.get() >= 2, "retried within the queue timeout");
+        // The refusal is on the status page's events, by reason, before the client reads it.
+        let ev = ctx.events.list(None);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (ev[0].listener.as_deref(), ev[0].reason, ev[0].count),
+            (Some(ctx.cfg.name.as_str()), Some("no_server"), 1)
+        );
+        assert!(ev[0].detail.starts_with("pgfront: no primary available"), "{}", ev[0].detail);
     }
 
     /// A server that answers every startup with `57P03` (a PostgreSQL shutting down), and
