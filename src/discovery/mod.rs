@@ -250,6 +250,8 @@ impl ClusterTask {
     fn seed(&mut self, last: &ClusterView) {
         self.view = last.clone();
         self.routed = last.primary().map(|m| m.name.clone());
+        // A new scope starts from an empty view: paused from now, not routable.
+        self.health.set_routing_paused(self.routed.is_none());
         self.seen_keys = true;
     }
 
