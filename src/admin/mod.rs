@@ -6,6 +6,12 @@
 //! | `/status`  | JSON: clusters (leader, members, roles, lag), listeners (servers, connections, queue) |
 //! | `/health`  | 200 when every primary listener has a routable primary, else 503 with the reason |
 //! | `/`        | the same as `/status`, as an HTML page for humans |
+//! | `POST /members/[<cluster>/]<member>/drain[?kill=true]` | no new connections to the member, on every listener (`control`) |
+//! | `POST /members/[<cluster>/]<member>/resume` | the member takes connections again (`control`) |
+//!
+//! The read routes are open to whoever reaches the port. The control routes answer POST only,
+//! to a loopback peer or to a request with `Authorization: Bearer <[admin] token>`
+//! (`require_token = true`: the token from loopback too); see `control`.
 //!
 //! ## Limits (hostile or broken clients)
 //! Whatever a client of this port does, the endpoint holds at most
@@ -62,12 +68,16 @@ use tracing::{debug, info, warn};
 
 use arc_swap::ArcSwap;
 
+use crate::balancer::maintenance::{self, Maintenance, MemberState};
 use crate::balancer::pool::{Pool, PoolStatus};
+use crate::config::AdminAuth;
 use crate::config::ListenerConfig;
 use crate::config::{Balance, Role};
 use crate::discovery::ClusterHandle;
 use crate::metrics::{self, AdminMetrics};
 use crate::topology::{MemberRole, PrimaryStatus};
+
+mod control;
 
 /// Admin connections open at once; more wait in the kernel's backlog. A scrape or a status
 /// page needs one or a few; 64 leaves room for several tools and operators.
@@ -122,6 +132,10 @@ pub struct Shared {
     pub listeners: Vec<(Arc<ListenerConfig>, Arc<Pool>)>,
     pub vips: Vec<crate::vip::driver::SharedVipStatus>,
     pub config: ConfigStatus,
+    /// Members drained by an operator (the process's one registry).
+    pub maintenance: Arc<Maintenance>,
+    /// Who may use the control routes.
+    pub auth: AdminAuth,
 }
 
 /// The running configuration: which file, which revision (1 at start, +1 per applied reload),
@@ -171,6 +185,14 @@ pub struct MemberStatus {
     pub timeline: Option<u64>,
     pub lag_bytes: Option<u64>,
     pub noloadbalance: bool,
+    /// Drained by an operator (`pgfront drain`): no new connections on any listener.
+    pub maintenance: bool,
+    /// With `--kill`: its sessions were closed too.
+    pub maintenance_kill: bool,
+    /// Since when (Unix seconds).
+    pub maintenance_since: Option<u64>,
+    /// What pgfront does with it: up, nolb, drain, maint, down (`pgfront_server_state`).
+    pub server_state: MemberState,
 }
 
 #[derive(Debug, Serialize)]
@@ -191,6 +213,7 @@ pub fn status(shared: &Shared) -> Status {
         .iter()
         .map(|c| {
             let view = c.view.borrow().clone();
+            let drained = shared.maintenance.cluster(&c.cfg.name);
             ClusterStatus {
                 name: c.cfg.name.clone(),
                 scope: c.cfg.scope.clone(),
@@ -204,14 +227,21 @@ pub fn status(shared: &Shared) -> Status {
                     .state
                     .members
                     .values()
-                    .map(|m| MemberStatus {
-                        name: m.name.clone(),
-                        addr: m.addr,
-                        role: m.role,
-                        state: m.state.clone(),
-                        timeline: m.timeline,
-                        lag_bytes: view.lag(m),
-                        noloadbalance: m.noloadbalance,
+                    .map(|m| {
+                        let entry = drained.get(&m.name).copied();
+                        MemberStatus {
+                            name: m.name.clone(),
+                            addr: m.addr,
+                            role: m.role,
+                            state: m.state.clone(),
+                            timeline: m.timeline,
+                            lag_bytes: view.lag(m),
+                            noloadbalance: m.noloadbalance,
+                            maintenance: entry.is_some(),
+                            maintenance_kill: entry.is_some_and(|e| e.kill),
+                            maintenance_since: entry.map(|e| e.since),
+                            server_state: maintenance::member_state(&view, m, entry),
+                        }
                     })
                     .collect(),
             }
@@ -287,7 +317,7 @@ pub(crate) async fn serve_with(
             refuse(sock);
             continue;
         };
-        tracker.spawn(connection(sock, shared.clone(), limits.clone(), stop.clone(), metrics.clone(), slot));
+        tracker.spawn(connection(sock, peer, shared.clone(), limits.clone(), stop.clone(), metrics.clone(), slot));
     }
     tracker.close();
     // Every connection task watches `stop` and ends within `close_grace`.
@@ -345,8 +375,10 @@ fn refuse(sock: TcpStream) {
     let _ = sock.try_write(BUSY);
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     sock: TcpStream,
+    peer: SocketAddr,
     shared: Arc<ArcSwap<Shared>>,
     limits: Arc<Limits>,
     stop: CancellationToken,
@@ -355,7 +387,7 @@ async fn connection(
 ) {
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(route(&shared.load(), req)) }
+        async move { Ok::<_, Infallible>(route(&shared.load(), peer, req)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -398,7 +430,10 @@ fn reply(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Res
     r
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path().starts_with("/members/") {
+        return control::handle(shared, peer, &req);
+    }
     match req.uri().path() {
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.encode()),
         "/status" => {
@@ -423,7 +458,11 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/" => reply(StatusCode::OK, "text/html; charset=utf-8", page(&status(shared))),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "routes: / /status /health /metrics\n"),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "routes: / /status /health /metrics, POST /members/[<cluster>/]<member>/drain|resume\n",
+        ),
     }
 }
 
@@ -545,6 +584,8 @@ mod tests {
             listeners: vec![],
             vips: vec![],
             config: config_status(),
+            maintenance: Default::default(),
+            auth: Default::default(),
         }
     }
 
@@ -888,6 +929,8 @@ mod tests {
             listeners,
             vips,
             config: config_status(),
+            maintenance: Default::default(),
+            auth: cfg.admin_auth.clone(),
         };
         let srv = start(Limits::default(), shared).await;
         for path in ["/status", "/", "/metrics", "/health", "/nothing"] {
