@@ -352,3 +352,26 @@ fn raw_get(port: u16, path: &str) -> String {
     let _ = c.read_to_string(&mut out);
     out
 }
+
+#[test]
+fn a_drain_survives_a_binary_upgrade() {
+    let s = setup("", "");
+    s.run("upgrade", |s| {
+        let pid = |s: &Setup| s.pf.status().and_then(|v| v["pid"].as_u64());
+        let old = pid(s).expect("pid in /status");
+        let (code, _, err) = s.cli(&["drain", "pg2", "--kill"], None);
+        assert_eq!(code, 0, "{err}");
+        // SAFETY: a signal to the pgfront this test started.
+        unsafe { libc::kill(old as i32, libc::SIGUSR2) };
+        wait_for("the new process", Duration::from_secs(30), || pid(s).filter(|p| *p != old));
+        let m = s.member("pg2");
+        assert_eq!((m["maintenance"].as_bool(), m["maintenance_kill"].as_bool()), (Some(true), Some(true)), "{m}");
+        wait_for("pg3 in the new process's ro pool", Duration::from_secs(20), || {
+            s.servers("ro").iter().any(|(m, _)| m == "pg3").then_some(())
+        });
+        let _new = s.sessions(s.ro, 3);
+        assert_eq!(s.active("ro", "pg2"), 0, "the new process keeps pg2 drained: {:?}", s.servers("ro"));
+        assert_eq!(s.active("ro", "pg3"), 3);
+        assert!(s.pf.log().contains("upgrade: member stays in maintenance"), "{}", s.pf.log());
+    });
+}
