@@ -307,6 +307,14 @@ impl Metrics {
             "Admin HTTP connections closed by pgfront (reason: peer_limit, header_timeout, lifetime, shutdown)",
             m.admin_closed.clone(),
         );
+        // Every combination exists from the start: a dashboard's rate starts at 0, not at the
+        // first request.
+        for action in ["drain", "resume"] {
+            for result in ["ok", "refused", "invalid"] {
+                m.admin_control.get_or_create(&ControlLabels { action, result });
+            }
+        }
+        let r = &mut m.registry;
         r.register(
             "pgfront_admin_control_requests",
             "Drain and resume requests on the admin endpoint (result: ok, refused, invalid)",
