@@ -302,8 +302,8 @@ fn status(admin: &str, json: bool) -> ExitCode {
             s(&c["primary_status"])
         );
         println!(
-            "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}  {}",
-            "MEMBER", "ADDRESS", "ROLE", "STATE", "TL", "LAG", "PGFRONT"
+            "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}  PGFRONT",
+            "MEMBER", "ADDRESS", "ROLE", "STATE", "TL", "LAG"
         );
         for m in c["members"].as_array().into_iter().flatten() {
             // What pgfront does with it; a drained member says so loudly.

@@ -311,7 +311,7 @@ impl Metrics {
         // first request.
         for action in ["drain", "resume"] {
             for result in ["ok", "refused", "invalid"] {
-                m.admin_control.get_or_create(&ControlLabels { action, result });
+                drop(m.admin_control.get_or_create(&ControlLabels { action, result }));
             }
         }
         let r = &mut m.registry;

@@ -227,17 +227,9 @@ pub fn restrict(targets: Targets, maint: &BTreeMap<String, Entry>) -> (Targets, 
     let mut kill = Vec::new();
     for b in eligible.iter().chain(&keep) {
         match entry(b) {
-            None => {}
-            Some(e) if e.kill => {
-                if !kill.contains(b) {
-                    kill.push(b.clone());
-                }
-            }
-            Some(_) => {
-                if !out.keep.contains(b) {
-                    out.keep.push(b.clone());
-                }
-            }
+            Some(e) if e.kill && !kill.contains(b) => kill.push(b.clone()),
+            Some(e) if !e.kill && !out.keep.contains(b) => out.keep.push(b.clone()),
+            _ => {}
         }
     }
     out.eligible = eligible.into_iter().filter(|b| entry(b).is_none()).collect();
