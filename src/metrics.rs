@@ -98,7 +98,7 @@ pub const SERVER_STATES: [&str; 5] = ["up", "nolb", "drain", "maint", "down"];
 
 /// One member's state at a scrape, for `pgfront_server_state`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberStateSample {
+pub(crate) struct MemberStateSample {
     pub cluster: String,
     pub member: String,
     /// One of [`SERVER_STATES`].
@@ -106,7 +106,7 @@ pub struct MemberStateSample {
 }
 
 /// What the supervisor gives to read the members' states at each scrape.
-pub type MemberStates = Arc<dyn Fn() -> Vec<MemberStateSample> + Send + Sync>;
+pub(crate) type MemberStates = Arc<dyn Fn() -> Vec<MemberStateSample> + Send + Sync>;
 
 /// Every metric family of the process.
 pub struct Metrics {
@@ -329,13 +329,13 @@ impl Metrics {
     }
 
     /// Exposes `pgfront_server_state`, read from `states` at each scrape (registered once).
-    pub fn register_server_states(&mut self, states: MemberStates) {
+    pub(crate) fn register_server_states(&mut self, states: MemberStates) {
         self.registry.register_collector(Box::new(ServerStateCollector(states)));
     }
 
     /// Counts a drain or resume request: `result` is `ok`, `refused` (not allowed) or
     /// `invalid` (unknown member, bad method or query).
-    pub fn admin_control(&self, action: &'static str, result: &'static str) {
+    pub(crate) fn admin_control(&self, action: &'static str, result: &'static str) {
         self.admin_control.get_or_create(&ControlLabels { action, result }).inc();
     }
 
@@ -487,7 +487,7 @@ impl ByteCount for Counter {
 }
 
 /// One direction of a session, counted for its listener and its server at once.
-pub struct Both<'a>(pub &'a Counter, pub &'a Counter);
+pub(crate) struct Both<'a>(pub &'a Counter, pub &'a Counter);
 
 impl ByteCount for Both<'_> {
     fn add(&self, n: u64) {
@@ -646,4 +646,34 @@ pub struct ClusterMetrics {
     pub etcd_up: Gauge,
     pub etcd_errors: Counter,
     pub key_errors: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // proc(5): pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        // cmajflt utime stime cutime cstime priority nice threads itrealvalue starttime vsize rss
+        let stat = "42 (pg front) x)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1000 123456789 300 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let st = parse_proc_stat(stat, 100.0, 4096, Some(1_700_000_000));
+        assert_eq!(st.cpu_seconds, Some(3.0));
+        assert_eq!(st.start_time_seconds, Some(1_700_000_010.0));
+        assert_eq!(st.virtual_bytes, Some(123_456_789));
+        assert_eq!(st.resident_bytes, Some(300 * 4096));
+        assert_eq!(parse_proc_stat("garbage", 100.0, 4096, None), ProcessStats::default());
+    }
+
+    #[test]
+    fn the_process_collector_reads_this_process() {
+        let st = process_stats();
+        assert!(st.start_time_seconds.is_some_and(|s| s > 1.0e9), "{st:?}");
+        assert!(st.open_fds.is_some_and(|n| n > 0), "{st:?}");
+        let text = Metrics::new().encode();
+        assert!(text.contains("\nprocess_start_time_seconds "), "{text}");
+        assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
+        assert!(text.contains(&format!("pgfront_build_info{{version=\"{}\"", env!("CARGO_PKG_VERSION"))), "{text}");
+    }
 }

@@ -29,7 +29,7 @@ use crate::topology::{Backend, ClusterView, Member, MemberRole, Targets};
 
 /// One member in maintenance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Its open sessions are closed too.
     pub kill: bool,
     /// When it was drained (Unix seconds).
@@ -38,7 +38,7 @@ pub struct Entry {
 
 /// What a `drain` or `resume` changed, for the answer and the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     /// Newly in maintenance.
     Drained,
     /// It was in maintenance with its sessions kept; they are closed now.
@@ -52,14 +52,14 @@ pub enum Change {
 
 impl Change {
     /// Whether the registry changed.
-    pub fn changed(self) -> bool {
+    pub(crate) fn changed(self) -> bool {
         matches!(self, Change::Drained | Change::Killed | Change::Resumed)
     }
 }
 
 /// A member in maintenance as the hand-over state carries it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Saved {
+pub(crate) struct Saved {
     pub cluster: String,
     pub member: String,
     pub kill: bool,
@@ -98,7 +98,7 @@ impl Maintenance {
 
     /// Puts `member` of `cluster` in maintenance at `now` (Unix seconds); `kill` also closes its
     /// sessions. A second drain never undoes a `kill`.
-    pub fn drain(&self, cluster: &str, member: &str, kill: bool, now: u64) -> Change {
+    pub(crate) fn drain(&self, cluster: &str, member: &str, kill: bool, now: u64) -> Change {
         let change = {
             let mut g = self.lock();
             let entries = g.entry(cluster.to_owned()).or_default();
@@ -121,7 +121,7 @@ impl Maintenance {
     }
 
     /// Takes `member` of `cluster` out of maintenance.
-    pub fn resume(&self, cluster: &str, member: &str) -> Change {
+    pub(crate) fn resume(&self, cluster: &str, member: &str) -> Change {
         let change = {
             let mut g = self.lock();
             let removed = g.get_mut(cluster).and_then(|m| m.remove(member)).is_some();
@@ -139,21 +139,21 @@ impl Maintenance {
     }
 
     /// The members of `cluster` in maintenance.
-    pub fn cluster(&self, cluster: &str) -> BTreeMap<String, Entry> {
+    pub(crate) fn cluster(&self, cluster: &str) -> BTreeMap<String, Entry> {
         self.lock().get(cluster).cloned().unwrap_or_default()
     }
 
-    pub fn get(&self, cluster: &str, member: &str) -> Option<Entry> {
+    pub(crate) fn get(&self, cluster: &str, member: &str) -> Option<Entry> {
         self.lock().get(cluster).and_then(|m| m.get(member)).copied()
     }
 
     /// Changes whenever the registry does.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
     /// Every entry, for the hand-over state of a binary upgrade.
-    pub fn saved(&self) -> Vec<Saved> {
+    pub(crate) fn saved(&self) -> Vec<Saved> {
         self.lock()
             .iter()
             .flat_map(|(c, m)| {
@@ -168,7 +168,7 @@ impl Maintenance {
     }
 
     /// Takes over the entries of the process this one replaces.
-    pub fn restore(&self, saved: &[Saved]) {
+    pub(crate) fn restore(&self, saved: &[Saved]) {
         if saved.is_empty() {
             return;
         }
@@ -187,7 +187,7 @@ impl Maintenance {
 /// Adds `saved` to the hand-over state of a binary upgrade (a JSON object that the VIPs
 /// already write, `vip::lifecycle::handover_state`; their reader ignores this key, and an
 /// older binary taking over simply starts with no member in maintenance).
-pub fn add_to_handover_state(state: Vec<u8>, saved: Vec<Saved>) -> Vec<u8> {
+pub(crate) fn add_to_handover_state(state: Vec<u8>, saved: Vec<Saved>) -> Vec<u8> {
     if saved.is_empty() {
         return state;
     }
@@ -202,7 +202,7 @@ pub fn add_to_handover_state(state: Vec<u8>, saved: Vec<Saved>) -> Vec<u8> {
 }
 
 /// The members in maintenance the previous process handed over (none if it said nothing).
-pub fn from_handover_state(state: &[u8]) -> Result<Vec<Saved>, serde_json::Error> {
+pub(crate) fn from_handover_state(state: &[u8]) -> Result<Vec<Saved>, serde_json::Error> {
     #[derive(Deserialize)]
     struct Part {
         #[serde(default)]
@@ -217,7 +217,7 @@ pub fn from_handover_state(state: &[u8]) -> Result<Vec<Saved>, serde_json::Error
 /// Pure: `targets` without the members in `maint`. A member in maintenance is never eligible;
 /// without `kill` it stays in `keep` if the topology put it in either list (its sessions stay
 /// open); with `kill` it leaves both. Returns the backends whose sessions must be closed now.
-pub fn restrict(targets: Targets, maint: &BTreeMap<String, Entry>) -> (Targets, Vec<Backend>) {
+pub(crate) fn restrict(targets: Targets, maint: &BTreeMap<String, Entry>) -> (Targets, Vec<Backend>) {
     if maint.is_empty() {
         return (targets, Vec::new());
     }
@@ -274,7 +274,7 @@ impl MemberState {
 }
 
 /// Pure: the state of member `m` of `view`, `maint` its maintenance entry.
-pub fn member_state(view: &ClusterView, m: &Member, maint: Option<Entry>) -> MemberState {
+pub(crate) fn member_state(view: &ClusterView, m: &Member, maint: Option<Entry>) -> MemberState {
     if maint.is_some() {
         return MemberState::Maint;
     }
