@@ -6,9 +6,10 @@
 //! with a PostgreSQL startup packet; which member serves them is read from `/status`.
 //!
 //! What is under test is pgfront's handling of the member state, not PostgreSQL, hence echo
-//! backends. The admin endpoint listens on loopback, where the control routes are open: the
-//! refusal is tested with `require_token = true`, which asks loopback peers for the token too
-//! (the non-loopback path of the same check is unit-tested in `admin::control`).
+//! backends. The admin endpoint listens on loopback, where the control routes are open: there
+//! the refusal is tested with `require_token = true`, which asks loopback peers for the token
+//! too; a last test runs pgfront and the CLI on two hosts (network namespaces) for the refusal
+//! of a remote peer without the token.
 
 mod common;
 
@@ -374,4 +375,62 @@ fn a_drain_survives_a_binary_upgrade() {
         assert_eq!(s.active("ro", "pg3"), 3);
         assert!(s.pf.log().contains("upgrade: member stays in maintenance"), "{}", s.pf.log());
     });
+}
+
+/// The refusal as it happens in production: a peer on another host (network namespaces, a
+/// private segment; nothing on the host's interfaces). Authorization is checked before the
+/// member is looked up, so with a valid token the answer is "unknown member" (this pgfront has
+/// no etcd), which shows the request got past the check.
+#[test]
+fn a_drain_from_another_host_needs_the_token() {
+    let seg = common::netns::Segment::new("dr");
+    let dir = temp_dir("pgfront-drain-netns-");
+    let cfg = dir.path().join("lb1.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"0.0.0.0:7000\"\ntoken = \"{TOKEN}\"\n\
+             [[cluster]]\nname = \"main\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:9\"]\netcd_timeout = \"1s\"\n\
+             [[listener]]\nname = \"rw\"\ncluster = \"main\"\nbind = \"0.0.0.0:5432\"\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = seg.cmd("lb1", pgfront_bin().to_str().unwrap());
+    cmd.args(["proxy", "-c", cfg.to_str().unwrap()]);
+    let pf = Proc::spawn("lb1", cmd, &dir.path().join("lb1.log"), false);
+    let drain = |ns: &str, admin: &str, token: Option<&str>| {
+        let mut c = seg.cmd(ns, pgfront_bin().to_str().unwrap());
+        c.args(["drain", "pg2", "--admin", admin]).env_remove("PGFRONT_ADMIN_TOKEN");
+        if let Some(t) = token {
+            c.args(["--token", t]);
+        }
+        let out = c.output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let remote = format!("http://{}.11:7000", common::netns::SUBNET);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (code, err) = wait_for("the admin endpoint from the client host", Duration::from_secs(10), || {
+            let r = drain("cli", &remote, None);
+            (r.0 != 3).then_some(r)
+        });
+        assert_eq!(code, 1);
+        assert!(err.contains("refused: not a loopback address") && err.contains("--token"), "{err}");
+        let (code, err) = drain("cli", &remote, Some("drain-test-token-wrong-0000"));
+        assert_eq!(code, 1);
+        assert!(err.contains("wrong admin token"), "{err}");
+        let (code, err) = drain("cli", &remote, Some(TOKEN));
+        assert_eq!(code, 1);
+        assert!(err.contains("unknown member \"pg2\""), "past the check with the token: {err}");
+        // On the proxy's own host, loopback needs no token.
+        let (code, err) = drain("lb1", "http://127.0.0.1:7000", None);
+        assert_eq!(code, 1);
+        assert!(err.contains("unknown member \"pg2\""), "loopback is allowed: {err}");
+        let log = std::fs::read_to_string(&pf.log).unwrap_or_default();
+        assert_eq!(log.matches("admin: drain refused").count(), 2, "{log}");
+        assert!(!log.contains(TOKEN), "the token is never logged");
+    }));
+    if let Err(e) = result {
+        eprintln!("--- pgfront log ---\n{}", pf.log_tail(40));
+        std::panic::resume_unwind(e);
+    }
 }
