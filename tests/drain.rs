@@ -365,7 +365,12 @@ fn a_drain_survives_a_binary_upgrade() {
         // SAFETY: a signal to the pgfront this test started.
         unsafe { libc::kill(old as i32, libc::SIGUSR2) };
         wait_for("the new process", Duration::from_secs(30), || pid(s).filter(|p| *p != old));
-        let m = s.member("pg2");
+        // The new process reads etcd on its own: wait for its view to list pg2.
+        let m = wait_for("pg2 in the new process's view", Duration::from_secs(20), || {
+            let st = s.pf.status()?;
+            let members = st["clusters"][0]["members"].as_array()?.clone();
+            members.into_iter().find(|m| m["name"] == "pg2")
+        });
         assert_eq!((m["maintenance"].as_bool(), m["maintenance_kill"].as_bool()), (Some(true), Some(true)), "{m}");
         wait_for("pg3 in the new process's ro pool", Duration::from_secs(20), || {
             s.servers("ro").iter().any(|(m, _)| m == "pg3").then_some(())
