@@ -375,7 +375,6 @@ fn refuse(sock: TcpStream) {
     let _ = sock.try_write(BUSY);
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn connection(
     sock: TcpStream,
     peer: SocketAddr,

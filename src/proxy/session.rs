@@ -138,8 +138,7 @@ pub async fn run(
     };
     let (lease, server, prefix) = match placed {
         Ok(p) => {
-            // The first packet went to this server (a cancel request gets no answer: no server
-            // session, nothing more is counted for it).
+            // The first packet went to this server: it counts as the session's first bytes.
             m.bytes_from_clients.inc_by(bytes.len() as u64);
             p.0.server.sent_bytes.inc_by(bytes.len() as u64);
             p
@@ -158,8 +157,8 @@ pub async fn run(
         }
     };
     drop(bytes);
-    let sm = lease.server.clone();
-    let _duration = scopeguard(move || sm.session_duration.observe(accepted_at.elapsed().as_secs_f64()));
+    // However the session ends (closed, drained, killed), from the client's accept.
+    let _duration = scopeguard(|| lease.server.session_duration.observe(accepted_at.elapsed().as_secs_f64()));
 
     let mut keys = KeyWatch::new(&ctx.cancels, &lease.backend.addr, kind);
     // What the connect already read of the server's answer goes to the client first.
