@@ -80,13 +80,48 @@ enum Cmd {
 /// Where the control commands send their request.
 #[derive(clap::Args)]
 struct AdminArgs {
-    /// Admin endpoint of the proxy.
-    #[arg(long, default_value = "http://127.0.0.1:7000")]
-    admin: String,
+    /// Admin endpoint of the proxy [default: http://127.0.0.1:7000, or the `[admin] listen`
+    /// of --config].
+    #[arg(long)]
+    admin: Option<String>,
     /// The `[admin] token` of the proxy's configuration (needed from another host, or with
     /// require_token); prefer the environment variable, which `ps` does not show.
     #[arg(long, env = "PGFRONT_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Take the admin address and token from the proxy's configuration file (on its own host).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// The endpoint's URL and the token to send, from the options or the configuration file.
+    fn resolve(&self) -> Result<(String, Option<String>), String> {
+        let file = match &self.config {
+            Some(path) => Some(Config::load(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let admin = match (&self.admin, file.as_ref().and_then(|c| c.admin)) {
+            (Some(a), _) => a.clone(),
+            (None, Some(mut addr)) => {
+                // An endpoint on every address is reached on loopback from its own host.
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(if addr.is_ipv4() {
+                        [127, 0, 0, 1].into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                format!("http://{addr}")
+            }
+            (None, None) if file.is_some() => return Err("the configuration has no [admin] section".into()),
+            (None, None) => "http://127.0.0.1:7000".into(),
+        };
+        let token = self
+            .token
+            .clone()
+            .or_else(|| file.as_ref().and_then(|c| c.admin_auth.token.as_ref().map(|t| t.expose().to_owned())));
+        Ok((admin, token))
+    }
 }
 
 #[derive(Subcommand)]
@@ -215,13 +250,20 @@ fn control(args: &AdminArgs, cluster: Option<&str>, member: &str, action: &str) 
             return ExitCode::from(3);
         }
     };
+    let (admin, token) = match args.resolve() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(3);
+        }
+    };
     let target = match cluster {
         Some(c) => format!("{c}/{member}"),
         None => member.to_owned(),
     };
-    let url = format!("{}/members/{target}/{action}", args.admin.trim_end_matches('/'));
+    let url = format!("{}/members/{target}/{action}", admin.trim_end_matches('/'));
     let shown = pgfront::config::redact_userinfo(&url).into_owned();
-    let bearer = args.token.as_ref().map(|t| format!("Bearer {t}"));
+    let bearer = token.as_ref().map(|t| format!("Bearer {t}"));
     let client = pgfront::http::client();
     let r = match rt.block_on(pgfront::http::post(&client, &url, bearer.as_deref(), Duration::from_secs(10))) {
         Ok(r) => r,
@@ -238,7 +280,9 @@ fn control(args: &AdminArgs, cluster: Option<&str>, member: &str, action: &str) 
     }
     let why = body.trim();
     let hint = match r.status.as_u16() {
-        403 if args.token.is_none() => " (give the token with --token or PGFRONT_ADMIN_TOKEN)",
+        403 if token.is_none() => {
+            " (give the token with --token, PGFRONT_ADMIN_TOKEN, or -c the proxy's configuration)"
+        }
         404 if why.starts_with("routes:") => " (is this a pgfront admin endpoint of this version?)",
         _ => "",
     };

@@ -339,6 +339,16 @@ etcd_timeout = "1s"
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("pg3 (cluster main) is out of maintenance"), "{out}");
         assert_eq!(s.member("pg3")["maintenance"], false);
+        // On the proxy's host, `-c` takes the address and the token from its configuration.
+        for action in ["drain", "resume"] {
+            let out = Command::new(pgfront_bin())
+                .args([action, "pg3", "--cluster", "main", "-c", s.pf.config.to_str().unwrap()])
+                .env_remove("PGFRONT_ADMIN_TOKEN")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{action} -c: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert_eq!(s.pf.metric("pgfront_admin_control_requests_total{action=\"resume\",result=\"ok\"}"), 2.0);
         assert!(!s.pf.log().contains(TOKEN), "the token is never logged");
     });
 }
