@@ -551,6 +551,7 @@ impl Supervisor {
                 part.stop.cancel();
                 info!(cluster = %c.name, "cluster removed: discovery stopped");
             }
+            self.forget_maintenance(&c.name, "the cluster was removed");
         }
         // VIPs: removed ones are released (priority-0 advert, or the etcd key deleted); changed
         // ones keep their role unless the change needs a new election; added ones start as backup.
@@ -624,6 +625,13 @@ impl Supervisor {
         }));
     }
 
+    /// Members in maintenance of a cluster that is gone are not carried over (one line each).
+    fn forget_maintenance(&self, cluster: &str, why: &str) {
+        for member in self.maintenance.forget_cluster(cluster) {
+            warn!(%cluster, %member, "member no longer in maintenance: {why}");
+        }
+    }
+
     fn start_cluster(&mut self, cfg: Arc<ClusterConfig>) {
         let stop = CancellationToken::new();
         let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), None);
@@ -643,6 +651,7 @@ impl Supervisor {
             // Another Patroni cluster (scope or namespace changed): its last view would route to
             // the wrong database. Clients are held until the new one is read.
             old.handle.tx.send_replace(Arc::new(ClusterView::default()));
+            self.forget_maintenance(&cfg.name, "the cluster follows another Patroni scope now");
         }
         let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), Some(&old.handle));
         info!(cluster = %cfg.name, same_cluster, "cluster changed: discovery restarted (from the last known topology when the scope is the same)");

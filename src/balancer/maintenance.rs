@@ -4,7 +4,8 @@
 //!
 //! One registry per process, owned by the supervisor: it outlives reloads (a reload never
 //! resumes a member) and travels with a binary upgrade in the hand-over state (`saved`,
-//! `restore`). The admin endpoint writes it; every listener's follower reads its cluster's
+//! `restore`); a cluster removed by a reload, or moved to another Patroni scope, loses its
+//! entries (`forget_cluster`). The admin endpoint writes it; every listener's follower reads its cluster's
 //! entries and applies them to the targets the topology derives (`restrict`, pure) before its
 //! pool sees them. Entries are keyed by names, not addresses: a member that restarts, changes
 //! address or leaves etcd for a while is still in maintenance when it comes back.
@@ -136,6 +137,16 @@ impl Maintenance {
             self.bump();
         }
         change
+    }
+
+    /// Forgets the members of `cluster`: it was removed, or now follows another Patroni
+    /// cluster (whose members only share the names). Returns the names forgotten.
+    pub(crate) fn forget_cluster(&self, cluster: &str) -> Vec<String> {
+        let gone = self.lock().remove(cluster).map(|m| m.into_keys().collect::<Vec<_>>()).unwrap_or_default();
+        if !gone.is_empty() {
+            self.bump();
+        }
+        gone
     }
 
     /// The members of `cluster` in maintenance.
@@ -350,6 +361,10 @@ mod tests {
         let copy = Maintenance::default();
         copy.restore(&m.saved());
         assert_eq!(copy.cluster("main"), m.cluster("main"));
+        copy.drain("other", "pg1", false, 1);
+        assert_eq!(copy.forget_cluster("main"), vec!["pg2".to_owned()]);
+        assert_eq!(copy.forget_cluster("main"), Vec::<String>::new());
+        assert!(copy.get("other", "pg1").is_some());
         assert_eq!(m.resume("main", "pg2"), Change::Resumed);
         assert_eq!(m.resume("main", "pg2"), Change::NotDrained);
         assert!(m.saved().is_empty());
