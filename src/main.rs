@@ -268,7 +268,11 @@ fn control(args: &AdminArgs, cluster: Option<&str>, member: &str, action: &str) 
     let r = match rt.block_on(pgfront::http::post(&client, &url, bearer.as_deref(), Duration::from_secs(10))) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("{}", e.to_string().replace(&url, &shown));
+            eprintln!(
+                "pgfront: cannot reach the admin endpoint (is the proxy running, with [admin] listen there? \
+                 --admin URL or -c FILE): {}",
+                e.to_string().replace(&url, &shown)
+            );
             return ExitCode::from(3);
         }
     };
