@@ -50,6 +50,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, ConfigStatus, Shared};
+use crate::balancer::maintenance::{self, Maintenance};
 use crate::balancer::pool::Pool;
 use crate::config::diff::{self, ConfigDiff};
 use crate::config::{ClusterConfig, Config, ListenerConfig, Role, VipConfig};
@@ -230,6 +231,15 @@ pub async fn run(
         Ok(roles) => sup.takeover = roles,
         Err(e) => warn!("upgrade: the VIP roles handed over cannot be read ({e}): VIPs start as backup"),
     }
+    match maintenance::from_handover_state(&sockets.state) {
+        Ok(saved) => {
+            for s in &saved {
+                info!(cluster = %s.cluster, member = %s.member, kill = s.kill, "upgrade: member stays in maintenance");
+            }
+            sup.maintenance.restore(&saved);
+        }
+        Err(e) => error!("upgrade: the members in maintenance handed over cannot be read ({e}): none is drained"),
+    }
     let mut pending = sockets.listeners;
     let mut bound: HashMap<SocketAddr, Arc<TcpListener>> = HashMap::new();
     for l in &config.listeners {
@@ -333,6 +343,10 @@ struct Supervisor {
     config_status: ConfigStatus,
     /// Where sessions register their cancel keys (shared by every listener).
     cancels: Arc<CancelMap>,
+    /// Members drained by an operator; outlives reloads, handed over by upgrades.
+    maintenance: Arc<Maintenance>,
+    /// The clusters `pgfront_server_state` reads at each scrape (refreshed by `publish`).
+    cluster_list: Arc<Mutex<Vec<ClusterHandle>>>,
     /// The process's descriptor budget, a permit per session (`listener::fd_budget`).
     fds: Option<Arc<Semaphore>>,
     /// The process is stopping: queued clients are refused.
@@ -345,8 +359,11 @@ impl Supervisor {
     /// `admin`: the configured address and its socket, bound before start.
     fn new(path: PathBuf, admin: Option<(Option<SocketAddr>, std::net::TcpListener)>) -> Supervisor {
         let vip_statuses = Arc::new(Mutex::new(Vec::new()));
+        let maintenance = Arc::new(Maintenance::default());
+        let cluster_list: Arc<Mutex<Vec<ClusterHandle>>> = Arc::new(Mutex::new(Vec::new()));
         let mut metrics = Metrics::new();
         metrics.register_collector(vip::metrics::collector(vip_statuses.clone()));
+        metrics.register_server_states(member_states(cluster_list.clone(), maintenance.clone()));
         let cancel_keys = metrics.cancel_keys();
         let metrics = Arc::new(metrics);
         let config_status = ConfigStatus {
@@ -364,6 +381,8 @@ impl Supervisor {
             listeners: Vec::new(),
             vips: Vec::new(),
             config: config_status.clone(),
+            maintenance: maintenance.clone(),
+            auth: Default::default(),
         }));
         let mut sup = Supervisor {
             path,
@@ -381,6 +400,8 @@ impl Supervisor {
             shared,
             config_status,
             cancels: Arc::new(CancelMap::new(cancel_keys)),
+            maintenance,
+            cluster_list,
             fds: None,
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
@@ -550,6 +571,7 @@ impl Supervisor {
                 part.stop.cancel();
                 info!(cluster = %c.name, "cluster removed: discovery stopped");
             }
+            self.forget_maintenance(&c.name, "the cluster was removed");
         }
         // VIPs: removed ones are released (priority-0 advert, or the etcd key deleted); changed
         // ones keep their role unless the change needs a new election; added ones start as backup.
@@ -609,6 +631,9 @@ impl Supervisor {
         if let Ok(mut l) = self.vip_statuses.lock() {
             *l = vips.clone();
         }
+        if let Ok(mut l) = self.cluster_list.lock() {
+            *l = clusters.clone();
+        }
         self.shared.store(Arc::new(Shared {
             metrics: self.metrics.clone(),
             events: self.events.clone(),
@@ -616,7 +641,16 @@ impl Supervisor {
             listeners,
             vips,
             config: self.config_status.clone(),
+            maintenance: self.maintenance.clone(),
+            auth: self.config.admin_auth.clone(),
         }));
+    }
+
+    /// Members in maintenance of a cluster that is gone are not carried over (one line each).
+    fn forget_maintenance(&self, cluster: &str, why: &str) {
+        for member in self.maintenance.forget_cluster(cluster) {
+            warn!(%cluster, %member, "member no longer in maintenance: {why}");
+        }
     }
 
     fn start_cluster(&mut self, cfg: Arc<ClusterConfig>) {
@@ -639,6 +673,7 @@ impl Supervisor {
             // Another Patroni cluster (scope or namespace changed): its last view would route to
             // the wrong database. Clients are held until the new one is read.
             old.handle.tx.send_replace(Arc::new(ClusterView::default()));
+            self.forget_maintenance(&cfg.name, "the cluster follows another Patroni scope now");
         }
         let handle = discovery::spawn(
             cfg.clone(),
@@ -678,6 +713,7 @@ impl Supervisor {
             pool.clone(),
             self.view(&cfg.cluster),
             self.events.clone(),
+            self.maintenance.clone(),
             follow_stop.clone(),
         ));
         let accept_stop = CancellationToken::new();
@@ -718,7 +754,14 @@ impl Supervisor {
         if routing_changed {
             p.follow_stop.cancel();
             p.follow_stop = CancellationToken::new();
-            tokio::spawn(follow(cfg.clone(), p.pool.clone(), view, self.events.clone(), p.follow_stop.clone()));
+            tokio::spawn(follow(
+                cfg.clone(),
+                p.pool.clone(),
+                view,
+                self.events.clone(),
+                self.maintenance.clone(),
+                p.follow_stop.clone(),
+            ));
         }
         let ctx = p.ctx.load();
         p.ctx.store(Arc::new(SessionCtx {
@@ -871,6 +914,7 @@ impl Supervisor {
                 names.iter().map(|(n, fd)| (n.as_str(), *fd)).collect();
             let statuses: Vec<_> = self.vips.values().map(|v| v.status.clone()).collect();
             let state = vip::lifecycle::handover_state(&statuses);
+            let state = maintenance::add_to_handover_state(state, self.maintenance.saved());
             let r = tokio::select! {
                 r = offer.hand_over(&sockets, &state, self.config.process.upgrade_timeout) => r.map_err(|e| e.to_string()),
                 w = child.wait() => Err(match w {
@@ -1039,25 +1083,58 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Applies every new view of the cluster to one listener's pool, as soon as it arrives.
-/// Each drained server is recorded in `events`.
+/// The members' states for `pgfront_server_state`, read at each scrape.
+fn member_states(clusters: Arc<Mutex<Vec<ClusterHandle>>>, maint: Arc<Maintenance>) -> crate::metrics::MemberStates {
+    Arc::new(move || {
+        let clusters = clusters.lock().map(|l| l.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for c in &clusters {
+            let view = c.view.borrow().clone();
+            let drained = maint.cluster(&c.cfg.name);
+            for m in view.state.members.values() {
+                let state = maintenance::member_state(&view, m, drained.get(&m.name).copied());
+                out.push(crate::metrics::MemberStateSample {
+                    cluster: c.cfg.name.clone(),
+                    member: m.name.clone(),
+                    state: state.label(),
+                });
+            }
+        }
+        out
+    })
+}
+
+/// Applies every new view of the cluster, and every change of the members in maintenance, to
+/// one listener's pool, as soon as it arrives. Each drained server is recorded in `events`.
 async fn follow(
     cfg: Arc<ListenerConfig>,
     pool: Arc<Pool>,
     mut view: watch::Receiver<Arc<ClusterView>>,
     events: Events,
+    maint: Arc<Maintenance>,
     stop: CancellationToken,
 ) {
+    let mut drained = maint.subscribe();
     loop {
         let v = view.borrow_and_update().clone();
+        drained.borrow_and_update();
         let targets = v.targets(cfg.role, cfg.max_replica_lag);
-        for b in pool.apply(&targets, cfg.drain_grace) {
-            info!(
-                listener = %cfg.name, member = %b.member, addr = %b.addr, grace = ?cfg.drain_grace,
-                "server lost its role: closing its connections"
-            );
-            let when =
-                if cfg.drain_grace.is_zero() { "now".to_owned() } else { format!("after {:?}", cfg.drain_grace) };
+        let (targets, kill) = maintenance::restrict(targets, &maint.cluster(&cfg.cluster));
+        for b in pool.apply_killing(&targets, cfg.drain_grace, &kill) {
+            let when = if kill.contains(&b) {
+                info!(listener = %cfg.name, member = %b.member, addr = %b.addr, "member in maintenance (kill): closing its connections now");
+                "now (maintenance with kill)".to_owned()
+            } else {
+                info!(
+                    listener = %cfg.name, member = %b.member, addr = %b.addr, grace = ?cfg.drain_grace,
+                    "server lost its role: closing its connections"
+                );
+                if cfg.drain_grace.is_zero() {
+                    "now".to_owned()
+                } else {
+                    format!("after {:?}", cfg.drain_grace)
+                }
+            };
             events.record(
                 EventKind::Drain,
                 NewEvent {
@@ -1072,6 +1149,7 @@ async fn follow(
         }
         tokio::select! {
             r = view.changed() => if r.is_err() { return },
+            r = drained.changed() => if r.is_err() { return },
             _ = stop.cancelled() => return,
         }
     }

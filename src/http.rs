@@ -1,5 +1,6 @@
-//! A small HTTP/1 GET over hyper, shared by the etcd v2 source and the Patroni REST check, and
-//! the TLS client configuration for etcd over `https://`.
+//! A small HTTP/1 GET over hyper, shared by the etcd v2 source and the Patroni REST check (and
+//! a body-less POST for `pgfront drain` / `resume`), and the TLS client configuration for etcd
+//! over `https://`.
 //!
 //! Two client types: `HttpClient` (plain TCP, used by the Patroni checks every few ms and by
 //! etcd v2 without TLS: nothing about TLS is on its path) and `HttpsClient` (rustls, for etcd
@@ -87,9 +88,35 @@ pub async fn get<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
+    send(client, hyper::Method::GET, url, basic, timeout).await
+}
+
+/// POST to `url` without a body, with an optional `Authorization` value, bounded by `timeout`.
+pub async fn post<C>(
+    client: &Client<C, Empty<Bytes>>,
+    url: &str,
+    authorization: Option<&str>,
+    timeout: Duration,
+) -> Result<Response, HttpError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    send(client, hyper::Method::POST, url, authorization, timeout).await
+}
+
+async fn send<C>(
+    client: &Client<C, Empty<Bytes>>,
+    method: hyper::Method,
+    url: &str,
+    authorization: Option<&str>,
+    timeout: Duration,
+) -> Result<Response, HttpError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     let uri: hyper::Uri = url.parse().map_err(|_| HttpError::Url { url: url.to_owned() })?;
-    let mut req = Request::get(uri);
-    if let Some(b) = basic {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(b) = authorization {
         req = req.header(AUTHORIZATION, b);
     }
     let req = req.body(Empty::new()).map_err(|e| HttpError::Request { url: url.to_owned(), reason: e.to_string() })?;

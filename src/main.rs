@@ -44,6 +44,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drain a member: no new connections to it on any listener of its cluster; its open
+    /// sessions are kept, or closed with --kill. Lasts until `pgfront resume` (reloads and
+    /// upgrades keep it).
+    Drain {
+        /// The member's name, as Patroni names it.
+        member: String,
+        /// The member's cluster (needed when several clusters have a member of that name).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Close its open sessions too.
+        #[arg(long)]
+        kill: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Resume a drained member: it takes new connections again as its role allows.
+    Resume {
+        member: String,
+        #[arg(long)]
+        cluster: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Nagios / Icinga plugin: one status line, exit 0 OK / 1 WARNING / 2 CRITICAL / 3 UNKNOWN
     /// (`pgfront check --help`).
     #[command(disable_help_flag = true)]
@@ -52,6 +75,53 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// Where the control commands send their request.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin endpoint of the proxy [default: http://127.0.0.1:7000, or the `[admin] listen`
+    /// of --config].
+    #[arg(long)]
+    admin: Option<String>,
+    /// The `[admin] token` of the proxy's configuration (needed from another host, or with
+    /// require_token); prefer the environment variable, which `ps` does not show.
+    #[arg(long, env = "PGFRONT_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Take the admin address and token from the proxy's configuration file (on its own host).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// The endpoint's URL and the token to send, from the options or the configuration file.
+    fn resolve(&self) -> Result<(String, Option<String>), String> {
+        let file = match &self.config {
+            Some(path) => Some(Config::load(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let admin = match (&self.admin, file.as_ref().and_then(|c| c.admin)) {
+            (Some(a), _) => a.clone(),
+            (None, Some(mut addr)) => {
+                // An endpoint on every address is reached on loopback from its own host.
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(if addr.is_ipv4() {
+                        [127, 0, 0, 1].into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                format!("http://{addr}")
+            }
+            (None, None) if file.is_some() => return Err("the configuration has no [admin] section".into()),
+            (None, None) => "http://127.0.0.1:7000".into(),
+        };
+        let token = self
+            .token
+            .clone()
+            .or_else(|| file.as_ref().and_then(|c| c.admin_auth.token.as_ref().map(|t| t.expose().to_owned())));
+        Ok((admin, token))
+    }
 }
 
 #[derive(Subcommand)]
@@ -125,6 +195,11 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Status { admin, json } => status(&admin, json),
+        Cmd::Drain { member, cluster, kill, admin } => {
+            let query = if kill { "?kill=true" } else { "" };
+            control(&admin, cluster.as_deref(), &member, &format!("drain{query}"))
+        }
+        Cmd::Resume { member, cluster, admin } => control(&admin, cluster.as_deref(), &member, "resume"),
         Cmd::Check { args } => pgfront::check::cli(args),
         Cmd::Vip { cmd: VipCmd::Release { config } } => {
             let cfg = match Config::load(&config) {
@@ -162,6 +237,61 @@ fn init_tracing() {
     use std::io::IsTerminal;
     let ansi = std::io::stdout().is_terminal();
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+}
+
+/// Sends a drain or resume to the admin endpoint and prints its answer: exit 0 when done, 1
+/// when refused or unknown (the endpoint's one-line reason on stderr), 3 when it cannot be
+/// reached.
+fn control(args: &AdminArgs, cluster: Option<&str>, member: &str, action: &str) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(3);
+        }
+    };
+    let (admin, token) = match args.resolve() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(3);
+        }
+    };
+    let target = match cluster {
+        Some(c) => format!("{c}/{member}"),
+        None => member.to_owned(),
+    };
+    let url = format!("{}/members/{target}/{action}", admin.trim_end_matches('/'));
+    let shown = pgfront::config::redact_userinfo(&url).into_owned();
+    let bearer = token.as_ref().map(|t| format!("Bearer {t}"));
+    let client = pgfront::http::client();
+    let r = match rt.block_on(pgfront::http::post(&client, &url, bearer.as_deref(), Duration::from_secs(10))) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "pgfront: cannot reach the admin endpoint (is the proxy running, with [admin] listen there? \
+                 --admin URL or -c FILE): {}",
+                e.to_string().replace(&url, &shown)
+            );
+            return ExitCode::from(3);
+        }
+    };
+    let body = String::from_utf8_lossy(&r.body);
+    if r.status == 200 {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        println!("{}", v["message"].as_str().unwrap_or(body.trim()));
+        return ExitCode::SUCCESS;
+    }
+    let why = body.trim();
+    let hint = match r.status.as_u16() {
+        403 if token.is_none() => {
+            " (give the token with --token, PGFRONT_ADMIN_TOKEN, or -c the proxy's configuration)"
+        }
+        404 if why.starts_with("routes:") => " (is this a pgfront admin endpoint of this version?)",
+        _ => "",
+    };
+    eprintln!("pgfront: {action_name} {member}: {why}{hint}", action_name = action.split('?').next().unwrap_or(action));
+    ExitCode::FAILURE
 }
 
 fn status(admin: &str, json: bool) -> ExitCode {
@@ -219,16 +349,26 @@ fn status(admin: &str, json: bool) -> ExitCode {
             s(&c["primary"]),
             s(&c["primary_status"])
         );
-        println!("  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}", "MEMBER", "ADDRESS", "ROLE", "STATE", "TL", "LAG");
+        println!(
+            "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}  PGFRONT",
+            "MEMBER", "ADDRESS", "ROLE", "STATE", "TL", "LAG"
+        );
         for m in c["members"].as_array().into_iter().flatten() {
+            // What pgfront does with it; a drained member says so loudly.
+            let lb = match (m["maintenance"] == true, m["maintenance_kill"] == true) {
+                (true, true) => "MAINTENANCE (drained, sessions closed)".to_owned(),
+                (true, false) => "MAINTENANCE (drained, sessions kept)".to_owned(),
+                _ => s(&m["server_state"]),
+            };
             println!(
-                "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}",
+                "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}  {}",
                 s(&m["name"]),
                 s(&m["addr"]),
                 s(&m["role"]),
                 s(&m["state"]),
                 s(&m["timeline"]),
-                s(&m["lag_bytes"])
+                s(&m["lag_bytes"]),
+                lb
             );
         }
     }

@@ -1,11 +1,20 @@
 //! Prometheus metrics, following Prometheus naming: `pgfront_…_total` counters, `_seconds`
 //! histograms, labels `cluster`, `listener`, `member`. One registry per process; the data path
-//! only touches atomics through handles taken once per listener or cluster.
+//! only touches atomics through handles taken once per listener, cluster or server (a server's
+//! handles are made when it joins a pool, so a session's setup clones one `Arc`).
+//!
+//! Every family is registered here, including those read at scrape time (`pgfront_server_state`
+//! from the supervisor's view of the members, `process_*` from `/proc`, `pgfront_vip_*` from the
+//! VIP drivers). `docs/metrics.md` lists them all with their HAProxy exporter equivalents.
+
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -53,12 +62,51 @@ pub struct ClusterReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlLabels {
+    pub action: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    profile: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn wait_buckets() -> Histogram {
     // 1 ms … ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
+
+fn connect_buckets() -> Histogram {
+    // 0.5 ms … ~16 s: a loopback connect is well under a millisecond, a hung server runs into
+    // connect_timeout.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn session_buckets() -> Histogram {
+    // 10 ms … ~11.6 h, ×4 per bucket: one-query sessions to pooled connections held all day.
+    Histogram::new(exponential_buckets(0.01, 4.0, 12))
+}
+
+/// The states `pgfront_server_state` knows, HAProxy's `haproxy_server_status` states in lower
+/// case: every member has one sample per state, 1 for its current one.
+pub const SERVER_STATES: [&str; 5] = ["up", "nolb", "drain", "maint", "down"];
+
+/// One member's state at a scrape, for `pgfront_server_state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MemberStateSample {
+    pub cluster: String,
+    pub member: String,
+    /// One of [`SERVER_STATES`].
+    pub state: &'static str,
+}
+
+/// What the supervisor gives to read the members' states at each scrape.
+pub(crate) type MemberStates = Arc<dyn Fn() -> Vec<MemberStateSample> + Send + Sync>;
 
 /// Every metric family of the process.
 pub struct Metrics {
@@ -72,7 +120,6 @@ pub struct Metrics {
     queue_wait: HistFamily<ListenerLabels>,
     bytes_from_clients: Family<ListenerLabels, Counter>,
     bytes_to_clients: Family<ListenerLabels, Counter>,
-    server_active: Family<ServerLabels, Gauge>,
     bad_startup: Family<ListenerLabels, Counter>,
     cancels: Family<CancelLabels, Counter>,
     cancel_keys: Gauge,
@@ -90,6 +137,35 @@ pub struct Metrics {
     pub config_reloads_error: Counter,
     admin_connections: Gauge,
     admin_closed: Family<AdminClosedLabels, Counter>,
+    admin_control: Family<ControlLabels, Counter>,
+    server: ServerFamilies,
+}
+
+/// The per-server families (labels `listener`, `member`, `addr`), shared by every listener's
+/// handles.
+#[derive(Clone)]
+struct ServerFamilies {
+    active: Family<ServerLabels, Gauge>,
+    connections: Family<ServerLabels, Counter>,
+    connect_errors: Family<ServerLabels, Counter>,
+    sent_bytes: Family<ServerLabels, Counter>,
+    received_bytes: Family<ServerLabels, Counter>,
+    connect_time: HistFamily<ServerLabels>,
+    session_duration: HistFamily<ServerLabels>,
+}
+
+impl ServerFamilies {
+    fn new() -> ServerFamilies {
+        ServerFamilies {
+            active: Family::default(),
+            connections: Family::default(),
+            connect_errors: Family::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            connect_time: Family::new_with_constructor(connect_buckets),
+            session_duration: Family::new_with_constructor(session_buckets),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,7 +192,6 @@ impl Metrics {
             queue_wait: Family::new_with_constructor(wait_buckets),
             bytes_from_clients: Family::default(),
             bytes_to_clients: Family::default(),
-            server_active: Family::default(),
             bad_startup: Family::default(),
             cancels: Family::default(),
             cancel_keys: Gauge::default(),
@@ -132,6 +207,8 @@ impl Metrics {
             config_reloads_error: Counter::default(),
             admin_connections: Gauge::default(),
             admin_closed: Family::default(),
+            admin_control: Family::default(),
+            server: ServerFamilies::new(),
         };
         m.config_reloads_ok = m.config_reloads.get_or_create(&ReloadLabels { result: "ok" }).clone();
         m.config_reloads_error = m.config_reloads.get_or_create(&ReloadLabels { result: "error" }).clone();
@@ -157,7 +234,38 @@ impl Metrics {
         r.register("pgfront_queue_wait_seconds", "Time queued clients waited", m.queue_wait.clone());
         r.register("pgfront_client_received_bytes", "Bytes received from clients", m.bytes_from_clients.clone());
         r.register("pgfront_client_sent_bytes", "Bytes sent to clients", m.bytes_to_clients.clone());
-        r.register("pgfront_server_active_connections", "Connections open to each server", m.server_active.clone());
+        let f = &m.server;
+        r.register("pgfront_server_active_connections", "Connections open to each server", f.active.clone());
+        r.register(
+            "pgfront_server_connections",
+            "Sessions placed on each server (connect answered)",
+            f.connections.clone(),
+        );
+        r.register(
+            "pgfront_server_connect_errors",
+            "Connects to each server that failed or were not answered in time",
+            f.connect_errors.clone(),
+        );
+        r.register(
+            "pgfront_server_sent_bytes",
+            "Bytes sent to each server (client requests, startup packet included)",
+            f.sent_bytes.clone(),
+        );
+        r.register(
+            "pgfront_server_received_bytes",
+            "Bytes received from each server and forwarded to its clients",
+            f.received_bytes.clone(),
+        );
+        r.register(
+            "pgfront_server_connect_seconds",
+            "Time from the start of a successful connect to the server's first answer",
+            f.connect_time.clone(),
+        );
+        r.register(
+            "pgfront_server_session_duration_seconds",
+            "Life of the sessions placed on each server, from the client's accept to its close",
+            f.session_duration.clone(),
+        );
         r.register(
             "pgfront_listener_bad_startup",
             "Clients closed because their first packet was not PostgreSQL or did not come in time",
@@ -199,7 +307,36 @@ impl Metrics {
             "Admin HTTP connections closed by pgfront (reason: peer_limit, header_timeout, lifetime, shutdown)",
             m.admin_closed.clone(),
         );
+        // Every combination exists from the start: a dashboard's rate starts at 0, not at the
+        // first request.
+        for action in ["drain", "resume"] {
+            for result in ["ok", "refused", "invalid"] {
+                drop(m.admin_control.get_or_create(&ControlLabels { action, result }));
+            }
+        }
+        let r = &mut m.registry;
+        r.register(
+            "pgfront_admin_control_requests",
+            "Drain and resume requests on the admin endpoint (result: ok, refused, invalid)",
+            m.admin_control.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), profile }).set(1);
+        r.register("pgfront_build_info", "Always 1: the version of the running binary", build);
+        r.register_collector(Box::new(ProcessCollector));
         m
+    }
+
+    /// Exposes `pgfront_server_state`, read from `states` at each scrape (registered once).
+    pub(crate) fn register_server_states(&mut self, states: MemberStates) {
+        self.registry.register_collector(Box::new(ServerStateCollector(states)));
+    }
+
+    /// Counts a drain or resume request: `result` is `ok`, `refused` (not allowed) or
+    /// `invalid` (unknown member, bad method or query).
+    pub(crate) fn admin_control(&self, action: &'static str, result: &'static str) {
+        self.admin_control.get_or_create(&ControlLabels { action, result }).inc();
     }
 
     /// Exposes the state of the VIPs, read from their shared status at each scrape. The list
@@ -236,7 +373,7 @@ impl Metrics {
             queue_wait: self.queue_wait.get_or_create(&l).clone(),
             bytes_from_clients: self.bytes_from_clients.get_or_create(&l).clone(),
             bytes_to_clients: self.bytes_to_clients.get_or_create(&l).clone(),
-            servers: self.server_active.clone(),
+            servers: self.server.clone(),
         }
     }
 
@@ -296,12 +433,193 @@ pub struct ListenerMetrics {
     pub queue_wait: Histogram,
     pub bytes_from_clients: Counter,
     pub bytes_to_clients: Counter,
-    servers: Family<ServerLabels, Gauge>,
+    servers: ServerFamilies,
 }
 
 impl ListenerMetrics {
     pub fn server_active(&self, b: &Backend) -> Gauge {
-        self.servers.get_or_create(&ServerLabels::of(&self.listener, b)).clone()
+        self.servers.active.get_or_create(&ServerLabels::of(&self.listener, b)).clone()
+    }
+
+    /// The handles of one server of this listener, made once when it joins the pool.
+    pub fn server(&self, b: &Backend) -> Arc<ServerMetrics> {
+        let l = ServerLabels::of(&self.listener, b);
+        // One statement each: a family's guard holds its lock until the end of the statement.
+        let connections = self.servers.connections.get_or_create(&l).clone();
+        let connect_errors = self.servers.connect_errors.get_or_create(&l).clone();
+        let sent_bytes = self.servers.sent_bytes.get_or_create(&l).clone();
+        let received_bytes = self.servers.received_bytes.get_or_create(&l).clone();
+        let connect_time = self.servers.connect_time.get_or_create(&l).clone();
+        let session_duration = self.servers.session_duration.get_or_create(&l).clone();
+        Arc::new(ServerMetrics {
+            connections,
+            connect_errors,
+            sent_bytes,
+            received_bytes,
+            connect_time,
+            session_duration,
+        })
+    }
+}
+
+/// Handles of one server of one listener.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    pub connections: Counter,
+    pub connect_errors: Counter,
+    /// Client to server.
+    pub sent_bytes: Counter,
+    /// Server to client.
+    pub received_bytes: Counter,
+    pub connect_time: Histogram,
+    pub session_duration: Histogram,
+}
+
+/// Where a session's bytes are counted: something `proxy::pipe` adds to as bytes pass.
+pub trait ByteCount: Sync {
+    fn add(&self, n: u64);
+}
+
+impl ByteCount for Counter {
+    fn add(&self, n: u64) {
+        self.inc_by(n);
+    }
+}
+
+/// One direction of a session, counted for its listener and its server at once.
+pub(crate) struct Both<'a>(pub &'a Counter, pub &'a Counter);
+
+impl ByteCount for Both<'_> {
+    fn add(&self, n: u64) {
+        self.0.inc_by(n);
+        self.1.inc_by(n);
+    }
+}
+
+/// `pgfront_server_state{cluster, member, state}`: one sample per member and state.
+struct ServerStateCollector(MemberStates);
+
+impl std::fmt::Debug for ServerStateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerStateCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerStateLabels {
+    cluster: String,
+    member: String,
+    state: &'static str,
+}
+
+impl Collector for ServerStateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let samples = (self.0)();
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let mut d = encoder.encode_descriptor(
+            "pgfront_server_state",
+            "1 for each member's current state: up, nolb (running, not load-balanced), drain (no new connections, sessions kept), maint (drained by an operator), down",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for s in &samples {
+            for state in SERVER_STATES {
+                let l = ServerStateLabels { cluster: s.cluster.clone(), member: s.member.clone(), state };
+                ConstGauge::new(i64::from(s.state == state)).encode(d.encode_family(&l)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The standard `process_*` metrics of Prometheus' client libraries, from `/proc/self` at each
+/// scrape: five numbers from two small files do not justify a dependency.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What `ProcessCollector` reads; `None` where `/proc` could not be read.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct ProcessStats {
+    pub start_time_seconds: Option<f64>,
+    pub cpu_seconds: Option<f64>,
+    pub resident_bytes: Option<u64>,
+    pub virtual_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+}
+
+/// Parses `/proc/self/stat` (fields after the command name, which may hold spaces and
+/// parentheses) given the clock tick rate, the page size and the boot time (`btime`).
+pub(crate) fn parse_proc_stat(stat: &str, ticks: f64, page: u64, btime: Option<u64>) -> ProcessStats {
+    let mut out = ProcessStats::default();
+    let Some((_, rest)) = stat.rsplit_once(')') else { return out };
+    // rest starts with " state ppid …": field 3 (state) is index 0 here.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    // utime 14, stime 15, starttime 22, vsize 23, rss 24 (1-based in proc(5)).
+    if let (Some(u), Some(s)) = (num(11), num(12)) {
+        out.cpu_seconds = Some((u + s) as f64 / ticks);
+    }
+    if let (Some(start), Some(btime)) = (num(19), btime) {
+        out.start_time_seconds = Some(btime as f64 + start as f64 / ticks);
+    }
+    out.virtual_bytes = num(20);
+    out.resident_bytes = num(21).map(|p| p * page);
+    out
+}
+
+fn process_stats() -> ProcessStats {
+    // SAFETY: sysconf reads a constant of the system.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let page = if page > 0 { page as u64 } else { 4096 };
+    let btime = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok())));
+    let mut st =
+        std::fs::read_to_string("/proc/self/stat").map(|s| parse_proc_stat(&s, ticks, page, btime)).unwrap_or_default();
+    st.open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as u64);
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+        st.max_fds = Some(lim.rlim_cur);
+    }
+    st
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = process_stats();
+        let gauges: [(&str, &str, Option<f64>); 5] = [
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds",
+                st.start_time_seconds,
+            ),
+            ("process_resident_memory_bytes", "Resident memory size in bytes", st.resident_bytes.map(|v| v as f64)),
+            ("process_virtual_memory_bytes", "Virtual memory size in bytes", st.virtual_bytes.map(|v| v as f64)),
+            ("process_open_fds", "Number of open file descriptors", st.open_fds.map(|v| v as f64)),
+            ("process_max_fds", "Maximum number of open file descriptors (soft limit)", st.max_fds.map(|v| v as f64)),
+        ];
+        for (name, help, v) in gauges {
+            if let Some(v) = v {
+                let d = encoder.encode_descriptor(name, help, None, ConstGauge::new(0f64).metric_type())?;
+                ConstGauge::new(v).encode(d)?;
+            }
+        }
+        if let Some(cpu) = st.cpu_seconds {
+            // Registered without the suffix: the encoder adds `_total` to counters.
+            let d = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                ConstCounter::new(0f64).metric_type(),
+            )?;
+            ConstCounter::new(cpu).encode(d)?;
+        }
+        Ok(())
     }
 }
 
@@ -328,4 +646,34 @@ pub struct ClusterMetrics {
     pub etcd_up: Gauge,
     pub etcd_errors: Counter,
     pub key_errors: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // proc(5): pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        // cmajflt utime stime cutime cstime priority nice threads itrealvalue starttime vsize rss
+        let stat = "42 (pg front) x)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 1000 123456789 300 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let st = parse_proc_stat(stat, 100.0, 4096, Some(1_700_000_000));
+        assert_eq!(st.cpu_seconds, Some(3.0));
+        assert_eq!(st.start_time_seconds, Some(1_700_000_010.0));
+        assert_eq!(st.virtual_bytes, Some(123_456_789));
+        assert_eq!(st.resident_bytes, Some(300 * 4096));
+        assert_eq!(parse_proc_stat("garbage", 100.0, 4096, None), ProcessStats::default());
+    }
+
+    #[test]
+    fn the_process_collector_reads_this_process() {
+        let st = process_stats();
+        assert!(st.start_time_seconds.is_some_and(|s| s > 1.0e9), "{st:?}");
+        assert!(st.open_fds.is_some_and(|n| n > 0), "{st:?}");
+        let text = Metrics::new().encode();
+        assert!(text.contains("\nprocess_start_time_seconds "), "{text}");
+        assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
+        assert!(text.contains(&format!("pgfront_build_info{{version=\"{}\"", env!("CARGO_PKG_VERSION"))), "{text}");
+    }
 }

@@ -7,6 +7,12 @@
 //! | `/events`  | JSON: the recent events, newest first (`events::Event`); `?since=<id>` for the newer ones only |
 //! | `/health`  | 200 when every primary listener has a routable primary, else 503 with the reason |
 //! | `/`        | the status page for humans (`page`): `/status` and the events as HTML, refreshing itself; `/?part=main` is its refreshed part |
+//! | `POST /members/[<cluster>/]<member>/drain[?kill=true]` | no new connections to the member, on every listener (`control`) |
+//! | `POST /members/[<cluster>/]<member>/resume` | the member takes connections again (`control`) |
+//!
+//! The read routes are open to whoever reaches the port. The control routes answer POST only,
+//! to a loopback peer or to a request with `Authorization: Bearer <[admin] token>`
+//! (`require_token = true`: the token from loopback too); see `control`.
 //!
 //! ## Limits (hostile or broken clients)
 //! Whatever a client of this port does, the endpoint holds at most
@@ -63,7 +69,9 @@ use tracing::{debug, info, warn};
 
 use arc_swap::ArcSwap;
 
+use crate::balancer::maintenance::{self, Maintenance, MemberState};
 use crate::balancer::pool::{Pool, PoolStatus};
+use crate::config::AdminAuth;
 use crate::config::ListenerConfig;
 use crate::config::{Balance, Role};
 use crate::discovery::ClusterHandle;
@@ -71,6 +79,7 @@ use crate::events::Events;
 use crate::metrics::{self, AdminMetrics};
 use crate::topology::{MemberRole, PrimaryStatus};
 
+mod control;
 mod page;
 
 /// Admin connections open at once; more wait in the kernel's backlog. A scrape or a status
@@ -128,6 +137,10 @@ pub struct Shared {
     pub listeners: Vec<(Arc<ListenerConfig>, Arc<Pool>)>,
     pub vips: Vec<crate::vip::driver::SharedVipStatus>,
     pub config: ConfigStatus,
+    /// Members drained by an operator (the process's one registry).
+    pub maintenance: Arc<Maintenance>,
+    /// Who may use the control routes.
+    pub auth: AdminAuth,
 }
 
 /// The running configuration: which file, which revision (1 at start, +1 per applied reload),
@@ -179,6 +192,14 @@ pub struct MemberStatus {
     pub timeline: Option<u64>,
     pub lag_bytes: Option<u64>,
     pub noloadbalance: bool,
+    /// Drained by an operator (`pgfront drain`): no new connections on any listener.
+    pub maintenance: bool,
+    /// With `--kill`: its sessions were closed too.
+    pub maintenance_kill: bool,
+    /// Since when (Unix seconds).
+    pub maintenance_since: Option<u64>,
+    /// What pgfront does with it: up, nolb, drain, maint, down (`pgfront_server_state`).
+    pub server_state: MemberState,
 }
 
 #[derive(Debug, Serialize)]
@@ -202,6 +223,7 @@ pub fn status(shared: &Shared) -> Status {
         .iter()
         .map(|c| {
             let view = c.view.borrow().clone();
+            let drained = shared.maintenance.cluster(&c.cfg.name);
             ClusterStatus {
                 name: c.cfg.name.clone(),
                 scope: c.cfg.scope.clone(),
@@ -216,14 +238,21 @@ pub fn status(shared: &Shared) -> Status {
                     .state
                     .members
                     .values()
-                    .map(|m| MemberStatus {
-                        name: m.name.clone(),
-                        addr: m.addr,
-                        role: m.role,
-                        state: m.state.clone(),
-                        timeline: m.timeline,
-                        lag_bytes: view.lag(m),
-                        noloadbalance: m.noloadbalance,
+                    .map(|m| {
+                        let entry = drained.get(&m.name).copied();
+                        MemberStatus {
+                            name: m.name.clone(),
+                            addr: m.addr,
+                            role: m.role,
+                            state: m.state.clone(),
+                            timeline: m.timeline,
+                            lag_bytes: view.lag(m),
+                            noloadbalance: m.noloadbalance,
+                            maintenance: entry.is_some(),
+                            maintenance_kill: entry.is_some_and(|e| e.kill),
+                            maintenance_since: entry.map(|e| e.since),
+                            server_state: maintenance::member_state(&view, m, entry),
+                        }
                     })
                     .collect(),
             }
@@ -303,7 +332,7 @@ pub(crate) async fn serve_with(
             refuse(sock);
             continue;
         };
-        tracker.spawn(connection(sock, shared.clone(), limits.clone(), stop.clone(), metrics.clone(), slot));
+        tracker.spawn(connection(sock, peer, shared.clone(), limits.clone(), stop.clone(), metrics.clone(), slot));
     }
     tracker.close();
     // Every connection task watches `stop` and ends within `close_grace`.
@@ -363,6 +392,7 @@ fn refuse(sock: TcpStream) {
 
 async fn connection(
     sock: TcpStream,
+    peer: SocketAddr,
     shared: Arc<ArcSwap<Shared>>,
     limits: Arc<Limits>,
     stop: CancellationToken,
@@ -371,7 +401,7 @@ async fn connection(
 ) {
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(route(&shared.load(), req)) }
+        async move { Ok::<_, Infallible>(route(&shared.load(), peer, req)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -414,7 +444,10 @@ fn reply(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Res
     r
 }
 
-fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path().starts_with("/members/") {
+        return control::handle(shared, peer, &req);
+    }
     match req.uri().path() {
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.encode()),
         "/status" => {
@@ -467,7 +500,11 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 r
             }
         }
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "routes: / /status /events /health /metrics\n"),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "routes: / /status /events /health /metrics, POST /members/[<cluster>/]<member>/drain|resume\n",
+        ),
     }
 }
 
@@ -529,6 +566,8 @@ mod tests {
             listeners: vec![],
             vips: vec![],
             config: config_status(),
+            maintenance: Default::default(),
+            auth: Default::default(),
         }
     }
 
@@ -908,6 +947,8 @@ mod tests {
             listeners,
             vips,
             config: config_status(),
+            maintenance: Default::default(),
+            auth: cfg.admin_auth.clone(),
         };
         let srv = start(Limits::default(), shared).await;
         for path in ["/status", "/", "/?part=main", "/events", "/metrics", "/health", "/nothing"] {

@@ -1,4 +1,6 @@
-//! Balancing: the pure selection core (`select`) and the per-listener pool around it (`pool`).
+//! Balancing: the pure selection core (`select`), the per-listener pool around it (`pool`), and
+//! the operator maintenance of members that applies to every pool of a cluster (`maintenance`).
 
+pub mod maintenance;
 pub mod pool;
 pub mod select;

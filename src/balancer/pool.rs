@@ -37,7 +37,7 @@ use super::select::{Acquire, Selector, ServerState, WaiterId};
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::ListenerConfig;
-use crate::metrics::{ListenerMetrics, ServerLabels};
+use crate::metrics::{ListenerMetrics, ServerLabels, ServerMetrics};
 use crate::topology::{Backend, Targets};
 
 /// Why a client could not be given a server in time.
@@ -73,6 +73,7 @@ struct Grant {
     backend: Backend,
     drain: CancellationToken,
     active: Gauge,
+    server: Arc<ServerMetrics>,
 }
 
 /// Per-server handles, made once when the server appears so that a connection's setup only
@@ -81,6 +82,8 @@ struct ServerHandle {
     /// Given to new slots on this server.
     drain: CancellationToken,
     active: Gauge,
+    /// The server's byte counters and histograms.
+    server: Arc<ServerMetrics>,
     /// `drain` is cancelled, or will be once the drain grace runs out.
     drained: bool,
     /// Tokens of connections opened before the server came back from a drain whose grace has
@@ -93,6 +96,7 @@ impl ServerHandle {
         ServerHandle {
             drain: CancellationToken::new(),
             active: metrics.server_active(b),
+            server: metrics.server(b),
             drained: false,
             older: Vec::new(),
         }
@@ -133,7 +137,7 @@ impl Inner {
         // The selector only grants servers it lists, which all have a handle; be lenient anyway.
         let h = self.servers.entry(backend.clone()).or_insert_with(|| ServerHandle::new(metrics, &backend));
         h.active.inc();
-        Grant { backend, drain: h.drain.clone(), active: h.active.clone() }
+        Grant { backend, drain: h.drain.clone(), active: h.active.clone(), server: h.server.clone() }
     }
 
     /// Gives back one slot on `backend`; forgets the server's handle once the selector has.
@@ -188,6 +192,8 @@ pub struct Lease {
     /// granted before the drain and picked up after it.
     pub drain: CancellationToken,
     active: Gauge,
+    /// The server's metric handles (bytes, connect time, session duration).
+    pub server: Arc<ServerMetrics>,
 }
 
 impl Drop for Lease {
@@ -276,13 +282,27 @@ impl Pool {
     /// Applies new targets, grants waiting clients, and drains servers that lost their role
     /// (their connections are closed after `grace`). Returns the drained servers.
     pub fn apply(&self, targets: &Targets, grace: Duration) -> Vec<Backend> {
+        self.apply_killing(targets, grace, &[])
+    }
+
+    /// `apply`, and the connections of the servers in `kill` (in neither list of `targets`:
+    /// members an operator drained with `--kill`) are closed now, without the grace, even if
+    /// they were already draining.
+    pub(crate) fn apply_killing(&self, targets: &Targets, grace: Duration, kill: &[Backend]) -> Vec<Backend> {
         let mut g = self.lock();
         let update = g.sel.update(&targets.eligible, &targets.keep);
         // The grace counts from now, not from when a timer task first runs.
         let at = (!grace.is_zero()).then(|| Instant::now() + grace);
         for b in &update.drained {
             if let Some(h) = g.servers.get_mut(b) {
-                h.drain(at);
+                h.drain(if kill.contains(b) { None } else { at });
+            }
+        }
+        for b in kill.iter().filter(|b| !update.drained.contains(b)) {
+            if let Some(h) = g.servers.get_mut(b) {
+                if h.older.iter().chain([&h.drain]).any(|t| !t.is_cancelled()) {
+                    h.drain(None);
+                }
             }
         }
         let Inner { sel, servers, .. } = &mut *g;
@@ -304,7 +324,13 @@ impl Pool {
     }
 
     fn lease(self: &Arc<Self>, grant: Grant) -> Lease {
-        Lease { pool: self.clone(), backend: grant.backend, drain: grant.drain, active: grant.active }
+        Lease {
+            pool: self.clone(),
+            backend: grant.backend,
+            drain: grant.drain,
+            active: grant.active,
+            server: grant.server,
+        }
     }
 
     /// A server for a new connection, waiting in the queue until `deadline` if none has room.

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::{ClusterConfig, Config, ListenerConfig, ProcessConfig, VipConfig};
+use super::{AdminAuth, ClusterConfig, Config, ListenerConfig, ProcessConfig, VipConfig};
 
 /// A configuration section with a unique name.
 pub(crate) trait Named {
@@ -59,6 +59,8 @@ impl<T> Changes<T> {
 pub(crate) struct ConfigDiff {
     /// `Some(new)` when the admin endpoint's address changed (`Some(None)`: switched off).
     pub admin: Option<Option<SocketAddr>>,
+    /// `Some(new)` when the admin token or `require_token` changed.
+    pub admin_auth: Option<AdminAuth>,
     /// `Some(new)` when a `[process]` deadline changed.
     pub process: Option<ProcessConfig>,
     pub clusters: Changes<ClusterConfig>,
@@ -73,6 +75,7 @@ pub(crate) struct ConfigDiff {
 impl ConfigDiff {
     pub fn is_empty(&self) -> bool {
         self.admin.is_none()
+            && self.admin_auth.is_none()
             && self.process.is_none()
             && self.clusters.is_empty()
             && self.listeners.is_empty()
@@ -115,6 +118,9 @@ impl ConfigDiff {
         if let Some(a) = &self.admin {
             parts.push(format!("admin: {}", a.map_or("off".to_owned(), |a| a.to_string())));
         }
+        if self.admin_auth.is_some() {
+            parts.push("admin token changed".to_owned());
+        }
         if parts.is_empty() {
             "nothing changed".to_owned()
         } else {
@@ -145,6 +151,7 @@ pub(crate) fn diff(old: &Config, new: &Config) -> ConfigDiff {
     listeners.changed = changed;
     ConfigDiff {
         admin: (old.admin != new.admin).then_some(new.admin),
+        admin_auth: (old.admin_auth != new.admin_auth).then(|| new.admin_auth.clone()),
         process: (old.process != new.process).then_some(new.process),
         clusters: changes(&old.clusters, &new.clusters),
         listeners,
@@ -168,6 +175,7 @@ fn apply_changes<T: Named>(old: &[Arc<T>], c: &Changes<T>, extra: &[(Arc<T>, Arc
 pub(crate) fn apply(old: &Config, d: &ConfigDiff) -> Config {
     Config {
         admin: d.admin.unwrap_or(old.admin),
+        admin_auth: d.admin_auth.clone().unwrap_or_else(|| old.admin_auth.clone()),
         process: d.process.unwrap_or(old.process),
         clusters: apply_changes(&old.clusters, &d.clusters, &[]),
         listeners: apply_changes(&old.listeners, &d.listeners, &d.rebound),

@@ -70,6 +70,10 @@ pub enum FileElection {
 #[serde(deny_unknown_fields)]
 pub struct FileAdmin {
     pub listen: SocketAddr,
+    /// Bearer token that allows the control routes (drain, resume) from any address.
+    pub token: Option<Secret>,
+    /// Ask for the token from loopback clients too.
+    pub require_token: Option<bool>,
 }
 
 /// `[process]`: how long sessions may outlive what served them.

@@ -64,11 +64,27 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub admin: Option<SocketAddr>,
+    /// Who may use the admin endpoint's control routes.
+    pub admin_auth: AdminAuth,
     pub process: ProcessConfig,
     pub clusters: Vec<Arc<ClusterConfig>>,
     pub listeners: Vec<Arc<ListenerConfig>>,
     pub vips: Vec<Arc<VipConfig>>,
 }
+
+/// `[admin] token` and `require_token`: who may drain and resume members. Read routes
+/// (`/metrics`, `/status` …) are open to whoever reaches the port; the control routes are
+/// allowed from a loopback peer, or from anywhere with `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAuth {
+    pub token: Option<Secret>,
+    /// Loopback peers must send the token too (a host where local users are not trusted, and
+    /// the tests of the refusal).
+    pub require_token: bool,
+}
+
+/// A shorter token is too easy to guess over the network.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 /// `[process]`: deadlines of the process as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +250,7 @@ impl Config {
     pub fn empty() -> Config {
         Config {
             admin: None,
+            admin_auth: AdminAuth::default(),
             process: ProcessConfig::default(),
             clusters: Vec::new(),
             listeners: Vec::new(),
@@ -472,7 +489,33 @@ impl Resolver<'_> {
                 process
             }
         };
-        Ok(Config { admin: file.admin.map(|a| a.into_inner().listen), process, clusters, listeners, vips })
+        let (admin, admin_auth) = match file.admin {
+            None => (None, AdminAuth::default()),
+            Some(a) => {
+                let span = a.span();
+                let a = a.into_inner();
+                if let Some(t) = &a.token {
+                    let t = t.expose();
+                    if t.chars().count() < MIN_ADMIN_TOKEN_LEN || t.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        return Err(self.err(
+                            span,
+                            "admin.token",
+                            format!(
+                                "must be at least {MIN_ADMIN_TOKEN_LEN} characters without spaces (value not shown); \
+                                 e.g. the output of `openssl rand -hex 24`"
+                            ),
+                        ));
+                    }
+                }
+                let require_token = a.require_token.unwrap_or(false);
+                if require_token && a.token.is_none() {
+                    return Err(self.err(span, "admin.require_token", "needs admin.token"));
+                }
+                (Some(a.listen), AdminAuth { token: a.token, require_token })
+            }
+        };
+        Ok(Config { admin, admin_auth, process, clusters, listeners, vips })
     }
 
     fn cluster(&self, i: usize, span: std::ops::Range<usize>, c: FileCluster) -> Result<ClusterConfig, ConfigError> {

@@ -227,3 +227,21 @@ fn oversized_files_are_refused_without_reading_them_whole() {
     let e = Config::load(Path::new("/dev/zero")).unwrap_err();
     assert!(matches!(e, ConfigError::TooLarge { .. }), "{e}");
 }
+
+#[test]
+fn admin_token_is_checked_and_never_shown() {
+    let base = "[[cluster]]\nname = \"main\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n\
+                [[listener]]\ncluster = \"main\"\nbind = \"127.0.0.1:5432\"\n";
+    let with = |admin: &str| format!("[admin]\nlisten = \"127.0.0.1:7000\"\n{admin}\n{base}");
+    let c = Config::parse(Path::new("t.toml"), &with("token = \"tok-0123456789abcdef\"")).unwrap();
+    assert_eq!(c.admin_auth.token.as_ref().map(|t| t.expose()), Some("tok-0123456789abcdef"));
+    assert!(!c.admin_auth.require_token);
+    assert!(!format!("{c:?}").contains("tok-0123456789abcdef"));
+    let e = Config::parse(Path::new("t.toml"), &with("token = \"short-Xy9\"")).unwrap_err().to_string();
+    assert!(e.contains("admin.token") && e.contains("at least 16"), "{e}");
+    assert!(!e.contains("short-Xy9"), "{e}");
+    let e = Config::parse(Path::new("t.toml"), &with("require_token = true")).unwrap_err().to_string();
+    assert!(e.contains("admin.require_token: needs admin.token"), "{e}");
+    let c = Config::parse(Path::new("t.toml"), &with("token = \"tok-0123456789abcdef\"\nrequire_token = true"));
+    assert!(c.unwrap().admin_auth.require_token);
+}

@@ -24,9 +24,10 @@
 use std::io;
 use std::net::Shutdown;
 
-use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
 use tokio::net::TcpStream;
+
+use crate::metrics::ByteCount;
 
 /// Largest read per system call. Large enough for bulk COPY, small enough for the allocator's
 /// fast paths.
@@ -36,7 +37,12 @@ const YIELD_EVERY: u32 = 8;
 
 /// Pipes until both directions have ended (or either failed). Counts bytes as they pass:
 /// `up` from client to server, `down` from server to client.
-pub async fn pipe(client: &TcpStream, server: &TcpStream, up: &Counter, down: &Counter) -> io::Result<()> {
+pub async fn pipe(
+    client: &TcpStream,
+    server: &TcpStream,
+    up: &impl ByteCount,
+    down: &impl ByteCount,
+) -> io::Result<()> {
     pipe_watching(client, server, up, down, None).await
 }
 
@@ -49,15 +55,20 @@ pub type Watch<'a> = &'a mut (dyn FnMut(&[u8]) -> bool + Send);
 pub async fn pipe_watching(
     client: &TcpStream,
     server: &TcpStream,
-    up: &Counter,
-    down: &Counter,
+    up: &impl ByteCount,
+    down: &impl ByteCount,
     watch: Option<Watch<'_>>,
 ) -> io::Result<()> {
     tokio::try_join!(one_way(client, server, up, None), one_way(server, client, down, watch))?;
     Ok(())
 }
 
-async fn one_way(src: &TcpStream, dst: &TcpStream, count: &Counter, mut watch: Option<Watch<'_>>) -> io::Result<()> {
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    count: &impl ByteCount,
+    mut watch: Option<Watch<'_>>,
+) -> io::Result<()> {
     loop {
         src.readable().await?;
         let mut buf = Vec::with_capacity(CHUNK);
@@ -77,7 +88,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, count: &Counter, mut watch: O
                         }
                     }
                     write_all(dst, &buf[..n]).await?;
-                    count.inc_by(n as u64);
+                    count.add(n as u64);
                     // Fairness (see the module doc): never run unboundedly without a yield.
                     tokio::task::consume_budget().await;
                     chunks += 1;
@@ -107,6 +118,7 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::counter::Counter;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

@@ -46,6 +46,7 @@ use super::pipe;
 use crate::balancer::pool::{Lease, Pool, Refusal};
 use crate::config::{ListenerConfig, Role};
 use crate::events::Events;
+use crate::metrics::Both;
 
 /// How long a refused client gets to read its ErrorResponse.
 const REFUSE_LIMIT: Duration = Duration::from_secs(5);
@@ -85,6 +86,7 @@ pub async fn run(
     ctx: Arc<SessionCtx>,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 ) {
+    let accepted_at = Instant::now();
     let m = ctx.pool.metrics();
     m.accepted.inc();
     m.active.inc();
@@ -137,9 +139,13 @@ pub async fn run(
         }
         _ = ctx.stop.cancelled() => Err(Refused::Pool(Refusal::Closed)),
     };
-    drop(bytes);
     let (lease, server, prefix) = match placed {
-        Ok(p) => p,
+        Ok(p) => {
+            // The first packet went to this server: it counts as the session's first bytes.
+            m.bytes_from_clients.inc_by(bytes.len() as u64);
+            p.0.server.sent_bytes.inc_by(bytes.len() as u64);
+            p
+        }
         Err(refused) => {
             let (code, msg) = refusal_message(&ctx.cfg, refused);
             let (counter, reason) = match refused {
@@ -155,6 +161,9 @@ pub async fn run(
             return;
         }
     };
+    drop(bytes);
+    // However the session ends (closed, drained, killed), from the client's accept.
+    let _duration = scopeguard(|| lease.server.session_duration.observe(accepted_at.elapsed().as_secs_f64()));
 
     let mut keys = KeyWatch::new(&ctx.cancels, &lease.backend.addr, kind);
     // What the connect already read of the server's answer goes to the client first.
@@ -166,11 +175,14 @@ pub async fn run(
             return;
         }
         m.bytes_to_clients.inc_by(prefix.len() as u64);
+        lease.server.received_bytes.inc_by(prefix.len() as u64);
     }
     drop(prefix);
     let mut watch = |chunk: &[u8]| keys.feed(chunk);
+    let up = Both(&m.bytes_from_clients, &lease.server.sent_bytes);
+    let down = Both(&m.bytes_to_clients, &lease.server.received_bytes);
     tokio::select! {
-        r = pipe::pipe_watching(&client, &server, &m.bytes_from_clients, &m.bytes_to_clients, scanning.then_some(&mut watch)) => {
+        r = pipe::pipe_watching(&client, &server, &up, &down, scanning.then_some(&mut watch)) => {
             if let Err(e) = r {
                 debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, error = %e, "session ended");
             }
@@ -198,10 +210,15 @@ async fn connect_backend(
     loop {
         let lease = ctx.pool.acquire(&avoid, deadline).await.map_err(Refused::Pool)?;
         changes.borrow_and_update();
-        let limit = ctx.cfg.connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+        let started = Instant::now();
+        let limit = ctx.cfg.connect_timeout.min(deadline.saturating_duration_since(started));
         let opened = tokio::time::timeout(limit, open(lease.backend.addr, first, expect_answer, ctx.cfg.tcp_keepalive));
         let err = match opened.await {
-            Ok(Ok((s, prefix))) => return Ok((lease, s, prefix)),
+            Ok(Ok((s, prefix))) => {
+                lease.server.connect_time.observe(started.elapsed().as_secs_f64());
+                lease.server.connections.inc();
+                return Ok((lease, s, prefix));
+            }
             Ok(Err(e)) => e,
             Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {limit:?}")),
         };
@@ -218,6 +235,7 @@ async fn connect_backend(
             continue;
         }
         ctx.pool.metrics().connect_errors.inc();
+        lease.server.connect_errors.inc();
         debug!(listener = %ctx.cfg.name, member = %lease.backend.member, addr = %lease.backend.addr, error = %err, "backend connect failed");
         avoid.push(lease.backend.clone());
         drop(lease);

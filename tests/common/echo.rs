@@ -66,6 +66,33 @@ pub async fn put_keys(etcd: &str, scope: &str, primary: u16, replica: u16) {
     c.put(format!("/service/{scope}/leader"), "pg1", None).await.unwrap();
 }
 
+/// Writes one Patroni-format member key (`role` as Patroni 3.0 writes it: `master`, `replica`).
+pub async fn put_member(etcd: &str, scope: &str, name: &str, port: u16, role: &str) {
+    let mut c = etcd_client::Client::connect([etcd], None).await.unwrap();
+    let value = format!(
+        r#"{{"conn_url":"postgres://127.0.0.1:{port}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"{role}","version":"3.0.2","xlog_location":100,"timeline":1}}"#
+    );
+    c.put(format!("/service/{scope}/members/{name}"), value, None).await.unwrap();
+}
+
+/// Writes the leader key of `scope`.
+pub async fn put_leader(etcd: &str, scope: &str, name: &str) {
+    let mut c = etcd_client::Client::connect([etcd], None).await.unwrap();
+    c.put(format!("/service/{scope}/leader"), name, None).await.unwrap();
+}
+
+/// One round trip of `msg` on an echo session; false when the session is closed (EOF, reset or
+/// no answer within 5 s).
+pub async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> bool {
+    let r = async {
+        s.write_all(msg).await?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await?;
+        std::io::Result::Ok(back == msg)
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), r).await, Ok(Ok(true)))
+}
+
 /// Raises this process's descriptor limit (children such as pgfront inherit it): thousands of
 /// sockets would otherwise test EMFILE instead.
 pub fn raise_fd_limit() {
