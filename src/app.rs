@@ -59,6 +59,7 @@ use crate::metrics::Metrics;
 use crate::proxy::cancel::CancelMap;
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
+use crate::proxy::shards::Shards;
 use crate::sysd;
 use crate::topology::ClusterView;
 use crate::vip;
@@ -332,6 +333,9 @@ struct Supervisor {
     cancels: Arc<CancelMap>,
     /// The process's descriptor budget, a permit per session (`listener::fd_budget`).
     fds: Option<Arc<Semaphore>>,
+    /// The runtimes sessions run on (`proxy::shards`), started with the first listener; `None`
+    /// (not wanted, or could not start): on this runtime.
+    shards: Option<Option<Arc<Shards>>>,
     /// The process is stopping: queued clients are refused.
     stop: CancellationToken,
     /// Close every session now.
@@ -376,6 +380,7 @@ impl Supervisor {
             config_status,
             cancels: Arc::new(CancelMap::new(cancel_keys)),
             fds: None,
+            shards: None,
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
         };
@@ -654,6 +659,7 @@ impl Supervisor {
             fds,
             accept_stop.clone(),
             sessions.clone(),
+            self.shards.get_or_insert_with(|| Shards::from_env().map(Arc::new)).clone(),
         ));
         self.listeners.insert(
             cfg.name.clone(),

@@ -1,0 +1,102 @@
+//! Session runtimes: one single-threaded tokio runtime per core, each on a thread of its own,
+//! to which the accept loops hand their new sessions in turn.
+//!
+//! Why: on tokio's work-stealing runtime, a readiness event that the I/O driver of one worker
+//! delivers for a session often makes that worker wake another, parked one (a `futex` call) to
+//! share the work, so a small transaction paid a cross-thread wake-up about one time in three.
+//! A session here lives on one thread from accept to close: its two sockets are registered with
+//! that thread's own epoll, its wake-ups never leave the thread, and a transaction costs its
+//! reads, its writes and the thread's `epoll_wait`. `benches/datapath.rs` (figure `syscalls`)
+//! counts them.
+//!
+//! Invariants: a session's sockets are moved to its runtime's reactor before the first poll
+//! (`into_std` on the accepting runtime, `from_std` on the session's), never polled from
+//! another runtime; sessions stay tracked by their listener's `TaskTracker` (drain, reload and
+//! upgrade wait for them as before); everything they share with the rest of the process
+//! (pool, cancel map, cancellation tokens) is runtime-agnostic. The runtimes live as long as the
+//! process: a thread parked in `epoll_wait` with no session costs nothing.
+//!
+//! `PGFRONT_SESSION_THREADS` (read once at start-up) sets how many: the number of CPUs by
+//! default, `0` to run sessions on the main work-stealing runtime as before (kept to measure the
+//! difference, and as a way back should a workload prefer work stealing).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tracing::warn;
+
+/// The session runtimes.
+pub(crate) struct Shards {
+    handles: Vec<Handle>,
+    next: AtomicUsize,
+}
+
+impl Shards {
+    /// Starts the runtimes `PGFRONT_SESSION_THREADS` asks for; `None` when that is 0 (or a
+    /// runtime cannot start: then sessions run on the main runtime, which works, only dearer).
+    pub(crate) fn from_env() -> Option<Shards> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = match std::env::var("PGFRONT_SESSION_THREADS") {
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(n) => n,
+                Err(_) => {
+                    warn!(value = %v, "PGFRONT_SESSION_THREADS is not a number: using {cpus}");
+                    cpus
+                }
+            },
+            Err(_) => cpus,
+        };
+        if n == 0 {
+            return None;
+        }
+        match Shards::start(n) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot start the session threads: sessions run on the main runtime");
+                None
+            }
+        }
+    }
+
+    fn start(n: usize) -> std::io::Result<Shards> {
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            handles.push(rt.handle().clone());
+            // The thread drives every session spawned on its handle, for the life of the process.
+            std::thread::Builder::new()
+                .name(format!("pgfront-sessions-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(Shards { handles, next: AtomicUsize::new(0) })
+    }
+
+    /// The runtime for the next session, in turn.
+    fn next(&self) -> &Handle {
+        &self.handles[self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()]
+    }
+
+    /// Runs `session` (given its socket, registered with the runtime it runs on) on the next
+    /// runtime, as a task of `tracker`. The socket leaves the accepting runtime's reactor first;
+    /// should that fail, the client is closed (as a failed accept would be).
+    pub(crate) fn spawn<F, Fut>(&self, tracker: &tokio_util::task::TaskTracker, sock: TcpStream, session: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let std = match sock.into_std() {
+            Ok(s) => s,
+            Err(e) => return warn!(error = %e, "accepted socket: cannot move it to a session thread"),
+        };
+        tracker.spawn_on(
+            async move {
+                match TcpStream::from_std(std) {
+                    Ok(sock) => session(sock).await,
+                    Err(e) => warn!(error = %e, "accepted socket: cannot register it on its session thread"),
+                }
+            },
+            self.next(),
+        );
+    }
+}
