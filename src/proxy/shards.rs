@@ -100,3 +100,51 @@ impl Shards {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sockets accepted on one runtime are served on the session threads, in turn, tracked by the
+    /// listener's tracker: each echo session reports the thread it ran on.
+    #[tokio::test]
+    async fn sessions_run_on_the_session_threads_in_turn_and_are_tracked() {
+        let shards = Shards::start(2).unwrap();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let c = TcpStream::connect(addr).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            let tx = tx.clone();
+            shards.spawn(&tracker, s, move |mut s| async move {
+                let _ = tx.send(std::thread::current().name().map(str::to_owned));
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf).await;
+                }
+            });
+            clients.push(c);
+        }
+        for c in &mut clients {
+            c.write_all(b"ping").await.unwrap();
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"ping");
+        }
+        drop(tx);
+        let mut threads = Vec::new();
+        while let Some(t) = rx.recv().await {
+            threads.push(t.unwrap_or_default());
+        }
+        threads.sort();
+        assert_eq!(threads, ["pgfront-sessions-0", "pgfront-sessions-0", "pgfront-sessions-1", "pgfront-sessions-1"]);
+        tracker.close();
+        tokio::time::timeout(std::time::Duration::from_secs(10), tracker.wait())
+            .await
+            .expect("sessions tracked and ended");
+    }
+}
