@@ -1,10 +1,10 @@
-//! Session runtimes: one single-threaded tokio runtime per core, each on a thread of its own,
-//! to which the accept loops hand their new sessions in turn.
+//! Session runtimes (opt-in): single-threaded tokio runtimes, each on a thread of its own, to
+//! which the accept loops hand their new sessions in turn.
 //!
 //! Why: on tokio's work-stealing runtime, a readiness event that the I/O driver of one worker
 //! delivers for a session often makes that worker wake another, parked one (a `futex` call) to
 //! share the work, so a small transaction paid a cross-thread wake-up about one time in three.
-//! A session here lives on one thread from accept to close: its two sockets are registered with
+//! A session there lives on one thread from accept to close: its two sockets are registered with
 //! that thread's own epoll, its wake-ups never leave the thread, and a transaction costs its
 //! reads, its writes and the thread's `epoll_wait`. `benches/datapath.rs` (figure `syscalls`)
 //! counts them.
@@ -16,9 +16,15 @@
 //! (pool, cancel map, cancellation tokens) is runtime-agnostic. The runtimes live as long as the
 //! process: a thread parked in `epoll_wait` with no session costs nothing.
 //!
-//! `PGFRONT_SESSION_THREADS` (read once at start-up) sets how many: the number of CPUs by
-//! default, `0` to run sessions on the main work-stealing runtime as before (kept to measure the
-//! difference, and as a way back should a workload prefer work stealing).
+//! Opt-in, because it is not free per connection: `PGFRONT_SESSION_THREADS=N` (read once at
+//! start-up; `N` runtimes, e.g. the number of CPUs) turns it on; unset or `0`, sessions run on the
+//! main work-stealing runtime. Measured with `benches/datapath.rs` on a loaded 2-core machine,
+//! 5 rounds: no `futex` per `pgbench -S` transaction any more (0.65 → 0, 5.9 → 5.5 system calls
+//! per transaction) but no CPU per transaction gain that stands out of the noise, while each new
+//! connection costs about 30 µs more CPU (48 → 77 µs in the connect/close loop: the socket leaves
+//! one epoll for another and the session's thread must be woken). Accepting on each session
+//! thread from its own `SO_REUSEPORT` socket would remove that hand-over; it is not done because
+//! the listening sockets are what reload and upgrade hand over (`handover`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -33,19 +39,18 @@ pub(crate) struct Shards {
 }
 
 impl Shards {
-    /// Starts the runtimes `PGFRONT_SESSION_THREADS` asks for; `None` when that is 0 (or a
-    /// runtime cannot start: then sessions run on the main runtime, which works, only dearer).
+    /// Starts the runtimes `PGFRONT_SESSION_THREADS` asks for; `None` when it is unset or 0 (or a
+    /// runtime cannot start: then sessions run on the main runtime, which works as well).
     pub(crate) fn from_env() -> Option<Shards> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let n = match std::env::var("PGFRONT_SESSION_THREADS") {
             Ok(v) => match v.trim().parse::<usize>() {
                 Ok(n) => n,
                 Err(_) => {
-                    warn!(value = %v, "PGFRONT_SESSION_THREADS is not a number: using {cpus}");
-                    cpus
+                    warn!(value = %v, "PGFRONT_SESSION_THREADS is not a number: sessions run on the main runtime");
+                    0
                 }
             },
-            Err(_) => cpus,
+            Err(_) => 0,
         };
         if n == 0 {
             return None;
