@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client patroni postgresql-15 postgresql-client-15
-      python3-etcd python3-psycopg2 haproxy keepalived iproute2 util-linux openssl systemd binutils chromium)
+      python3-etcd python3-psycopg2 haproxy keepalived iproute2 util-linux openssl systemd binutils chromium strace)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,3 +24,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 cargo test --locked --all-targets -- --nocapture 2>&1
+
+# The benches' smoke runs (benches/reload.rs, benches/datapath.rs: a round of a few seconds per
+# figure, about two minutes in all), so that they cannot rot. They fail on a broken run (a lost
+# connection, a failed pgbench, a short COPY), never on a slow one.
+PGFRONT_BENCH_QUICK=1 cargo test --locked --benches -- --nocapture 2>&1

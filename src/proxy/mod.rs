@@ -6,3 +6,4 @@ pub mod listener;
 pub mod pgwire;
 pub mod pipe;
 pub mod session;
+pub(crate) mod shards;

@@ -832,6 +832,47 @@ pub struct ClusterMember {
     pub port: u16,
 }
 
+/// One PostgreSQL 15 (no Patroni), run as the postgres user: for benchmarks of the data path,
+/// where what matters is the bytes between client and server, not the failover. Trust auth on
+/// loopback, fsync off; stopped (fast shutdown of its process group) on drop.
+pub struct Postgres {
+    pub proc: Proc,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// initdb and start; `settings` are extra `-c name=value` pairs. Waits until it accepts a
+    /// connection.
+    pub fn start(settings: &[(&str, &str)]) -> Postgres {
+        assert!(is_root(), "PostgreSQL runs as the postgres user: run as root");
+        let initdb = require(&format!("{PGBIN}/initdb"), "postgresql-15");
+        let dir = pg_tempdir();
+        let data = dir.path().join("data");
+        leftovers::record("postmaster", &data.display().to_string());
+        let mut cmd = Command::new(initdb);
+        cmd.args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]);
+        let mut init = Proc::spawn("initdb", cmd, &dir.path().join("initdb.log"), true);
+        let ok = init.child.wait().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "initdb failed:\n{}", init.log_tail(30));
+        let port = free_port();
+        let mut cmd = Command::new(format!("{PGBIN}/postgres"));
+        cmd.arg("-D").arg(&data).args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"]);
+        cmd.arg("-c").arg(format!("unix_socket_directories={}", dir.path().display()));
+        for (k, v) in
+            [("fsync", "off"), ("synchronous_commit", "off"), ("full_page_writes", "off")].iter().chain(settings)
+        {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        let proc = Proc::spawn("postgres", cmd, &dir.path().join("postgres.log"), true);
+        let pg = Postgres { proc, port, dir };
+        wait_for("PostgreSQL to accept connections", Duration::from_secs(60), || {
+            psql(port, "SELECT 1").0.then_some(())
+        });
+        pg
+    }
+}
+
 /// pgfront started from the binary under test.
 pub struct Pgfront {
     pub proc: Proc,
