@@ -509,6 +509,16 @@ impl Supervisor {
         for (_, c) in &d.clusters.changed {
             self.restart_cluster(c.clone());
         }
+        // A source switch alone: the running discovery re-parses what it mirrors (no restart).
+        for (old, c) in &d.resourced {
+            match self.clusters.get_mut(&c.name) {
+                Some(part) => {
+                    info!(cluster = %c.name, from = ?old.source, to = ?c.source, "cluster source switched live");
+                    part.handle.switch_source(c.clone());
+                }
+                None => self.start_cluster(c.clone()),
+            }
+        }
         // Listeners whose settings changed in place keep their socket, pool and sessions.
         for (old, cfg) in &d.listeners.changed {
             self.reconfigure_listener(old, cfg.clone());
@@ -601,7 +611,37 @@ impl Supervisor {
     fn start_cluster(&mut self, cfg: Arc<ClusterConfig>) {
         let stop = CancellationToken::new();
         let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), None);
+        self.start_fencing(&handle, &stop);
         self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+    }
+
+    /// etcd v3 clusters: registers this proxy under `<prefix>proxies/` and acknowledges fencing
+    /// requests once the cluster's pools have applied them (`discovery::fence`). Stops with the
+    /// cluster's discovery.
+    fn start_fencing(&self, handle: &ClusterHandle, stop: &CancellationToken) {
+        if handle.cfg.api != crate::config::EtcdApi::V3 {
+            return;
+        }
+        let shared = self.shared.clone();
+        let name = handle.cfg.name.clone();
+        let pools: discovery::fence::PoolsFn = Arc::new(move || {
+            shared
+                .load()
+                .listeners
+                .iter()
+                .filter(|(l, _)| l.cluster == name)
+                .map(|(l, p)| (l.role, l.max_replica_lag, p.status()))
+                .collect()
+        });
+        let me = discovery::fence::ProxyInfo::this_process(self.config.admin.or(self.admin.as_ref().map(|a| a.0)));
+        tokio::spawn(discovery::fence::run(
+            handle.cfg.clone(),
+            me,
+            handle.view.clone(),
+            pools,
+            self.metrics.cluster(&handle.cfg.name),
+            stop.child_token(),
+        ));
     }
 
     /// New endpoints, credentials or scope: a new discovery task that starts from the last
@@ -619,6 +659,7 @@ impl Supervisor {
             old.handle.tx.send_replace(Arc::new(ClusterView::default()));
         }
         let handle = discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), stop.clone(), Some(&old.handle));
+        self.start_fencing(&handle, &stop);
         info!(cluster = %cfg.name, same_cluster, "cluster changed: discovery restarted (from the last known topology when the scope is the same)");
         self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
     }
@@ -1013,7 +1054,9 @@ async fn follow(
     loop {
         let v = view.borrow_and_update().clone();
         let targets = v.targets(cfg.role, cfg.max_replica_lag);
-        for b in pool.apply(&targets, cfg.drain_grace) {
+        // A fence closes at once: a promotion elsewhere waits for it.
+        let grace = if v.state.fence.is_some() { Duration::ZERO } else { cfg.drain_grace };
+        for b in pool.apply(&targets, grace) {
             info!(
                 listener = %cfg.name, member = %b.member, addr = %b.addr, grace = ?cfg.drain_grace,
                 "server lost its role: closing its connections"

@@ -159,6 +159,12 @@ pub struct ClusterStatus {
     pub primary: Option<String>,
     pub primary_status: PrimaryStatus,
     pub switchover_pending: bool,
+    /// Which keys decide the roles: "patroni" or "agent".
+    pub source: crate::config::Source,
+    /// Nodes claiming primary together on the highest timeline (agent keys; CRITICAL).
+    pub split_brain: Vec<String>,
+    /// The fencing request in force, if any.
+    pub fence: Option<crate::topology::Fence>,
     pub members: Vec<MemberStatus>,
 }
 
@@ -171,6 +177,9 @@ pub struct MemberStatus {
     pub timeline: Option<u64>,
     pub lag_bytes: Option<u64>,
     pub noloadbalance: bool,
+    /// `pgfront agent drain`: no new connections.
+    pub maintenance: bool,
+    pub fenced: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -200,6 +209,9 @@ pub fn status(shared: &Shared) -> Status {
                 primary: view.primary().map(|m| m.name.clone()),
                 primary_status: view.primary_status(),
                 switchover_pending: view.state.failover.as_ref().is_some_and(|f| !f.scheduled),
+                source: c.cfg.source,
+                split_brain: view.state.split_brain.clone(),
+                fence: view.state.fence.clone(),
                 members: view
                     .state
                     .members
@@ -212,6 +224,8 @@ pub fn status(shared: &Shared) -> Status {
                         timeline: m.timeline,
                         lag_bytes: view.lag(m),
                         noloadbalance: m.noloadbalance,
+                        maintenance: m.maintenance,
+                        fenced: view.fenced(&m.name),
                     })
                     .collect(),
             }
@@ -884,7 +898,13 @@ mod tests {
             .collect();
         let shared = Shared {
             metrics: Arc::new(metrics),
-            clusters: vec![crate::discovery::ClusterHandle { cfg: cluster, view, health, tx }],
+            clusters: vec![crate::discovery::ClusterHandle {
+                live: tokio::sync::watch::channel(cluster.clone()).0,
+                cfg: cluster,
+                view,
+                health,
+                tx,
+            }],
             listeners,
             vips,
             config: config_status(),
