@@ -31,6 +31,8 @@ fn agent_beside_patroni() {
         health_matches_patroni(&standby, rm.api_port, "replica");
         drain_and_resume(&mut kv, &mut standby);
         lease_ends_with_the_agent(&mut kv, &mut standby);
+        hung_server_is_a_failed_probe(&mut kv, &standby, rm.pg_port);
+        etcd_outage(&replica, rm.pg_port);
         pre_promote(&mut kv, &primary);
     }));
     if let Err(e) = result {
@@ -218,4 +220,71 @@ fn pre_promote(kv: &mut EtcdKv, agent: &Agent) {
     kv.revoke(reg);
     kv.revoke(reg2);
     kv.delete(&format!("{prefix}fence-ack/fake-1"));
+}
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing test leaves no stopped backend
+/// that would hold up PostgreSQL's shutdown.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.0, libc::SIGCONT);
+        }
+    }
+}
+
+/// A backend that stops answering (SIGSTOP) makes the probe fail within its timeout
+/// (`unreachable`), and the agent reconnects: the node is `running` again in etcd.
+fn hung_server_is_a_failed_probe(kv: &mut EtcdKv, agent: &Agent, pg_port: u16) {
+    let (ok, pid, err) =
+        common::psql(pg_port, "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgfront-agent' LIMIT 1");
+    assert!(ok, "{err}");
+    let pid: i32 = pid.parse().unwrap_or_else(|_| panic!("no agent backend: {pid:?}"));
+    let stopped = Stopped(pid);
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let started = Instant::now();
+    wait_for("the agent to count the hung probe as failed", Duration::from_secs(10), || {
+        agent.log().contains("probe took longer than").then_some(())
+    });
+    eprintln!("hung backend detected after {:?} (probe_timeout 1s)", started.elapsed());
+    let v = wait_for("the agent to reconnect", Duration::from_secs(10), || {
+        kv.get_json(&key(&agent.name)).filter(|v| v["state"] == "running")
+    });
+    assert_eq!(v["role"], "replica", "{v}");
+    // The health endpoint answered throughout (it never waits for the probe).
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(200));
+    drop(stopped);
+}
+
+/// etcd stops answering (SIGSTOP): probing and the health endpoint go on; `drain` is saved and
+/// reported as not yet published; once etcd answers again, the agent publishes with a new lease,
+/// drained.
+fn etcd_outage(name: &str, pg_port: u16) {
+    let etcd = Etcd::start();
+    let mut kv = EtcdKv::connect(&etcd.endpoint());
+    let mut agent = Agent::start(&etcd.endpoint(), SCOPE, name, pg_port, TTL);
+    wait_for("the key in the second etcd", Duration::from_secs(10), || kv.get_json(&key(name)));
+    etcd.pause();
+    let paused = Instant::now();
+    wait_for("the agent to notice the outage", Duration::from_secs(15), || {
+        agent.log().contains("cannot publish this node").then_some(())
+    });
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(200), "health answers during the outage");
+    let out = agent.cli(&["drain"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drain during the outage: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("NOT yet in etcd"), "{stdout}");
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(503), "drained locally at once");
+    etcd.resume();
+    eprintln!("etcd paused for {:?}", paused.elapsed());
+    let v = wait_for("the key back after the outage, drained", Duration::from_secs(20), || {
+        kv.get_json(&key(name)).filter(|v| v["maintenance"] == true)
+    });
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(agent.log().matches("etcd: node published").count() >= 2, "a new session after the outage");
+    agent.signal_and_wait(libc::SIGTERM);
+    assert_eq!(kv.get(&key(name)), None);
 }
