@@ -10,6 +10,7 @@
 //! and updates its own families there, and `admin` only serves them.
 
 pub mod admin;
+pub mod agent;
 pub mod app;
 pub mod balancer;
 pub mod check;

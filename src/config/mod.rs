@@ -5,6 +5,7 @@
 //! rest of the program never sees a "maybe" value. An error names the file, the line and the
 //! field, so `pgfront config check` can be run by a human or by a deployment pipeline.
 
+pub mod agent;
 #[allow(dead_code)] // applied by the reload supervisor (SIGHUP), which is being built on it
 pub(crate) mod diff;
 pub mod file;

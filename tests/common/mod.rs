@@ -26,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod agent;
 pub mod echo;
 pub mod netns;
 

@@ -1,0 +1,290 @@
+//! `pgfront agent` beside a real Patroni 3.0 cluster of PostgreSQL 15 (one cluster for the whole
+//! binary, one etcd): the published keys of a primary and a streaming replica, the health
+//! endpoints compared answer by answer with the Patroni member of the same node, drain/resume
+//! (and that a drained node stays drained across a restart), the lease (SIGTERM removes the key
+//! at once, SIGKILL within the TTL), and `pre-promote` against fake proxy registrations.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::agent::{http_status, Agent, EtcdKv};
+use common::{wait_for, Dcs, Etcd, Patroni};
+
+const SCOPE: &str = "agent-test";
+const TTL: u64 = 3;
+
+#[test]
+fn agent_beside_patroni() {
+    let etcd = Etcd::start();
+    let cluster = Patroni::start(&etcd, SCOPE, Dcs::Etcd3);
+    let leader = cluster.leader().expect("a leader").name;
+    let replica = cluster.members.iter().find(|m| m.name != leader).unwrap().name.clone();
+    let (lm, rm) = (cluster.member(&leader), cluster.member(&replica));
+    let mut kv = EtcdKv::connect(&etcd.endpoint());
+    let mut primary = Agent::start(&etcd.endpoint(), SCOPE, &leader, lm.pg_port, TTL);
+    let mut standby = Agent::start(&etcd.endpoint(), SCOPE, &replica, rm.pg_port, TTL);
+
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        published_keys(&mut kv, &leader, &replica, lm.api_port);
+        health_matches_patroni(&primary, lm.api_port, "primary");
+        health_matches_patroni(&standby, rm.api_port, "replica");
+        drain_and_resume(&mut kv, &mut standby);
+        lease_ends_with_the_agent(&mut kv, &mut standby);
+        hung_server_is_a_failed_probe(&mut kv, &standby, rm.pg_port);
+        etcd_outage(&replica, rm.pg_port);
+        pre_promote(&mut kv, &primary);
+    }));
+    if let Err(e) = result {
+        eprintln!("--- agent {leader} ---\n{}", primary.log());
+        eprintln!("--- agent {replica} ---\n{}", standby.log());
+        eprintln!("{}", cluster.log_tails(30));
+        std::panic::resume_unwind(e);
+    }
+    primary.signal_and_wait(libc::SIGTERM);
+}
+
+fn key(name: &str) -> String {
+    format!("/service/{SCOPE}/nodes/{name}")
+}
+
+/// (a) The published JSON of the primary and of the streaming replica.
+fn published_keys(kv: &mut EtcdKv, leader: &str, replica: &str, leader_api: u16) {
+    let p = wait_for("the primary's key", Duration::from_secs(15), || kv.get_json(&key(leader)));
+    let patroni: serde_json::Value = serde_json::from_str(
+        &common::http_get(&format!("http://127.0.0.1:{leader_api}/patroni")).expect("Patroni /patroni").1,
+    )
+    .unwrap();
+    assert_eq!(p["version"], 1, "{p}");
+    assert_eq!(p["name"], leader, "{p}");
+    assert_eq!(p["state"], "running", "{p}");
+    assert_eq!(p["role"], "primary", "{p}");
+    assert_eq!(p["in_recovery"], false, "{p}");
+    assert_eq!(p["timeline"], patroni["timeline"], "agent {p}\npatroni {patroni}");
+    assert!(p["lsn"].as_u64().is_some_and(|l| l > 0), "{p}");
+    for k in ["receive_lsn", "replay_lsn", "lag_bytes", "upstream", "replication_state", "repmgr"] {
+        assert!(p[k].is_null(), "{k} on the primary: {p}");
+    }
+    assert_eq!(p["maintenance"], false);
+    assert!(p["conn_url"].as_str().unwrap().starts_with("postgres://127.0.0.1:"), "{p}");
+    assert!(p["api_url"].as_str().unwrap().starts_with("http://127.0.0.1:"), "{p}");
+    assert!(p["probe_ms"].as_f64().is_some() && p["probed_at_ms"].as_u64().is_some(), "{p}");
+
+    // The replica's lag needs the primary's key: poll until it is known.
+    let r = wait_for("the replica's key with its lag", Duration::from_secs(15), || {
+        kv.get_json(&key(replica)).filter(|r| r["lag_bytes"].is_u64())
+    });
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(r["role"], "replica", "{r}");
+    assert_eq!(r["in_recovery"], true, "{r}");
+    assert_eq!(r["timeline"], p["timeline"], "{r}");
+    assert_eq!(r["replication_state"], "streaming", "{r}");
+    assert_eq!(r["upstream"], "127.0.0.1", "the WAL sender's host: {r}");
+    assert!(r["receive_lsn"].as_u64().is_some_and(|l| l > 0), "{r}");
+    assert_eq!(r["lsn"], r["replay_lsn"], "{r}");
+    assert!(r["repmgr"].is_null(), "{r}");
+}
+
+/// (b) Every route × GET/HEAD/OPTIONS: the agent answers with the status code of the Patroni
+/// member of the same node.
+fn health_matches_patroni(agent: &Agent, patroni_api: u16, role: &str) {
+    let paths = [
+        "/",
+        "/primary",
+        "/master",
+        "/leader",
+        "/read-write",
+        "/standby-leader",
+        "/replica",
+        "/replica?lag=100MB",
+        "/replica?lag=junk",
+        "/read-only",
+        "/health",
+        "/liveness",
+        "/readiness",
+        "/patroni",
+        "/async",
+        "/sync",
+        "/read-only-sync",
+        "/replica?tag_nofailover=true",
+        "/nonexistent",
+    ];
+    let mut table = Vec::new();
+    let mut diffs = Vec::new();
+    for path in paths {
+        for method in ["GET", "HEAD", "OPTIONS"] {
+            let a = http_status(method, agent.api_port, path);
+            let p = http_status(method, patroni_api, path);
+            table.push(format!("{role:8} {method:7} {path:30} patroni {p:?} agent {a:?}"));
+            if a != p || a.is_none() {
+                diffs.push(format!("{method} {path}: patroni {p:?}, agent {a:?}"));
+            }
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+    assert!(diffs.is_empty(), "the agent of the {role} answers differently from Patroni:\n{}", diffs.join("\n"));
+    let expect = if role == "primary" { (200, 503) } else { (503, 200) };
+    assert_eq!(
+        (http_status("GET", agent.api_port, "/primary"), http_status("GET", agent.api_port, "/replica")),
+        (Some(expect.0), Some(expect.1))
+    );
+}
+
+/// `drain` sets maintenance in the key (and `/replica` answers 503), `resume` clears it; a node
+/// drained when its agent stops is drained when it starts again.
+fn drain_and_resume(kv: &mut EtcdKv, agent: &mut Agent) {
+    let out = agent.cli(&["drain"]);
+    assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("published"), "{}", String::from_utf8_lossy(&out.stdout));
+    // `drain` returns once etcd has it: no polling needed.
+    assert_eq!(kv.get_json(&key(&agent.name)).unwrap()["maintenance"], true);
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(503));
+    assert_eq!(http_status("GET", agent.api_port, "/health"), Some(200));
+
+    agent.signal_and_wait(libc::SIGTERM);
+    agent.restart();
+    let v = wait_for("the restarted agent's key", Duration::from_secs(10), || kv.get_json(&key(&agent.name)));
+    assert_eq!(v["maintenance"], true, "a drained node stays drained across a restart: {v}");
+
+    let out = agent.cli(&["resume"]);
+    assert!(out.status.success(), "resume: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(kv.get_json(&key(&agent.name)).unwrap()["maintenance"], false);
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(200));
+}
+
+/// SIGTERM: the key is gone when the agent has exited. SIGKILL: gone within the TTL.
+fn lease_ends_with_the_agent(kv: &mut EtcdKv, agent: &mut Agent) {
+    let k = key(&agent.name);
+    assert!(kv.get(&k).is_some());
+    let status = agent.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "agent exit on SIGTERM: {status}");
+    assert_eq!(kv.get(&k), None, "the key must be gone as soon as the agent has exited");
+
+    agent.restart();
+    wait_for("the key after restart", Duration::from_secs(10), || kv.get(&k));
+    let killed = Instant::now();
+    agent.signal_and_wait(libc::SIGKILL);
+    wait_for("the key of a killed agent to expire", Duration::from_secs(TTL + 3), || {
+        kv.get(&k).is_none().then_some(())
+    });
+    eprintln!("key of the SIGKILLed agent gone after {:?} (ttl {TTL}s)", killed.elapsed());
+    agent.restart();
+}
+
+/// (c) pre-promote: a fake proxy that acknowledges → 0; one that never does → 1 under
+/// `refuse` (and the fence withdrawn), 0 under `proceed`; no proxy at all → 0.
+fn pre_promote(kv: &mut EtcdKv, agent: &Agent) {
+    let prefix = format!("/service/{SCOPE}/");
+    let fence_key = format!("{prefix}fence");
+
+    // Nobody registered.
+    let out = agent.cli(&["pre-promote", "--timeout", "2s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no proxy is registered"));
+    kv.delete(&fence_key);
+
+    // A proxy that acknowledges what it sees.
+    let reg = kv.put_leased(&format!("{prefix}proxies/fake-1"), r#"{"id":"fake-1","host":"lb1","pid":1}"#, 30);
+    let child = std::process::Command::new(common::pgfront_bin())
+        .args(["agent", "pre-promote", "--timeout", "20s", "-c", agent.config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fence = wait_for("the fence request", Duration::from_secs(10), || kv.get_json(&fence_key));
+    assert_eq!(fence["new_primary"], agent.name.as_str(), "{fence}");
+    assert!(fence["old_primary"].is_null(), "{fence}");
+    assert!(fence["requested_at_ms"].is_u64(), "{fence}");
+    let id = fence["id"].as_str().unwrap().to_owned();
+    kv.put(&format!("{prefix}fence-ack/fake-1"), &format!(r#"{{"id":"{id}","closed_sessions":0,"at_ms":1}}"#));
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "all acknowledged, yet: {text}");
+    assert!(text.contains("acknowledged by every proxy (1: fake-1)"), "{text}");
+    assert!(kv.get(&fence_key).is_some(), "the fence stays for its hold time after a promotion goes on");
+
+    // A second proxy that never acknowledges.
+    let reg2 = kv.put_leased(&format!("{prefix}proxies/fake-2"), r#"{"id":"fake-2","host":"lb2","pid":2}"#, 30);
+    let out = agent.cli(&["pre-promote", "--timeout", "1s", "--on-timeout", "refuse"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "refuse: {text}");
+    assert!(text.contains("proxy fake-2 did NOT acknowledge"), "{text}");
+    assert!(text.contains("proxy fake-1 did NOT acknowledge"), "an ack of an older fence does not count: {text}");
+    assert_eq!(kv.get(&fence_key), None, "a refused fence is withdrawn");
+
+    let out = agent.cli(&["pre-promote", "--timeout", "1s", "--on-timeout", "proceed"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "proceed: {text}");
+    assert!(text.contains("proxy fake-2 did NOT acknowledge") && text.contains("proceeds"), "{text}");
+
+    kv.revoke(reg);
+    kv.revoke(reg2);
+    kv.delete(&format!("{prefix}fence-ack/fake-1"));
+}
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing test leaves no stopped backend
+/// that would hold up PostgreSQL's shutdown.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.0, libc::SIGCONT);
+        }
+    }
+}
+
+/// A backend that stops answering (SIGSTOP) makes the probe fail within its timeout
+/// (`unreachable`), and the agent reconnects: the node is `running` again in etcd.
+fn hung_server_is_a_failed_probe(kv: &mut EtcdKv, agent: &Agent, pg_port: u16) {
+    let (ok, pid, err) =
+        common::psql(pg_port, "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgfront-agent' LIMIT 1");
+    assert!(ok, "{err}");
+    let pid: i32 = pid.parse().unwrap_or_else(|_| panic!("no agent backend: {pid:?}"));
+    let stopped = Stopped(pid);
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let started = Instant::now();
+    wait_for("the agent to count the hung probe as failed", Duration::from_secs(10), || {
+        agent.log().contains("probe took longer than").then_some(())
+    });
+    eprintln!("hung backend detected after {:?} (probe_timeout 1s)", started.elapsed());
+    let v = wait_for("the agent to reconnect", Duration::from_secs(10), || {
+        kv.get_json(&key(&agent.name)).filter(|v| v["state"] == "running")
+    });
+    assert_eq!(v["role"], "replica", "{v}");
+    // The health endpoint answered throughout (it never waits for the probe).
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(200));
+    drop(stopped);
+}
+
+/// etcd stops answering (SIGSTOP): probing and the health endpoint go on; `drain` is saved and
+/// reported as not yet published; once etcd answers again, the agent publishes with a new lease,
+/// drained.
+fn etcd_outage(name: &str, pg_port: u16) {
+    let etcd = Etcd::start();
+    let mut kv = EtcdKv::connect(&etcd.endpoint());
+    let mut agent = Agent::start(&etcd.endpoint(), SCOPE, name, pg_port, TTL);
+    wait_for("the key in the second etcd", Duration::from_secs(10), || kv.get_json(&key(name)));
+    etcd.pause();
+    let paused = Instant::now();
+    wait_for("the agent to notice the outage", Duration::from_secs(15), || {
+        agent.log().contains("cannot publish this node").then_some(())
+    });
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(200), "health answers during the outage");
+    let out = agent.cli(&["drain"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drain during the outage: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("NOT yet in etcd"), "{stdout}");
+    assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(503), "drained locally at once");
+    etcd.resume();
+    eprintln!("etcd paused for {:?}", paused.elapsed());
+    let v = wait_for("the key back after the outage, drained", Duration::from_secs(20), || {
+        kv.get_json(&key(name)).filter(|v| v["maintenance"] == true)
+    });
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(agent.log().matches("etcd: node published").count() >= 2, "a new session after the outage");
+    agent.signal_and_wait(libc::SIGTERM);
+    assert_eq!(kv.get(&key(name)), None);
+}
