@@ -229,6 +229,7 @@ fn resolve(r: &Resolver<'_>, f: FileAgentConfig) -> Result<AgentConfig, ConfigEr
         namespace: c.namespace,
         etcd_endpoints: c.etcd_endpoints,
         etcd_api: None,
+        source: None,
         username: c.username,
         password: c.password,
         password_file: c.password_file,
