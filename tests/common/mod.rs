@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 pub mod agent;
 pub mod echo;
 pub mod netns;
+pub mod repmgr;
 
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
