@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 const CLUSTER: &str = "main";
 const SCOPE: &str = "pgfront-repmgr";
-/// The agents' lease ttl: a killed agent's key is gone within it.
-const AGENT_TTL: u64 = 3;
+/// The agents' lease ttl (the default): a killed agent's key is gone within it. Shorter ttls
+/// let keys of live agents expire on a loaded machine (etcd answering keep-alives late).
+const AGENT_TTL: u64 = 10;
 
 struct Env {
     rt: tokio::runtime::Runtime,
@@ -93,6 +94,7 @@ fn pgfront_routes_a_repmgr_cluster_by_agent_keys() {
         drain_keeps_sessions(&env);
         killed_agent_key_expires(&mut env);
         repmgr_switchover_under_writes(&env);
+        pre_promote_fences_the_old_primary(&env);
         hand_promotions_split_brain(&env);
     }));
     if result.is_err() {
@@ -241,6 +243,41 @@ fn repmgr_switchover_under_writes(env: &Env) {
     let log = env.pf.log();
     assert!(log.contains("primary takes no new connections; clients are held"), "routing paused, clients held");
     env.rm.wait_streaming("pg2", Duration::from_secs(60));
+}
+
+/// `pgfront agent pre-promote` on pg3 naming pg2 (the primary): the proxy closes its primary
+/// session to pg2, routes nothing there and acknowledges; the fence lifts when its key expires.
+fn pre_promote_fences_the_old_primary(env: &Env) {
+    env.pf.wait_primary(CLUSTER, "pg2", Duration::from_secs(10));
+    let on_pg2 = env.rt.block_on(pg_connect(env.rw)).unwrap();
+    let pg3 = env.agents.iter().find(|a| a.name == "pg3").unwrap();
+    let t0 = Instant::now();
+    let out = pg3.cli(&["pre-promote", "--old-primary", "pg2", "--hold", "3s", "--timeout", "10s"]);
+    let took = t0.elapsed();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("$ pgfront agent pre-promote (took {took:?})\n{text}");
+    assert!(out.status.success(), "every proxy acknowledged: {text}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
+    let me = format!("{host}-{}", env.pf.proc.pid());
+    assert!(text.contains(&me), "{text}");
+    let mut kv = EtcdKv::connect(&env.etcd.endpoint());
+    let ack = kv.get_json(&format!("/service/{SCOPE}/fence-ack/{me}")).expect("the ack key");
+    assert!(ack["closed_sessions"].as_u64().unwrap() >= 1, "{ack}");
+    let r =
+        env.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), on_pg2.simple_query("SELECT 1")).await });
+    assert!(matches!(r, Ok(Err(_))), "the primary session to the fenced pg2 was closed before the ack: {r:?}");
+    let c = cluster_status(env);
+    if c["fence"].is_object() {
+        assert_eq!(c["primary_status"], "fenced");
+        assert!(env.rt.block_on(whoami(env.rw_short)).is_err() || env.pf.primary(CLUSTER).as_deref() == Some("pg2"));
+    }
+    // The fence key's lease (3 s) expires: pg2 is routed again, the ack is removed.
+    env.pf.wait_primary(CLUSTER, "pg2", Duration::from_secs(15));
+    wait_for("the ack removed after the fence", Duration::from_secs(10), || {
+        kv.get(&format!("/service/{SCOPE}/fence-ack/{me}")).is_none().then_some(())
+    });
+    let log = env.pf.log();
+    assert!(log.contains("fencing request acknowledged"), "logged");
 }
 
 fn hand_promotions_split_brain(env: &Env) {
