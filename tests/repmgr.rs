@@ -97,7 +97,7 @@ fn pgfront_routes_a_repmgr_cluster_by_agent_keys() {
         pre_promote_fences_the_old_primary(&env);
         hand_promotions_split_brain(&env);
     }));
-    if result.is_err() {
+    if let Err(panic) = result {
         eprintln!("--- pgfront log (last 80 lines) ---\n{}", env.pf.proc.log_tail(80));
         for a in &env.agents {
             let log = a.log();
@@ -105,7 +105,7 @@ fn pgfront_routes_a_repmgr_cluster_by_agent_keys() {
             eprintln!("--- agent {} (last 20 lines) ---\n{}", a.name, v[v.len().saturating_sub(20)..].join("\n"));
         }
         eprintln!("{}", env.rm.log_tails(30));
-        std::panic::resume_unwind(result.unwrap_err());
+        std::panic::resume_unwind(panic);
     }
 }
 
