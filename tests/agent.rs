@@ -34,6 +34,7 @@ fn agent_beside_patroni() {
         hung_server_is_a_failed_probe(&mut kv, &standby, rm.pg_port);
         etcd_outage(&replica, rm.pg_port);
         pre_promote(&mut kv, &primary);
+        patroni_pre_promote(&mut kv, &cluster, &etcd.endpoint(), &leader, &replica);
     }));
     if let Err(e) = result {
         eprintln!("--- agent {leader} ---\n{}", primary.log());
@@ -42,6 +43,7 @@ fn agent_beside_patroni() {
         std::panic::resume_unwind(e);
     }
     primary.signal_and_wait(libc::SIGTERM);
+    standby.signal_and_wait(libc::SIGTERM);
 }
 
 fn key(name: &str) -> String {
@@ -287,4 +289,115 @@ fn etcd_outage(name: &str, pg_port: u16) {
     assert!(agent.log().matches("etcd: node published").count() >= 2, "a new session after the outage");
     agent.signal_and_wait(libc::SIGTERM);
     assert_eq!(kv.get(&key(name)), None);
+}
+
+/// Waits until the agent key of `name` says primary on a timeline above `above`; returns it.
+fn wait_agent_primary(kv: &mut EtcdKv, name: &str, above: u64) -> u64 {
+    let v = wait_for(&format!("{name}'s key to say primary on a new timeline"), Duration::from_secs(30), || {
+        kv.get_json(&key(name)).filter(|v| v["role"] == "primary" && v["timeline"].as_u64() > Some(above))
+    });
+    v["timeline"].as_u64().unwrap()
+}
+
+/// Patroni with `pre_promote: pgfront agent pre-promote ...`: a switchover waits for the (fake)
+/// proxy's acknowledgement and completes; with a proxy that never acknowledges and
+/// `on_timeout = "refuse"`, Patroni does not promote until that proxy is gone. Also: the agents'
+/// keys follow both switchovers (new primary on the new timeline).
+fn patroni_pre_promote(kv: &mut EtcdKv, cluster: &Patroni, endpoint: &str, leader: &str, replica: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    let prefix = format!("/service/{SCOPE}/");
+    let tl0 = kv.get_json(&key(leader)).unwrap()["timeline"].as_u64().unwrap();
+
+    // Baseline: a switchover without fencing.
+    let t = Instant::now();
+    cluster.switchover(leader, replica);
+    let plain = t.elapsed();
+    let tl1 = wait_agent_primary(kv, replica, tl0);
+    cluster.wait_healthy(Duration::from_secs(60));
+
+    // Every member runs pre-promote with its own agent configuration; a tag shows that Patroni
+    // has re-read its file.
+    for m in &cluster.members {
+        let conf = cluster.dir.path().join(format!("{}-agent.toml", m.name));
+        std::fs::write(
+            &conf,
+            format!(
+                "[node]\nname = \"{}\"\nconn_url = \"postgres://127.0.0.1:{}/postgres\"\n\n\
+                 [cluster]\nscope = \"{SCOPE}\"\netcd_endpoints = [\"{endpoint}\"]\n\n\
+                 [pre_promote]\ntimeout = \"3s\"\non_timeout = \"refuse\"\nhold = \"10s\"\n",
+                m.name, m.pg_port
+            ),
+        )
+        .unwrap();
+        let yml = std::fs::read_to_string(&m.config).unwrap();
+        let cmd = format!("{} agent pre-promote -c {}", common::pgfront_bin().display(), conf.display());
+        let yml = yml.replacen("postgresql:\n  listen:", &format!("postgresql:\n  pre_promote: {cmd}\n  listen:"), 1);
+        std::fs::write(&m.config, format!("{yml}tags:\n  pgfront_fence: \"on\"\n")).unwrap();
+        m.proc.as_ref().unwrap().signal(libc::SIGHUP);
+    }
+    for m in &cluster.members {
+        wait_for(&format!("{} to reload its configuration", m.name), Duration::from_secs(20), || {
+            let (_, body) = common::http_get(&format!("http://127.0.0.1:{}/patroni", m.api_port))?;
+            body.contains("pgfront_fence").then_some(())
+        });
+    }
+
+    // A proxy that acknowledges every fence it sees.
+    let reg = kv.put_leased(&format!("{prefix}proxies/fake-lb"), r#"{"id":"fake-lb","host":"lb","pid":1}"#, 120);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let acker = {
+        let (stop, endpoint, prefix) = (stop.clone(), endpoint.to_owned(), prefix.clone());
+        std::thread::spawn(move || {
+            let mut kv = EtcdKv::connect(&endpoint);
+            let mut acked = String::new();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Some(f) = kv.get_json(&format!("{prefix}fence")) {
+                    let id = f["id"].as_str().unwrap_or_default().to_owned();
+                    if id != acked {
+                        kv.put(
+                            &format!("{prefix}fence-ack/fake-lb"),
+                            &format!(r#"{{"id":"{id}","closed_sessions":0}}"#),
+                        );
+                        let _ = tx.send(f);
+                        acked = id;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let t = Instant::now();
+    cluster.switchover(replica, leader);
+    let fenced = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    acker.join().unwrap();
+    let fences: Vec<serde_json::Value> = rx.try_iter().collect();
+    assert!(fences.iter().any(|f| f["new_primary"] == leader), "no fence for {leader}: {fences:?}");
+    let tl2 = wait_agent_primary(kv, leader, tl1);
+    let log = std::fs::read_to_string(cluster.dir.path().join(format!("{leader}.log"))).unwrap_or_default();
+    let line = log.lines().find(|l| l.contains("acknowledged by every proxy")).unwrap_or("?").to_owned();
+    assert!(log.contains("exited with 0"), "Patroni ran pre-promote: {}", cluster.log_tails(40));
+    eprintln!("switchover without fencing {plain:?}, with fencing {fenced:?} (timelines {tl0} -> {tl1} -> {tl2})");
+    eprintln!("pre-promote said: {line}");
+    cluster.wait_healthy(Duration::from_secs(60));
+    kv.revoke(reg);
+
+    // A proxy that never acknowledges: the promotion is refused while it is registered.
+    let reg = kv.put_leased(&format!("{prefix}proxies/dead-lb"), r#"{"id":"dead-lb","host":"lb2","pid":2}"#, 120);
+    let out = cluster.try_switchover(leader, replica);
+    wait_for("Patroni to refuse the promotion", Duration::from_secs(60), || {
+        let logs = cluster.log_tails(400);
+        logs.contains("exited with 1").then_some(())
+    });
+    let primaries =
+        cluster.members.iter().filter(|m| common::psql(m.pg_port, "SELECT pg_is_in_recovery()").1 == "f").count();
+    let said = out.unwrap_or_else(|e| e);
+    let verdict = said.lines().find(|l| l.contains("witch")).unwrap_or("?");
+    eprintln!("switchover with a proxy that never acknowledges: patronictl said {verdict:?}");
+    assert_eq!(primaries, 0, "no member may be promoted while a registered proxy has not acknowledged");
+    kv.revoke(reg);
+    cluster.wait_healthy(Duration::from_secs(90));
 }
