@@ -27,6 +27,7 @@ fn agent_beside_patroni() {
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         published_keys(&mut kv, &leader, &replica, lm.api_port);
+        repmgr_view(&mut kv, &cluster, &leader, &replica);
         health_matches_patroni(&primary, lm.api_port, "primary");
         health_matches_patroni(&standby, rm.api_port, "replica");
         drain_and_resume(&mut kv, &mut standby);
@@ -400,4 +401,59 @@ fn patroni_pre_promote(kv: &mut EtcdKv, cluster: &Patroni, endpoint: &str, leade
     assert_eq!(primaries, 0, "no member may be promoted while a registered proxy has not acknowledged");
     kv.revoke(reg);
     cluster.wait_healthy(Duration::from_secs(90));
+}
+
+/// `repmgr primary register` / `standby register` (repmgr 5.3, on the Patroni-run instances, as
+/// during a migration): the keys carry repmgr's view, and the replica's upstream is repmgr's
+/// name of the primary.
+fn repmgr_view(kv: &mut EtcdKv, cluster: &Patroni, leader: &str, replica: &str) {
+    use std::os::unix::process::CommandExt;
+    let repmgr = common::require("repmgr", "repmgr");
+    let register = |name: &str, id: u32, what: &[&str]| {
+        let m = cluster.member(name);
+        let conf = cluster.dir.path().join(format!("{name}-repmgr.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "node_id={id}\nnode_name='{name}'\nconninfo='host=127.0.0.1 port={} user=postgres dbname=postgres'\n\
+                 data_directory='{}'\npg_bindir='{}'\n",
+                m.pg_port,
+                m.data_dir.display(),
+                common::PGBIN
+            ),
+        )
+        .unwrap();
+        let (uid, gid) = common::postgres_ids();
+        let out = std::process::Command::new(&repmgr)
+            .arg("-f")
+            .arg(&conf)
+            .args(what)
+            .current_dir(cluster.dir.path())
+            .env("HOME", "/var/lib/postgresql")
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "repmgr {what:?} on {name}: {text}");
+    };
+    register(leader, 1, &["primary", "register"]);
+    register(replica, 2, &["standby", "register", "--upstream-node-id", "1"]);
+    let p = wait_for("repmgr's view in the primary's key", Duration::from_secs(15), || {
+        kv.get_json(&key(leader)).filter(|v| v["repmgr"].is_object())
+    });
+    assert_eq!(
+        p["repmgr"],
+        serde_json::json!({"node_id": 1, "type": "primary", "upstream_node_id": null, "active": true}),
+        "{p}"
+    );
+    let r = wait_for("repmgr's view in the replica's key", Duration::from_secs(15), || {
+        kv.get_json(&key(replica)).filter(|v| v["repmgr"].is_object())
+    });
+    assert_eq!(
+        r["repmgr"],
+        serde_json::json!({"node_id": 2, "type": "standby", "upstream_node_id": 1, "active": true}),
+        "{r}"
+    );
+    assert_eq!(r["upstream"], leader, "repmgr's name of the upstream: {r}");
 }
