@@ -6,7 +6,8 @@
 //! Layout: pure cores (`config`, `config::diff`, `topology`, `discovery::keys`,
 //! `balancer::select`, `proxy::pgwire`, `vip::{packet, fsm}`) with the I/O around them
 //! (`discovery` sources, `balancer::pool`, `proxy::{listener, session}`, `vip` drivers, `admin`),
-//! started, reloaded and stopped by `app`. `metrics` sits at the bottom: every part registers
+//! started, reloaded and stopped by `app`. `agent` is the node agent (`pgfront agent`) beside
+//! each PostgreSQL: probe, key under a lease, Patroni-compatible health endpoints, fencing. `metrics` sits at the bottom: every part registers
 //! and updates its own families there, and `admin` only serves them.
 
 pub mod admin;

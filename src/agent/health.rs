@@ -294,7 +294,7 @@ async fn route(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Res
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
     if req.method() == Method::POST && (path == "/drain" || path == "/resume") {
-        if !peer.ip().is_loopback() {
+        if !peer.ip().to_canonical().is_loopback() {
             return reply(403, "text/plain", Bytes::from_static(b"drain/resume: from this host only\n"));
         }
         return control(shared, path == "/drain").await;

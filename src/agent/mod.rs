@@ -14,8 +14,8 @@
 
 pub mod fence;
 pub(crate) mod health;
-pub mod probe;
-pub mod publish;
+pub(crate) mod probe;
+pub(crate) mod publish;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

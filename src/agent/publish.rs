@@ -290,8 +290,9 @@ async fn session(shared: &Shared, stop: &CancellationToken) -> Result<(), Publis
         }
         return Ok(());
     }
-    // Best effort: the next session takes a new lease; this one would expire anyway.
-    let _ = tokio::time::timeout(Duration::from_millis(200), client.lease_revoke(lease)).await;
+    // The lease is NOT revoked here: that would delete the key until the next session writes
+    // it again, and a proxy would see a live node vanish. The next session puts the key under
+    // a new lease; this one, left without keys, expires by itself.
     result
 }
 

@@ -137,6 +137,12 @@ impl EtcdKv {
         r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
     }
 
+    /// How many times `key` was written since it was created.
+    pub fn version(&mut self, key: &str) -> Option<i64> {
+        let r = self.rt.block_on(self.client.get(key, None)).ok()?;
+        r.kvs().first().map(|kv| kv.version())
+    }
+
     pub fn get_json(&mut self, key: &str) -> Option<serde_json::Value> {
         self.get(key).and_then(|s| serde_json::from_str(&s).ok())
     }
