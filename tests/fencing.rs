@@ -181,7 +181,11 @@ fn silent_proxy_refuses_the_promotion(env: &Env) {
     // The silent proxy's registration goes: promotions proceed again.
     kv.revoke(ghost);
     env.pg.wait_healthy(Duration::from_secs(90));
-    let leader = env.pg.leader().unwrap();
-    env.pf.wait_primary(CLUSTER, &leader.name, Duration::from_secs(30));
+    // Members may take and release the lock a few times (each pre-promote refused until now):
+    // wait until pgfront routes to the leader Patroni settles on.
+    let leader = wait_for("pgfront to route to Patroni's leader", Duration::from_secs(60), || {
+        let l = env.pg.leader()?;
+        (env.pf.primary(CLUSTER).as_deref() == Some(l.name.as_str())).then_some(l)
+    });
     eprintln!("after ghost-1 went: {} is the primary, {:?} after the switchover request", leader.name, t0.elapsed());
 }
