@@ -94,6 +94,7 @@ fn pgfront_routes_a_repmgr_cluster_by_agent_keys() {
         drain_keeps_sessions(&env);
         killed_agent_key_expires(&mut env);
         repmgr_switchover_under_writes(&env);
+        source_switch_is_a_live_reload(&env);
         pre_promote_fences_the_old_primary(&env);
         hand_promotions_split_brain(&env);
     }));
@@ -243,6 +244,60 @@ fn repmgr_switchover_under_writes(env: &Env) {
     let log = env.pf.log();
     assert!(log.contains("primary takes no new connections; clients are held"), "routing paused, clients held");
     env.rm.wait_streaming("pg2", Duration::from_secs(60));
+}
+
+/// SIGHUP from `source = "agent"` to `source = "patroni"` and back, under writes every 10 ms
+/// and with a session open: the keys Patroni would write over the running instances (written
+/// here by hand, the same roles as the agents') take over without a failed write, the session
+/// stays, and discovery is not restarted.
+fn source_switch_is_a_live_reload(env: &Env) {
+    env.pf.wait_primary(CLUSTER, "pg2", Duration::from_secs(10));
+    let mut kv = EtcdKv::connect(&env.etcd.endpoint());
+    let prefix = format!("/service/{SCOPE}/");
+    kv.put(&format!("{prefix}leader"), "pg2");
+    for n in &env.rm.nodes {
+        let role = if n.name == "pg2" { "master" } else { "replica" };
+        let v = format!(
+            r#"{{"conn_url":"postgres://127.0.0.1:{}/postgres","api_url":"http://127.0.0.1:1/patroni","state":"running","role":"{role}","timeline":2}}"#,
+            n.port
+        );
+        kv.put(&format!("{prefix}members/{}", n.name), &v);
+    }
+    let session = env.rt.block_on(pg_connect(env.rw)).unwrap();
+    let stop = CancellationToken::new();
+    let writer =
+        env.rt.spawn(write_loop(conninfo(env.rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(60)));
+    let text = std::fs::read_to_string(&env.pf.config).unwrap();
+    for (from, to) in [("agent", "patroni"), ("patroni", "agent")] {
+        std::thread::sleep(Duration::from_millis(500));
+        let reloads = env.pf.metric("pgfront_config_reloads_total{result=\"ok\"}");
+        std::fs::write(&env.pf.config, text.replace("source = \"agent\"", &format!("source = \"{to}\""))).unwrap();
+        env.pf.proc.signal(libc::SIGHUP);
+        wait_for(&format!("source {from} -> {to}"), Duration::from_secs(10), || {
+            (env.pf.metric("pgfront_config_reloads_total{result=\"ok\"}") > reloads
+                && cluster_status(env)["source"] == to)
+                .then_some(())
+        });
+        assert_eq!(env.pf.primary(CLUSTER).as_deref(), Some("pg2"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.cancel();
+    let st = env.rt.block_on(writer).unwrap();
+    eprintln!("source switched agent -> patroni -> agent by SIGHUP under writes: {}", st.summary());
+    for e in &st.errors {
+        eprintln!("  {e}");
+    }
+    assert_eq!(st.failed(), 0, "no write fails across the source switches");
+    env.rt
+        .block_on(session.simple_query("INSERT INTO pgfront_probe DEFAULT VALUES"))
+        .expect("the open session is kept");
+    let log = env.pf.log();
+    assert!(log.contains("cluster source switched live"), "applied live");
+    assert!(!log.contains("discovery restarted"), "discovery not restarted");
+    kv.delete(&format!("{prefix}leader"));
+    for n in &env.rm.nodes {
+        kv.delete(&format!("{prefix}members/{}", n.name));
+    }
 }
 
 /// `pgfront agent pre-promote` on pg3 naming pg2 (the primary): the proxy closes its primary
