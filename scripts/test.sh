@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client patroni postgresql-15 postgresql-client-15
-      python3-etcd python3-psycopg2 haproxy keepalived iproute2 util-linux openssl systemd binutils chromium strace)
+      python3-etcd python3-psycopg2 haproxy keepalived iproute2 util-linux openssl systemd binutils chromium strace
+      repmgr postgresql-15-repmgr)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

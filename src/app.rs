@@ -555,6 +555,16 @@ impl Supervisor {
         for (_, c) in &d.clusters.changed {
             self.restart_cluster(c.clone());
         }
+        // A source switch alone: the running discovery re-parses what it mirrors (no restart).
+        for (old, c) in &d.resourced {
+            match self.clusters.get_mut(&c.name) {
+                Some(part) => {
+                    info!(cluster = %c.name, from = ?old.source, to = ?c.source, "cluster source switched live");
+                    part.handle.switch_source(c.clone());
+                }
+                None => self.start_cluster(c.clone()),
+            }
+        }
         // Listeners whose settings changed in place keep their socket, pool and sessions.
         for (old, cfg) in &d.listeners.changed {
             self.reconfigure_listener(old, cfg.clone());
@@ -662,7 +672,37 @@ impl Supervisor {
         let stop = CancellationToken::new();
         let handle =
             discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), self.events.clone(), stop.clone(), None);
+        self.start_fencing(&handle, &stop);
         self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+    }
+
+    /// etcd v3 clusters: registers this proxy under `<prefix>proxies/` and acknowledges fencing
+    /// requests once the cluster's pools have applied them (`discovery::fence`). Stops with the
+    /// cluster's discovery.
+    fn start_fencing(&self, handle: &ClusterHandle, stop: &CancellationToken) {
+        if handle.cfg.api != crate::config::EtcdApi::V3 {
+            return;
+        }
+        let shared = self.shared.clone();
+        let name = handle.cfg.name.clone();
+        let pools: discovery::fence::PoolsFn = Arc::new(move || {
+            shared
+                .load()
+                .listeners
+                .iter()
+                .filter(|(l, _)| l.cluster == name)
+                .map(|(l, p)| (l.role, l.max_replica_lag, p.status()))
+                .collect()
+        });
+        let me = discovery::fence::ProxyInfo::this_process(self.config.admin.or(self.admin.as_ref().map(|a| a.0)));
+        tokio::spawn(discovery::fence::run(
+            handle.cfg.clone(),
+            me,
+            handle.view.clone(),
+            pools,
+            self.metrics.cluster(&handle.cfg.name),
+            stop.child_token(),
+        ));
     }
 
     /// New endpoints, credentials or scope: a new discovery task that starts from the last
@@ -687,6 +727,7 @@ impl Supervisor {
             stop.clone(),
             Some(&old.handle),
         );
+        self.start_fencing(&handle, &stop);
         info!(cluster = %cfg.name, same_cluster, "cluster changed: discovery restarted (from the last known topology when the scope is the same)");
         self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
     }
@@ -1126,19 +1167,21 @@ async fn follow(
         drained.borrow_and_update();
         let targets = v.targets(cfg.role, cfg.max_replica_lag);
         let (targets, kill) = maintenance::restrict(targets, &maint.cluster(&cfg.cluster));
-        for b in pool.apply_killing(&targets, cfg.drain_grace, &kill) {
+        // A fence closes at once: a promotion elsewhere waits for it.
+        let grace = if v.state.fence.is_some() { Duration::ZERO } else { cfg.drain_grace };
+        for b in pool.apply_killing(&targets, grace, &kill) {
             let when = if kill.contains(&b) {
                 info!(listener = %cfg.name, member = %b.member, addr = %b.addr, "member in maintenance (kill): closing its connections now");
                 "now (maintenance with kill)".to_owned()
             } else {
                 info!(
-                    listener = %cfg.name, member = %b.member, addr = %b.addr, grace = ?cfg.drain_grace,
+                    listener = %cfg.name, member = %b.member, addr = %b.addr, grace = ?grace,
                     "server lost its role: closing its connections"
                 );
-                if cfg.drain_grace.is_zero() {
+                if grace.is_zero() {
                     "now".to_owned()
                 } else {
-                    format!("after {:?}", cfg.drain_grace)
+                    format!("after {grace:?}")
                 }
             };
             events.record(

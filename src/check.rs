@@ -252,6 +252,9 @@ pub(crate) struct ClusterJson {
     pub primary: Option<String>,
     #[serde(default)]
     pub primary_status: Option<String>,
+    /// Nodes claiming primary together (agent keys).
+    #[serde(default)]
+    pub split_brain: Vec<String>,
     /// Seconds since primary routing was paused, if the proxy reports it.
     #[serde(default)]
     pub routing_paused_seconds: Option<f64>,
@@ -548,6 +551,9 @@ fn primary_reason(c: &ClusterJson) -> String {
         Some("leader_not_running") => format!("leader {leader} not running"),
         Some("promoting") => format!("{leader} promoting"),
         Some("switchover_pending") => "switchover pending".into(),
+        Some("split_brain") => format!("SPLIT BRAIN: {} all claim primary", c.split_brain.join(", ")),
+        Some("maintenance") => format!("{leader} in maintenance"),
+        Some("fenced") => format!("{leader} fenced for a promotion"),
         Some(other) => other.replace('_', " "),
         None => "none".into(),
     }
@@ -1218,6 +1224,13 @@ mod tests {
         let o = eval(Kind::Primary, &obs, &th(None, None));
         assert_eq!(o.parts, ["main: no primary (pg2 promoting), paused 12s"]);
         assert!(o.perf.iter().any(|p| p.to_string() == "'main_paused'=12.4s;;;0"), "{:?}", o.perf);
+
+        let mut obs = simple(None, &[], 0, 0);
+        obs.local.clusters[0].primary_status = Some("split_brain".into());
+        obs.local.clusters[0].split_brain = vec!["pg2".into(), "pg3".into()];
+        let o = eval(Kind::Primary, &obs, &th(None, None));
+        assert_eq!(o.state, State::Critical);
+        assert_eq!(o.parts, ["main: no primary (SPLIT BRAIN: pg2, pg3 all claim primary)"]);
     }
 
     #[test]

@@ -6,11 +6,14 @@
 //! Layout: pure cores (`config`, `config::diff`, `topology`, `discovery::keys`,
 //! `balancer::select`, `proxy::pgwire`, `vip::{packet, fsm}`) with the I/O around them
 //! (`discovery` sources, `balancer::pool`, `proxy::{listener, session}`, `vip` drivers, `admin`),
-//! started, reloaded and stopped by `app`. `metrics` and `events` sit at the bottom: every part registers
-//! and updates its own metric families there and records its events (leader changes, drains,
-//! refusals, VIP transitions, reloads) into the one ring, and `admin` only serves them.
+//! started, reloaded and stopped by `app`. `agent` is the node agent (`pgfront agent`) beside
+//! each PostgreSQL: probe, key under a lease, Patroni-compatible health endpoints, fencing.
+//! `metrics` and `events` sit at the bottom: every part registers and updates its own metric
+//! families there and records its events (leader changes, drains, refusals, VIP transitions,
+//! reloads) into the one ring, and `admin` only serves them.
 
 pub mod admin;
+pub mod agent;
 pub mod app;
 pub mod balancer;
 pub mod check;

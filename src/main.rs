@@ -25,6 +25,14 @@ enum Cmd {
         #[arg(short, long, default_value = "/etc/pgfront/pgfront.toml", env = "PGFRONT_CONFIG")]
         config: PathBuf,
     },
+    /// The node agent beside a PostgreSQL: probes it, publishes its role to etcd under a lease,
+    /// answers Patroni-compatible health checks (`pgfront agent -c /etc/pgfront/agent.toml`).
+    Agent {
+        #[arg(short, long, global = true, default_value = "/etc/pgfront/agent.toml", env = "PGFRONT_AGENT_CONFIG")]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: Option<AgentCmd>,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -125,6 +133,36 @@ impl AdminArgs {
 }
 
 #[derive(Subcommand)]
+enum AgentCmd {
+    /// Run the agent (the default).
+    Run,
+    /// Maintenance on: proxies send no new connection to this node (open sessions stay). Kept
+    /// across agent restarts until `resume`.
+    Drain,
+    /// Maintenance off.
+    Resume,
+    /// Fence the proxies before this node is promoted (Patroni's `pre_promote`, or before
+    /// repmgr's promote command): exit 0 to let the promotion go on, non-zero to refuse it.
+    PrePromote {
+        /// How long to wait for every registered proxy to acknowledge (default: [pre_promote] timeout, 10s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// What to do when some proxy has not acknowledged in time.
+        #[arg(long, value_enum)]
+        on_timeout: Option<pgfront::config::agent::OnTimeout>,
+        /// Lifetime of the fence request in etcd (whole seconds; default 60s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        hold: Option<Duration>,
+        /// The node being promoted (default: this agent's node name).
+        #[arg(long)]
+        new_primary: Option<String>,
+        /// The node to fence (default: every node other than the new primary).
+        #[arg(long)]
+        old_primary: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum VipCmd {
     /// Remove every VIP of the configuration from its interface (for ExecStopPost after a
     /// crash, so two hosts never answer for one address). Exit 0 whether it was there or not.
@@ -140,13 +178,40 @@ enum ConfigCmd {
     Check {
         #[arg(short, long, default_value = "/etc/pgfront/pgfront.toml")]
         config: PathBuf,
+        /// The file is an agent configuration (detected by its [node] section when not given).
+        #[arg(long)]
+        agent: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Config { cmd: ConfigCmd::Check { config } } => match Config::load(&config) {
+        Cmd::Config { cmd: ConfigCmd::Check { config, agent } } if agent || is_agent_file(&config) => {
+            match pgfront::config::agent::AgentConfig::load(&config) {
+                Ok(c) => {
+                    if let Some(p) = pgfront::agent::state_file_problem(&c.state_file) {
+                        eprintln!(
+                            "{}: warning: state file unreadable (the agent stays drained): {p}",
+                            config.display()
+                        );
+                    }
+                    println!(
+                        "{}: OK (agent {}, key {}, health on {})",
+                        config.display(),
+                        c.name,
+                        c.node_key(),
+                        c.api_listen
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Config { cmd: ConfigCmd::Check { config, .. } } => match Config::load(&config) {
             Ok(c) => {
                 println!(
                     "{}: OK ({} cluster(s), {} listener(s), {} vip(s))",
@@ -194,6 +259,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Agent { config, cmd } => match cmd {
+            None | Some(AgentCmd::Run) => {
+                init_tracing();
+                pgfront::agent::main_run(&config)
+            }
+            Some(AgentCmd::Drain) => pgfront::agent::main_maintenance(&config, true),
+            Some(AgentCmd::Resume) => pgfront::agent::main_maintenance(&config, false),
+            Some(AgentCmd::PrePromote { timeout, on_timeout, hold, new_primary, old_primary }) => {
+                pgfront::agent::fence::main_pre_promote(
+                    &config,
+                    pgfront::agent::fence::PrePromoteArgs { timeout, on_timeout, hold, new_primary, old_primary },
+                )
+            }
+        },
         Cmd::Status { admin, json } => status(&admin, json),
         Cmd::Drain { member, cluster, kill, admin } => {
             let query = if kill { "?kill=true" } else { "" };
@@ -230,6 +309,15 @@ fn main() -> ExitCode {
             code
         }
     }
+}
+
+/// An agent configuration has a `[node]` section and no `[[listener]]`; an unreadable file is
+/// left to the proxy's loader, which reports it.
+fn is_agent_file(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(pgfront::config::MAX_CONFIG_SIZE).read_to_end(&mut buf));
+    read.is_ok() && std::str::from_utf8(&buf).is_ok_and(pgfront::config::agent::looks_like_agent)
 }
 
 fn init_tracing() {

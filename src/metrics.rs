@@ -127,6 +127,10 @@ pub struct Metrics {
     leader_changes: Family<ClusterLabels, Counter>,
     routing_pause: HistFamily<ClusterLabels>,
     primary_unconfirmed: Family<ClusterReasonLabels, Counter>,
+    split_brain: Family<ClusterLabels, Gauge>,
+    split_brains: Family<ClusterLabels, Counter>,
+    fence_active: Family<ClusterLabels, Gauge>,
+    fence_acks: Family<ClusterLabels, Counter>,
     etcd_up: Family<ClusterLabels, Gauge>,
     etcd_errors: Family<ClusterLabels, Counter>,
     key_errors: Family<ClusterLabels, Counter>,
@@ -199,6 +203,10 @@ impl Metrics {
             leader_changes: Family::default(),
             routing_pause: Family::new_with_constructor(wait_buckets),
             primary_unconfirmed: Family::default(),
+            split_brain: Family::default(),
+            split_brains: Family::default(),
+            fence_active: Family::default(),
+            fence_acks: Family::default(),
             etcd_up: Family::default(),
             etcd_errors: Family::default(),
             key_errors: Family::default(),
@@ -292,6 +300,26 @@ impl Metrics {
             "pgfront_cluster_primary_unconfirmed",
             "Times the primary stopped taking new connections while etcd was unreachable, by what its direct check found (reason: check_lost, read_only)",
             m.primary_unconfirmed.clone(),
+        );
+        r.register(
+            "pgfront_cluster_split_brain",
+            "1 while two or more nodes claim primary on the highest timeline (agent keys): none is routed",
+            m.split_brain.clone(),
+        );
+        r.register(
+            "pgfront_cluster_split_brains",
+            "Times a split brain began (two or more nodes claiming primary on the highest timeline)",
+            m.split_brains.clone(),
+        );
+        r.register(
+            "pgfront_cluster_fence_active",
+            "1 while a fencing request (pgfront agent pre-promote) is in force for this cluster",
+            m.fence_active.clone(),
+        );
+        r.register(
+            "pgfront_cluster_fence_acks",
+            "Fencing requests this proxy acknowledged (after closing its primary sessions to the fenced nodes)",
+            m.fence_acks.clone(),
         );
         r.register("pgfront_etcd_up", "1 while etcd answers for this cluster", m.etcd_up.clone());
         r.register("pgfront_etcd_errors", "etcd requests or watches that failed", m.etcd_errors.clone());
@@ -407,6 +435,10 @@ impl Metrics {
             routing_pause: self.routing_pause.get_or_create(&l).clone(),
             primary_check_lost,
             primary_read_only,
+            split_brain: self.split_brain.get_or_create(&l).clone(),
+            split_brains: self.split_brains.get_or_create(&l).clone(),
+            fence_active: self.fence_active.get_or_create(&l).clone(),
+            fence_acks: self.fence_acks.get_or_create(&l).clone(),
             etcd_up: self.etcd_up.get_or_create(&l).clone(),
             etcd_errors: self.etcd_errors.get_or_create(&l).clone(),
             key_errors: self.key_errors.get_or_create(&l).clone(),
@@ -643,6 +675,12 @@ pub struct ClusterMetrics {
     pub primary_check_lost: Counter,
     /// The primary's direct check found it read-only while etcd was unreachable.
     pub primary_read_only: Counter,
+    /// 1 while nodes claim primary together (agent keys).
+    pub split_brain: Gauge,
+    pub split_brains: Counter,
+    /// 1 while a fencing request is in force.
+    pub fence_active: Gauge,
+    pub fence_acks: Counter,
     pub etcd_up: Gauge,
     pub etcd_errors: Counter,
     pub key_errors: Counter,

@@ -5,9 +5,20 @@
 //! servers that may take *new* connections (`eligible`) and the servers whose *existing*
 //! connections may stay open (`keep`). Everything that is in neither is drained.
 //!
+//! The leader comes from Patroni's leader key, or, for a cluster whose roles come from
+//! `pgfront agent` (`source = "agent"`), from `elect`: the single running node that claims
+//! primary on the highest timeline. Two claimants on that timeline are a split brain: no
+//! leader at all, never a guess.
+//!
 //! Invariants:
-//! - a primary is eligible only when it holds the leader key, runs, and is known to run as a
-//!   primary (its member entry, or a direct confirmation of this very leader);
+//! - a primary is eligible only when it holds the leader key (or is elected by `elect`), runs,
+//!   and is known to run as a primary (its member entry, or a direct confirmation of this very
+//!   leader);
+//! - in a split brain no claimant takes new connections and none keeps its sessions;
+//! - a member in maintenance (`pgfront agent drain`) takes no new connections, its sessions
+//!   are kept;
+//! - a fenced member (a `fence` request of `pgfront agent pre-promote`, while its key exists)
+//!   is never a primary target: no new connections, its primary sessions are closed;
 //! - while a manual switchover is pending (`failover` key) the current leader takes no new
 //!   connections, but its open connections are kept: Patroni has not demoted it yet;
 //! - a member that holds the leader key is never a replica;
@@ -72,6 +83,11 @@ pub struct Member {
     pub lsn: Option<u64>,
     pub noloadbalance: bool,
     pub nofailover: bool,
+    /// `pgfront agent drain`: no new connections, open ones kept (agent keys only).
+    pub maintenance: bool,
+    /// Bytes behind its upstream as the agent measured it (agent keys only); when absent the
+    /// lag is computed from the WAL positions.
+    pub lag_bytes: Option<u64>,
 }
 
 impl Member {
@@ -88,10 +104,57 @@ pub struct Failover {
     pub scheduled: bool,
 }
 
-/// What Patroni's keys say about one cluster.
+/// A fencing request (`<prefix>fence`, written by `pgfront agent pre-promote` before a
+/// promotion): while it exists, no member but `new_primary` may be a primary target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fence {
+    pub id: String,
+    pub new_primary: String,
+    /// `None`: every member other than `new_primary` is fenced.
+    pub old_primary: Option<String>,
+}
+
+impl Fence {
+    /// Whether `member` may not be a primary target while this fence holds.
+    pub fn fences(&self, member: &str) -> bool {
+        member != self.new_primary && self.old_primary.as_deref().is_none_or(|o| o == member)
+    }
+}
+
+/// Who the agents' keys name as primary (`elect`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Election {
+    None,
+    Leader(String),
+    /// Two or more running members claim primary on the highest timeline (sorted names).
+    SplitBrain(Vec<String>),
+}
+
+/// The topology rule for agent keys: the primary is the single running member that claims
+/// primary on the highest timeline among the claimants (an unknown timeline ranks below any
+/// known one). Members in maintenance count as claimants: a drained primary is still a
+/// primary, so a second one beside it is a split brain, not a winner.
+pub fn elect<'a>(members: impl IntoIterator<Item = &'a Member>) -> Election {
+    let claimants: Vec<&Member> =
+        members.into_iter().filter(|m| m.running() && m.role == MemberRole::Primary).collect();
+    let Some(top) = claimants.iter().map(|m| m.timeline).max() else { return Election::None };
+    let mut on_top: Vec<String> = claimants.iter().filter(|m| m.timeline == top).map(|m| m.name.clone()).collect();
+    on_top.sort();
+    match on_top.len() {
+        1 => Election::Leader(on_top.remove(0)),
+        _ => Election::SplitBrain(on_top),
+    }
+}
+
+/// What Patroni's keys (or the agents') say about one cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ClusterState {
     pub leader: Option<String>,
+    /// Agent keys: the members that claim primary together on the highest timeline (empty
+    /// unless there are two or more; `leader` is then `None`).
+    pub split_brain: Vec<String>,
+    /// A fencing request in force.
+    pub fence: Option<Fence>,
     pub members: BTreeMap<String, Member>,
     pub failover: Option<Failover>,
     pub leader_optime: Option<u64>,
@@ -131,6 +194,13 @@ pub enum PrimaryStatus {
     LeaderNotRunning,
     /// The leader runs but has not been seen as a primary yet.
     Promoting,
+    /// Agent keys: two or more members claim primary on the highest timeline; none is routed.
+    SplitBrain,
+    /// The primary is in maintenance (`pgfront agent drain`): no new connections, sessions kept.
+    Maintenance,
+    /// A fencing request names the leader (a promotion elsewhere is under way): no new
+    /// connections, its sessions are closed.
+    Fenced,
     /// A manual switchover is pending: no new connections to the current leader.
     SwitchoverPending,
     /// etcd is unreachable and the direct check of the primary lost its connection (or cannot
@@ -288,12 +358,20 @@ impl ClusterView {
 
     /// What Patroni's keys (and a promotion confirmed by pgfront) say of the primary.
     fn keys_status(&self) -> PrimaryStatus {
-        let Some(name) = &self.state.leader else { return PrimaryStatus::NoLeader };
+        let Some(name) = &self.state.leader else {
+            return if self.state.split_brain.is_empty() { PrimaryStatus::NoLeader } else { PrimaryStatus::SplitBrain };
+        };
         let Some(m) = self.state.members.get(name).filter(|m| m.addr.is_some()) else {
             return PrimaryStatus::LeaderUnknown;
         };
         if !m.running() {
             return PrimaryStatus::LeaderNotRunning;
+        }
+        if self.fenced(name) {
+            return PrimaryStatus::Fenced;
+        }
+        if m.maintenance {
+            return PrimaryStatus::Maintenance;
         }
         if self.switchover_pending(name) {
             return PrimaryStatus::SwitchoverPending;
@@ -307,11 +385,23 @@ impl ClusterView {
 
     /// The member that takes new primary connections, if any.
     pub fn primary(&self) -> Option<&Member> {
-        (self.primary_status() == PrimaryStatus::Routable).then(|| self.leader_or_checked()).flatten()
+        (self.primary_status() == PrimaryStatus::Routable)
+            .then(|| self.leader_or_checked())
+            .flatten()
+            .filter(|m| !self.fenced(&m.name))
+    }
+
+    /// Whether a fencing request in force names `member`.
+    pub fn fenced(&self, member: &str) -> bool {
+        self.state.fence.as_ref().is_some_and(|f| f.fences(member))
     }
 
     /// The member whose open primary connections stay open, if any.
     fn kept_primary(&self) -> Option<&Member> {
+        self.kept_primary_unfenced().filter(|m| !self.fenced(&m.name))
+    }
+
+    fn kept_primary_unfenced(&self) -> Option<&Member> {
         match (self.leader(), self.verdict()) {
             (_, Some(CheckResult::ReadOnly)) => None,
             (Some(m), _) => (m.running() && self.runs_as_primary(m)).then_some(m),
@@ -348,7 +438,7 @@ impl ClusterView {
 
     /// Bytes a member is behind the most advanced known position.
     pub fn lag(&self, m: &Member) -> Option<u64> {
-        Some(self.reference_lsn()?.saturating_sub(m.lsn?))
+        m.lag_bytes.or_else(|| Some(self.reference_lsn()?.saturating_sub(m.lsn?)))
     }
 
     fn replicas(&self) -> impl Iterator<Item = &Member> {
@@ -365,7 +455,7 @@ impl ClusterView {
         let replicas = || {
             let eligible = self
                 .replicas()
-                .filter(|m| !m.noloadbalance)
+                .filter(|m| !m.noloadbalance && !m.maintenance)
                 .filter(|m| max_lag.is_none_or(|max| self.lag(m).is_some_and(|lag| lag <= max)))
                 .filter_map(Backend::of)
                 .collect::<Vec<_>>();
@@ -411,6 +501,8 @@ mod tests {
             lsn: Some(lsn),
             noloadbalance: false,
             nofailover: false,
+            maintenance: false,
+            lag_bytes: None,
         }
     }
 
@@ -418,6 +510,8 @@ mod tests {
         ClusterView {
             state: ClusterState {
                 leader: leader.map(Into::into),
+                split_brain: Vec::new(),
+                fence: None,
                 members: members.into_iter().map(|m| (m.name.clone(), m)).collect(),
                 failover: None,
                 leader_optime: None,
@@ -702,7 +796,7 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Keys(ClusterView),
+        Keys(Box<ClusterView>),
         Down,
         Check(usize, CheckResult),
         Confirmed(usize),
@@ -710,7 +804,7 @@ mod tests {
 
     fn arb_op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            arb_view().prop_map(Op::Keys),
+            arb_view().prop_map(|v| Op::Keys(Box::new(v))),
             Just(Op::Down),
             (0usize..6, arb_check()).prop_map(|(i, r)| Op::Check(i, r)),
             (0usize..6).prop_map(Op::Confirmed),

@@ -101,3 +101,39 @@ fn status_errors_hide_the_admin_url_password() {
     assert!(err.contains("127.0.0.1:1"), "{err}");
     assert!(!err.contains("pw-Qx93"), "{err}");
 }
+
+#[test]
+fn shipped_agent_config_passes_config_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/agent.toml");
+    for args in [&["config", "check", "-c", path][..], &["config", "check", "--agent", "-c", path][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pgfront")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("OK (agent pg1, key /service/cluster-main-13/nodes/pg1"), "{stdout}");
+    }
+}
+
+#[test]
+fn agent_config_errors_name_the_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let good = "[node]\nname = \"pg1\"\nconn_url = \"postgres://127.0.0.1:5432/postgres\"\n\n\
+                [cluster]\nscope = \"main\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n";
+    for (text, expect) in [
+        (good.replace("scope =", "ttl = \"1s\"\nscope ="), "FILE:6: cluster.ttl: whole seconds, at least 2s"),
+        (good.replace("name =", "nmae = 1\nname ="), "FILE:2: node.nmae: unknown field `nmae`"),
+        (format!("{good}\n[postgres]\npassword = 12345678\n"), "value not shown"),
+    ] {
+        std::fs::write(&path, &text).unwrap();
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_pgfront")).args(["config", "check", "-c"]).arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "FILE");
+        assert!(!out.status.success(), "{text}");
+        assert!(stderr.contains(expect), "{text}\n=> {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!stderr.contains("12345678"), "{stderr}");
+    }
+    std::fs::write(&path, good).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfront")).args(["config", "check", "-c"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

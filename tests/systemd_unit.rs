@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const UNIT: &str = include_str!("../systemd/pgfront.service");
+const AGENT_UNIT: &str = include_str!("../systemd/pgfront-agent.service");
 
 fn systemd_analyze() -> PathBuf {
     let found = std::env::var_os("PATH")
@@ -25,8 +26,12 @@ fn systemd_analyze() -> PathBuf {
 
 /// Verifies `text` as `pgfront.service`; returns the diagnostics (empty when clean).
 fn verify(text: &str) -> Vec<String> {
+    verify_as(text, "pgfront.service")
+}
+
+fn verify_as(text: &str, name: &str) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
-    let unit = dir.path().join("pgfront.service");
+    let unit = dir.path().join(name);
     std::fs::write(&unit, text.replace("/usr/bin/pgfront", env!("CARGO_BIN_EXE_pgfront"))).unwrap();
     let out = Command::new(systemd_analyze()).arg("verify").arg(&unit).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -66,9 +71,13 @@ fn verify_reports_what_systemd_would_ignore() {
 }
 
 fn service_values(key: &str) -> Vec<&'static str> {
+    service_values_of(UNIT, key)
+}
+
+fn service_values_of(unit: &'static str, key: &str) -> Vec<&'static str> {
     let mut in_service = false;
     let mut values = Vec::new();
-    for line in UNIT.lines().map(str::trim) {
+    for line in unit.lines().map(str::trim) {
         if line.starts_with('[') {
             in_service = line == "[Service]";
         } else if in_service {
@@ -97,4 +106,26 @@ fn unit_keeps_the_reload_and_upgrade_contract() {
         "argv[0] is the path an upgrade replaces"
     );
     assert!(Path::new(env!("CARGO_BIN_EXE_pgfront")).is_file());
+}
+
+#[test]
+fn agent_unit_passes_systemd_analyze_verify() {
+    let problems = verify_as(AGENT_UNIT, "pgfront-agent.service");
+    assert!(problems.is_empty(), "systemd/pgfront-agent.service:\n{}", problems.join("\n"));
+    let broken = AGENT_UNIT.replace("ExecStart=/usr/bin/pgfront", "ExecStart=/nonexistent/pgfront");
+    assert_ne!(broken, AGENT_UNIT);
+    assert!(!verify_as(&broken, "pgfront-agent.service").is_empty(), "a missing executable is reported");
+}
+
+#[test]
+fn agent_unit_keeps_its_contract() {
+    let v = |k| service_values_of(AGENT_UNIT, k);
+    assert_eq!(v("Type"), ["notify"], "the agent sends READY=1");
+    assert_eq!(v("ExecStart"), ["/usr/bin/pgfront agent -c /etc/pgfront/agent.toml"]);
+    assert_eq!(v("ExecStartPre"), ["/usr/bin/pgfront config check --agent -c /etc/pgfront/agent.toml"]);
+    assert_eq!(v("KillSignal"), ["SIGTERM"], "SIGTERM revokes the lease: the key goes at once");
+    // The state file's default directory (a drained node stays drained across restarts).
+    assert_eq!(v("StateDirectory"), ["pgfront-agent"]);
+    assert!(pgfront::config::agent::DEFAULT_AGENT_STATE_FILE.starts_with("/var/lib/pgfront-agent/"));
+    assert_eq!(v("Restart"), ["always"]);
 }

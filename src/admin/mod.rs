@@ -180,6 +180,12 @@ pub struct ClusterStatus {
     pub switchover_pending: bool,
     /// Seconds since no primary has been routable; `None` while one is.
     pub routing_paused_seconds: Option<f64>,
+    /// Which keys decide the roles: "patroni" or "agent".
+    pub source: crate::config::Source,
+    /// Nodes claiming primary together on the highest timeline (agent keys; CRITICAL).
+    pub split_brain: Vec<String>,
+    /// The fencing request in force, if any.
+    pub fence: Option<crate::topology::Fence>,
     pub members: Vec<MemberStatus>,
 }
 
@@ -192,14 +198,17 @@ pub struct MemberStatus {
     pub timeline: Option<u64>,
     pub lag_bytes: Option<u64>,
     pub noloadbalance: bool,
-    /// Drained by an operator (`pgfront drain`): no new connections on any listener.
+    /// Drained by an operator (`pgfront drain`) or by its agent (`pgfront agent drain`): no
+    /// new connections on any listener.
     pub maintenance: bool,
     /// With `--kill`: its sessions were closed too.
     pub maintenance_kill: bool,
-    /// Since when (Unix seconds).
+    /// Since when (Unix seconds), for a drain by an operator of this proxy.
     pub maintenance_since: Option<u64>,
     /// What pgfront does with it: up, nolb, drain, maint, down (`pgfront_server_state`).
     pub server_state: MemberState,
+    /// A fencing request (`pgfront agent pre-promote`) names it: no primary connections.
+    pub fenced: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -234,6 +243,9 @@ pub fn status(shared: &Shared) -> Status {
                 primary_status: view.primary_status(),
                 switchover_pending: view.state.failover.as_ref().is_some_and(|f| !f.scheduled),
                 routing_paused_seconds: c.health.routing_paused_for().map(|d| d.as_secs_f64()),
+                source: c.cfg.source,
+                split_brain: view.state.split_brain.clone(),
+                fence: view.state.fence.clone(),
                 members: view
                     .state
                     .members
@@ -248,10 +260,11 @@ pub fn status(shared: &Shared) -> Status {
                             timeline: m.timeline,
                             lag_bytes: view.lag(m),
                             noloadbalance: m.noloadbalance,
-                            maintenance: entry.is_some(),
+                            maintenance: entry.is_some() || m.maintenance,
                             maintenance_kill: entry.is_some_and(|e| e.kill),
                             maintenance_since: entry.map(|e| e.since),
                             server_state: maintenance::member_state(&view, m, entry),
+                            fenced: view.fenced(&m.name),
                         }
                     })
                     .collect(),
@@ -943,7 +956,13 @@ mod tests {
         let shared = Shared {
             metrics: Arc::new(metrics),
             events: Events::default(),
-            clusters: vec![crate::discovery::ClusterHandle { cfg: cluster, view, health, tx }],
+            clusters: vec![crate::discovery::ClusterHandle {
+                live: tokio::sync::watch::channel(cluster.clone()).0,
+                cfg: cluster,
+                view,
+                health,
+                tx,
+            }],
             listeners,
             vips,
             config: config_status(),

@@ -286,7 +286,8 @@ impl MemberState {
 
 /// Pure: the state of member `m` of `view`, `maint` its maintenance entry.
 pub(crate) fn member_state(view: &ClusterView, m: &Member, maint: Option<Entry>) -> MemberState {
-    if maint.is_some() {
+    // Drained here (`pgfront drain`) or by its agent (`pgfront agent drain`).
+    if maint.is_some() || m.maintenance {
         return MemberState::Maint;
     }
     if !m.running() || m.addr.is_none() {

@@ -7,7 +7,11 @@
 //! - an unchanged section never appears as a change, and `diff(c, c)` is empty;
 //! - a listener whose `bind` is the same in both is never `rebound`: its socket is kept and only
 //!   its settings change (`changed`); one whose bind moved is `rebound`, so the new address is
-//!   bound before the old one is closed.
+//!   bound before the old one is closed;
+//! - a cluster whose only change is its `source` (Patroni's keys or the agents') is `resourced`,
+//!   never `changed`: both kinds of keys live under the same prefix and the running discovery
+//!   already mirrors them, so the switch is a re-parse of what it holds (no new etcd session, no
+//!   gap in the view, no session closed); any other change restarts the cluster's discovery.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,7 +67,10 @@ pub(crate) struct ConfigDiff {
     pub admin_auth: Option<AdminAuth>,
     /// `Some(new)` when a `[process]` deadline changed.
     pub process: Option<ProcessConfig>,
+    /// Clusters whose source only changed are in `resourced`, not in `clusters.changed`.
     pub clusters: Changes<ClusterConfig>,
+    /// `(old, new)`: same cluster, only `source` differs — applied live by the running discovery.
+    pub resourced: Vec<(Arc<ClusterConfig>, Arc<ClusterConfig>)>,
     /// Listeners whose bind is unchanged and whose settings changed are in `listeners.changed`;
     /// those whose bind moved are in `rebound` only.
     pub listeners: Changes<ListenerConfig>,
@@ -78,6 +85,7 @@ impl ConfigDiff {
             && self.admin_auth.is_none()
             && self.process.is_none()
             && self.clusters.is_empty()
+            && self.resourced.is_empty()
             && self.listeners.is_empty()
             && self.rebound.is_empty()
             && self.vips.is_empty()
@@ -107,6 +115,11 @@ impl ConfigDiff {
             pairs(&self.listeners.changed),
         );
         section("vip", names(&self.vips.added), names(&self.vips.removed), pairs(&self.vips.changed));
+        if !self.resourced.is_empty() {
+            let r: Vec<String> =
+                self.resourced.iter().map(|(o, n)| format!("{} {:?} -> {:?}", n.name, o.source, n.source)).collect();
+            parts.push(format!("cluster sources switched: {}", r.join(", ")));
+        }
         if !self.rebound.is_empty() {
             let r: Vec<String> =
                 self.rebound.iter().map(|(o, n)| format!("{} {} -> {}", n.name, o.bind, n.bind)).collect();
@@ -149,15 +162,24 @@ pub(crate) fn diff(old: &Config, new: &Config) -> ConfigDiff {
     let mut listeners = changes(&old.listeners, &new.listeners);
     let (rebound, changed) = listeners.changed.into_iter().partition(|(o, n)| o.bind != n.bind);
     listeners.changed = changed;
+    let mut clusters = changes(&old.clusters, &new.clusters);
+    let (resourced, changed) = clusters.changed.into_iter().partition(|(o, n)| source_only(o, n));
+    clusters.changed = changed;
     ConfigDiff {
         admin: (old.admin != new.admin).then_some(new.admin),
         admin_auth: (old.admin_auth != new.admin_auth).then(|| new.admin_auth.clone()),
         process: (old.process != new.process).then_some(new.process),
-        clusters: changes(&old.clusters, &new.clusters),
+        clusters,
+        resourced,
         listeners,
         rebound,
         vips: changes(&old.vips, &new.vips),
     }
+}
+
+/// The two differ in their `source` and nothing else.
+pub(crate) fn source_only(old: &ClusterConfig, new: &ClusterConfig) -> bool {
+    old.source != new.source && ClusterConfig { source: new.source, ..old.clone() } == *new
 }
 
 fn apply_changes<T: Named>(old: &[Arc<T>], c: &Changes<T>, extra: &[(Arc<T>, Arc<T>)]) -> Vec<Arc<T>> {
@@ -177,7 +199,7 @@ pub(crate) fn apply(old: &Config, d: &ConfigDiff) -> Config {
         admin: d.admin.unwrap_or(old.admin),
         admin_auth: d.admin_auth.clone().unwrap_or_else(|| old.admin_auth.clone()),
         process: d.process.unwrap_or(old.process),
-        clusters: apply_changes(&old.clusters, &d.clusters, &[]),
+        clusters: apply_changes(&old.clusters, &d.clusters, &d.resourced),
         listeners: apply_changes(&old.listeners, &d.listeners, &d.rebound),
         vips: apply_changes(&old.vips, &d.vips, &[]),
     }
@@ -279,35 +301,66 @@ server_maxconn = 320
         assert_eq!(apply(&a, &d), b);
     }
 
+    #[test]
+    fn source_switch_is_live_and_other_changes_restart() {
+        let a = config(&listener("rw", 5432, "main", 320, "primary"));
+        let text = |source: &str, port: u16| {
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:7000\"\n[[cluster]]\nname = \"main\"\nscope = \"main-13\"\n\
+                 source = \"{source}\"\netcd_endpoints = [\"http://127.0.0.1:{port}\"]\n\
+                 [[cluster]]\nname = \"other\"\nscope = \"other-15\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n{}",
+                listener("rw", 5432, "main", 320, "primary")
+            )
+        };
+        let b = Config::parse(Path::new("b.toml"), &text("agent", 2379)).unwrap();
+        let d = diff(&a, &b);
+        assert!(d.clusters.is_empty(), "{d:?}");
+        assert_eq!(d.resourced.len(), 1);
+        assert_eq!(d.summary(), "cluster sources switched: main Patroni -> Agent");
+        assert_eq!(apply(&a, &d), b);
+        // Back again: the same.
+        assert_eq!(diff(&b, &a).resourced.len(), 1);
+        // Source and endpoints together: a restart (from the last view, same prefix).
+        let c = Config::parse(Path::new("c.toml"), &text("agent", 2380)).unwrap();
+        let d = diff(&a, &c);
+        assert!(d.resourced.is_empty());
+        assert_eq!(d.clusters.changed.len(), 1);
+        assert_eq!(apply(&a, &d), c);
+    }
+
     /// A configuration drawn from a small space, so that two draws often share sections.
     fn arb_config() -> impl Strategy<Value = Config> {
         let l = (0..3usize, prop::bool::ANY, prop::bool::ANY, 0..2usize, prop::bool::ANY);
-        (prop::collection::vec(l, 1..4), prop::bool::ANY, prop::bool::ANY).prop_map(|(ls, admin, endpoint)| {
-            let mut text = String::new();
-            if endpoint {
-                text.push_str("[process]\ndrain_timeout = \"10s\"\n");
-            }
-            if admin {
-                text.push_str("[admin]\nlisten = \"127.0.0.1:7000\"\n");
-            }
-            let port = if endpoint { 2379 } else { 2380 };
-            text.push_str(&format!(
-                "[[cluster]]\nname = \"main\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:{port}\"]\n\
-                 [[cluster]]\nname = \"other\"\nscope = \"t\"\netcd_endpoints = [\"http://127.0.0.1:2379\"]\n"
-            ));
-            let mut seen = std::collections::HashSet::new();
-            for (n, moved, limit, cluster, replica) in ls {
-                if !seen.insert(n) {
-                    continue;
+        (prop::collection::vec(l, 1..4), prop::bool::ANY, prop::bool::ANY, prop::bool::ANY).prop_map(
+            |(ls, admin, endpoint, agent)| {
+                let mut text = String::new();
+                if endpoint {
+                    text.push_str("[process]\ndrain_timeout = \"10s\"\n");
                 }
-                let name = ["a", "b", "c"][n];
-                let port = 5000 + n as u16 * 10 + u16::from(moved);
-                let maxconn = if limit { 320 } else { 10 };
-                let role = if replica { "replica" } else { "primary" };
-                text.push_str(&listener(name, port, ["main", "other"][cluster], maxconn, role));
-            }
-            Config::parse(Path::new("p.toml"), &text).unwrap()
-        })
+                if admin {
+                    text.push_str("[admin]\nlisten = \"127.0.0.1:7000\"\n");
+                }
+                let port = if endpoint { 2379 } else { 2380 };
+                let source = if agent { "agent" } else { "patroni" };
+                text.push_str(&format!(
+                    "[[cluster]]\nname = \"main\"\nscope = \"s\"\netcd_endpoints = [\"http://127.0.0.1:{port}\"]\n\
+                 [[cluster]]\nname = \"other\"\nscope = \"t\"\nsource = \"{source}\"\n\
+                 etcd_endpoints = [\"http://127.0.0.1:2379\"]\n"
+                ));
+                let mut seen = std::collections::HashSet::new();
+                for (n, moved, limit, cluster, replica) in ls {
+                    if !seen.insert(n) {
+                        continue;
+                    }
+                    let name = ["a", "b", "c"][n];
+                    let port = 5000 + n as u16 * 10 + u16::from(moved);
+                    let maxconn = if limit { 320 } else { 10 };
+                    let role = if replica { "replica" } else { "primary" };
+                    text.push_str(&listener(name, port, ["main", "other"][cluster], maxconn, role));
+                }
+                Config::parse(Path::new("p.toml"), &text).unwrap()
+            },
+        )
     }
 
     proptest! {
@@ -321,6 +374,14 @@ server_maxconn = 320
             }
             for (o, n) in &d.rebound {
                 prop_assert_ne!(o.bind, n.bind);
+            }
+            // A source switch alone never restarts discovery; a restart is never a source switch alone.
+            for (o, n) in &d.resourced {
+                prop_assert!(source_only(o, n));
+            }
+            for (o, n) in &d.clusters.changed {
+                prop_assert!(!source_only(o, n));
+                prop_assert_ne!(o, n);
             }
             // A listener kept with the same bind and settings appears nowhere.
             for l in &b.listeners {

@@ -94,6 +94,7 @@ pub struct FileCluster {
     pub namespace: Option<String>,
     pub etcd_endpoints: Vec<String>,
     pub etcd_api: Option<FileEtcdApi>,
+    pub source: Option<FileSource>,
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
@@ -115,6 +116,14 @@ pub enum FileEtcdApi {
     V3,
     #[serde(rename = "v2")]
     V2,
+}
+
+/// Which keys decide the roles of a cluster's members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileSource {
+    Patroni,
+    Agent,
 }
 
 /// `[[listener]]`: one port clients connect to.

@@ -67,10 +67,49 @@ fn examples() -> Vec<(PathBuf, String)> {
             let text = std::fs::read_to_string(&p).expect("example is readable");
             (p, text)
         })
+        // The agent's example has its own parser (fuzzed below).
+        .filter(|(_, text)| !agent::looks_like_agent(text))
         .collect();
     v.sort();
     assert!(!v.is_empty(), "no example in {}", dir.display());
     v
+}
+
+/// An agent configuration parsed from hostile text: Ok with its invariants, or an error that
+/// renders on one line naming the file.
+fn check_agent(text: &str) {
+    match agent::AgentConfig::parse(Path::new("fuzz.toml"), text) {
+        Ok(c) => {
+            assert!(c.ttl.as_secs() >= 2 && !c.lsn_interval.is_zero());
+            assert!(!c.postgres.interval.is_zero() && c.postgres.fast_interval <= c.postgres.interval);
+            assert!(c.prefix().starts_with('/') && c.prefix().ends_with('/'));
+        }
+        Err(e) => {
+            let s = e.to_string();
+            assert!(s.starts_with("fuzz.toml") && s.lines().count() == 1, "{s}");
+        }
+    }
+}
+
+#[test]
+fn mutated_agent_example_never_panics() {
+    use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/agent.toml");
+    let example = std::fs::read_to_string(&path).expect("config/agent.toml");
+    check_agent(&example);
+    let config = RunnerConfig { cases: cases(1000), failure_persistence: None, ..RunnerConfig::default() };
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&proptest::collection::vec(mutation(), 1..6), |muts| {
+        let mut t = example.clone();
+        for m in &muts {
+            t = apply(&t, m);
+        }
+        check_agent(&t);
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }
 
 /// Pieces of TOML and of the values pgfront expects, so mutations reach past the tokenizer
@@ -232,6 +271,7 @@ proptest! {
     #[test]
     fn arbitrary_text_never_panics(text in any::<String>()) {
         check(&text);
+        check_agent(&text);
     }
 
     #[test]

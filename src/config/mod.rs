@@ -5,6 +5,7 @@
 //! rest of the program never sees a "maybe" value. An error names the file, the line and the
 //! field, so `pgfront config check` can be run by a human or by a deployment pipeline.
 
+pub mod agent;
 #[allow(dead_code)] // applied by the reload supervisor (SIGHUP), which is being built on it
 pub(crate) mod diff;
 pub mod file;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use file::{FileBalance, FileCluster, FileConfig, FileEtcdApi, FileListener, FileRole, FileVip};
+use file::{FileBalance, FileCluster, FileConfig, FileEtcdApi, FileListener, FileRole, FileSource, FileVip};
 
 pub const DEFAULT_NAMESPACE: &str = "/service/";
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -168,6 +169,20 @@ pub enum EtcdApi {
     V2,
 }
 
+/// Which keys under the cluster's prefix decide its members' roles. Both kinds live under the
+/// same prefix and the same watch sees them, so switching is only a choice of parser (a live
+/// reload, see `diff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Patroni's `leader` and `members/<name>` keys.
+    #[default]
+    Patroni,
+    /// `pgfront agent`'s `nodes/<name>` keys (repmgr or any streaming-replication cluster);
+    /// etcd v3 only, since agents and fencing need leases.
+    Agent,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
@@ -193,6 +208,7 @@ pub struct ClusterConfig {
     pub namespace: String,
     pub endpoints: Vec<String>,
     pub api: EtcdApi,
+    pub source: Source,
     pub credentials: Option<Credentials>,
     pub tls: Option<TlsFiles>,
     pub etcd_timeout: Duration,
@@ -557,6 +573,17 @@ impl Resolver<'_> {
             FileEtcdApi::V3 => EtcdApi::V3,
             FileEtcdApi::V2 => EtcdApi::V2,
         };
+        let source = match c.source.unwrap_or(FileSource::Patroni) {
+            FileSource::Patroni => Source::Patroni,
+            FileSource::Agent => Source::Agent,
+        };
+        if source == Source::Agent && api == EtcdApi::V2 {
+            return Err(bad(
+                "source",
+                "\"agent\" needs etcd_api = \"v3\": agents publish their keys under leases, and fencing needs them"
+                    .into(),
+            ));
+        }
         let password = match (c.password, c.password_file) {
             (Some(_), Some(_)) => return Err(bad("password_file", "set password or password_file, not both".into())),
             (Some(p), None) => Some(p),
@@ -627,6 +654,7 @@ impl Resolver<'_> {
             namespace,
             endpoints: c.etcd_endpoints,
             api,
+            source,
             credentials,
             tls,
             etcd_timeout,

@@ -28,6 +28,7 @@ fn defaults_match_the_production_setup() {
     let cl = &c.clusters[0];
     assert_eq!(cl.prefix(), "/service/cluster-main-13/");
     assert_eq!(cl.api, EtcdApi::V3);
+    assert_eq!(cl.source, Source::Patroni);
     let l = &c.listeners[0];
     assert_eq!(l.name, "main-5432");
     assert_eq!(l.role, Role::Primary);
@@ -35,6 +36,17 @@ fn defaults_match_the_production_setup() {
     assert_eq!(l.server_maxconn, 320);
     assert_eq!(l.drain_grace, Duration::ZERO);
     assert_eq!(l.tcp_keepalive, Some(DEFAULT_TCP_KEEPALIVE));
+}
+
+#[test]
+fn agent_source_needs_etcd_v3() {
+    let agent = MINIMAL.replace("etcd_endpoints", "source = \"agent\"\netcd_endpoints");
+    assert_eq!(parse(&agent).unwrap().clusters[0].source, Source::Agent);
+    let (line, field, reason) = invalid(&agent.replace("etcd_endpoints", "etcd_api = \"v2\"\netcd_endpoints"));
+    assert_eq!((line, field.as_str()), (5, "cluster[0].source"));
+    assert!(reason.contains("etcd_api = \"v3\""), "{reason}");
+    let e = parse(&MINIMAL.replace("etcd_endpoints", "source = \"repmgr\"\netcd_endpoints")).unwrap_err().to_string();
+    assert!(e.contains("cluster[0].source") && e.contains("unknown variant"), "{e}");
 }
 
 #[test]

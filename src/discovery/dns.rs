@@ -182,6 +182,8 @@ mod tests {
                     lsn: None,
                     noloadbalance: false,
                     nofailover: false,
+                    maintenance: false,
+                    lag_bytes: None,
                 },
             );
         }

@@ -22,6 +22,10 @@ pub enum KeyError {
     ConnUrl { key: String, url: String },
     #[error("key {key}: value is not UTF-8")]
     Utf8 { key: String },
+    #[error("key {key}: not a valid pgfront agent node: {reason}")]
+    Node { key: String, reason: String },
+    #[error("key {key}: not a valid fencing request: {reason}")]
+    Fence { key: String, reason: String },
 }
 
 #[derive(Deserialize)]
@@ -49,6 +53,14 @@ struct RawFailover {
 #[derive(Deserialize)]
 struct RawStatus {
     optime: Option<u64>,
+}
+
+/// The cluster's keys, parsed by the rules of its `source`.
+pub fn parse(source: crate::config::Source, keys: &KeyMap) -> (ClusterState, Vec<KeyError>) {
+    match source {
+        crate::config::Source::Patroni => parse_cluster(keys),
+        crate::config::Source::Agent => super::agent_keys::parse_cluster(keys),
+    }
 }
 
 /// Parses every key Patroni keeps for one cluster. Unknown keys (`config`, `initialize`,
@@ -95,6 +107,10 @@ pub fn parse_cluster(keys: &KeyMap) -> (ClusterState, Vec<KeyError>) {
         }
     }
     state.leader_optime = optime_key;
+    // A fencing request applies whatever decides the roles.
+    let (fence, fence_error) = super::agent_keys::parse_fence_key(keys);
+    state.fence = fence;
+    errors.extend(fence_error);
     (state, errors)
 }
 
@@ -120,6 +136,8 @@ fn parse_member(key: &str, name: &str, value: &str) -> Result<Member, KeyError> 
         lsn: raw.replay_lsn.or(raw.xlog_location),
         noloadbalance: tag("noloadbalance"),
         nofailover: tag("nofailover"),
+        maintenance: false,
+        lag_bytes: None,
     })
 }
 

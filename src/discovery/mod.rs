@@ -16,10 +16,12 @@
 //! primary when it cannot reach etcd. The source reconnects with backoff (moving to the next
 //! endpoint each time) and re-reads everything, so nothing is missed.
 
+pub(crate) mod agent_keys;
 pub mod confirm;
 pub(crate) mod dns;
 pub mod etcd2;
 pub mod etcd3;
+pub(crate) mod fence;
 pub mod keys;
 
 use std::collections::BTreeSet;
@@ -32,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{ClusterConfig, EtcdApi};
 use crate::events::{EventKind, Events, NewEvent};
@@ -143,6 +145,8 @@ impl ClusterHealth {
 #[derive(Clone)]
 pub struct ClusterHandle {
     pub cfg: Arc<ClusterConfig>,
+    /// Settings the running discovery applies live (today: `source`, see `config::diff`).
+    pub(crate) live: watch::Sender<Arc<ClusterConfig>>,
     pub view: watch::Receiver<Arc<ClusterView>>,
     pub health: Arc<ClusterHealth>,
     /// Kept so that a replacing discovery (reload) publishes into the same channel.
@@ -184,8 +188,19 @@ pub fn spawn(
         // Nothing is routable before etcd has been read.
         health.set_routing_paused(true);
     }
-    tokio::spawn(task.run(src_rx, stop));
-    ClusterHandle { cfg, view: rx, health, tx }
+    let (live, live_rx) = watch::channel(cfg.clone());
+    tokio::spawn(task.run(src_rx, live_rx, stop));
+    ClusterHandle { cfg, live, view: rx, health, tx }
+}
+
+impl ClusterHandle {
+    /// Applies a change of `source` alone (`config::diff::source_only`) to the running
+    /// discovery: it parses the keys it already mirrors by the new rules and publishes at once.
+    /// No etcd session is restarted and the view never goes empty.
+    pub(crate) fn switch_source(&mut self, cfg: Arc<ClusterConfig>) {
+        self.live.send_replace(cfg.clone());
+        self.cfg = cfg;
+    }
 }
 
 struct ClusterTask {
@@ -212,6 +227,12 @@ struct ClusterTask {
     routed: Option<String>,
     paused_since: Option<(Instant, Option<String>)>,
     seen_keys: bool,
+    /// The keys last read: re-parsed when the source changes.
+    keys: KeyMap,
+    /// The members of the split brain last logged (empty: none).
+    split_brain: Vec<String>,
+    /// The fencing request last logged.
+    fence: Option<String>,
 }
 
 impl ClusterTask {
@@ -243,6 +264,9 @@ impl ClusterTask {
             routed: None,
             paused_since: None,
             seen_keys: false,
+            keys: KeyMap::new(),
+            split_brain: Vec::new(),
+            fence: None,
         }
     }
 
@@ -255,7 +279,12 @@ impl ClusterTask {
         self.seen_keys = true;
     }
 
-    async fn run(mut self, mut src: mpsc::Receiver<SourceEvent>, stop: CancellationToken) {
+    async fn run(
+        mut self,
+        mut src: mpsc::Receiver<SourceEvent>,
+        mut live: watch::Receiver<Arc<ClusterConfig>>,
+        stop: CancellationToken,
+    ) {
         let (confirm_tx, mut confirm_rx) = mpsc::channel(4);
         self.confirm_tx = confirm_tx;
         let (check_tx, mut check_rx) = mpsc::channel(4);
@@ -276,6 +305,10 @@ impl ClusterTask {
                     self.view.handle_confirmed(&name);
                 }
                 Some((name, result)) = check_rx.recv() => self.view.handle_check(&name, result),
+                Ok(()) = live.changed() => {
+                    let cfg = live.borrow_and_update().clone();
+                    self.on_source(cfg);
+                }
                 Some(done) = self.lookups.join_next(), if !self.lookups.is_empty() => {
                     // A lookup task neither panics nor is aborted before the task ends.
                     if let Ok((key, r)) = done {
@@ -312,7 +345,25 @@ impl ClusterTask {
             self.metrics.etcd_up.set(1);
         }
         self.seen_keys = true;
-        let (state, errors) = keys::parse_cluster(&keys);
+        self.keys = keys;
+        self.parse_keys();
+    }
+
+    /// A reload switched the source: the keys already read are parsed by the new rules.
+    fn on_source(&mut self, cfg: Arc<ClusterConfig>) {
+        let (from, to) = (self.cfg.source, cfg.source);
+        self.cfg = cfg;
+        if from != to {
+            info!(cluster = %self.cfg.name, ?from, ?to, keys = self.keys.len(), "source switched: roles now come from the {} keys", match to { crate::config::Source::Patroni => "Patroni", crate::config::Source::Agent => "agent" });
+            self.key_errors.clear();
+            if self.seen_keys {
+                self.parse_keys();
+            }
+        }
+    }
+
+    fn parse_keys(&mut self) {
+        let (state, errors) = keys::parse(self.cfg.source, &self.keys);
         let errors: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
         for e in errors.difference(&self.key_errors) {
             warn!(cluster = %self.cfg.name, "ignoring bad key: {e}");
@@ -383,6 +434,7 @@ impl ClusterTask {
         self.manage_check();
         self.log_verdict();
         self.manage_grace();
+        self.log_split_brain_and_fence();
         let view = &self.view;
         let status = view.primary_status();
         let routed = view.primary().map(|m| m.name.clone());
@@ -444,6 +496,36 @@ impl ClusterTask {
         }
         if **self.tx.borrow() != self.view {
             self.tx.send_replace(Arc::new(self.view.clone()));
+        }
+    }
+
+    /// One line when a split brain begins or ends, and when a fencing request appears or goes.
+    fn log_split_brain_and_fence(&mut self) {
+        let cluster = &self.cfg.name;
+        let now = &self.view.state.split_brain;
+        if *now != self.split_brain {
+            if now.is_empty() {
+                info!(%cluster, was = %self.split_brain.join(","), "split brain over: one node claims primary at most");
+                self.metrics.split_brain.set(0);
+            } else {
+                error!(%cluster, members = %now.join(","), "SPLIT BRAIN: several nodes claim primary on the highest timeline; no new connection goes to any of them and their sessions are closed");
+                if self.split_brain.is_empty() {
+                    self.metrics.split_brains.inc();
+                }
+                self.metrics.split_brain.set(1);
+            }
+            self.split_brain = now.clone();
+        }
+        let fence = self.view.state.fence.as_ref();
+        if fence.map(|f| &f.id) != self.fence.as_ref() {
+            match fence {
+                Some(f) => {
+                    warn!(%cluster, id = %f.id, new_primary = %f.new_primary, old_primary = f.old_primary.as_deref().unwrap_or("(all others)"), "fencing request: no new primary connection to the fenced nodes, their primary sessions are closed")
+                }
+                None => info!(%cluster, "fencing request gone: fence lifted"),
+            }
+            self.metrics.fence_active.set(i64::from(fence.is_some()));
+            self.fence = fence.map(|f| f.id.clone());
         }
     }
 
@@ -563,6 +645,9 @@ pub(crate) fn status_text(s: PrimaryStatus) -> &'static str {
         PrimaryStatus::LeaderUnknown => "leader without a member entry",
         PrimaryStatus::LeaderNotRunning => "leader not running",
         PrimaryStatus::Promoting => "new leader promoting",
+        PrimaryStatus::SplitBrain => "split brain: several nodes claim primary",
+        PrimaryStatus::Maintenance => "primary in maintenance",
+        PrimaryStatus::Fenced => "primary fenced for a promotion elsewhere",
         PrimaryStatus::SwitchoverPending => "switchover pending",
         PrimaryStatus::Unconfirmed => "etcd unreachable, primary unconfirmed",
         PrimaryStatus::ReadOnly => "primary read-only",

@@ -71,6 +71,7 @@ struct Harness {
     view: watch::Receiver<Arc<ClusterView>>,
     events: crate::events::Events,
     health: Arc<ClusterHealth>,
+    live: watch::Sender<Arc<ClusterConfig>>,
     _stop: tokio_util::sync::DropGuard,
 }
 
@@ -79,9 +80,10 @@ fn start(cfg: Arc<ClusterConfig>, resolver: Arc<dyn Resolve>) -> Harness {
     let (src, src_rx) = mpsc::channel(16);
     let stop = CancellationToken::new();
     let (events, health) = (crate::events::Events::default(), Arc::new(ClusterHealth::default()));
+    let (live, live_rx) = watch::channel(cfg.clone());
     let task = ClusterTask::new(cfg, tx, Metrics::new().cluster("t"), events.clone(), health.clone(), resolver);
-    tokio::spawn(task.run(src_rx, stop.clone()));
-    Harness { src, view, events, health, _stop: stop.drop_guard() }
+    tokio::spawn(task.run(src_rx, live_rx, stop.clone()));
+    Harness { src, view, events, health, live, _stop: stop.drop_guard() }
 }
 
 fn member_json(host: &str, port: u16, role: &str) -> Vec<u8> {
@@ -203,4 +205,41 @@ async fn a_leader_change_is_recorded_with_its_routing_pause() {
     assert_eq!(change.pause_ms, Some(1500));
     assert_eq!(change.detail, "pg1 → pg2, routing paused 1500 ms");
     assert_eq!(ev[1].detail, "pg1 takes no new connections (no leader); clients are held");
+}
+
+/// A reload that switches the source re-parses the keys already read: the new primary is
+/// published at once, with no new read from etcd, and the view never goes empty.
+#[tokio::test(start_paused = true)]
+async fn source_switch_reparses_the_mirrored_keys() {
+    let mut h = start(cluster_config(""), Arc::new(NoDns));
+    let mut k = keys("pg1", &[("pg1", "10.0.0.1", 5432, "master"), ("pg2", "10.0.0.2", 5432, "replica")]);
+    let node = |port: u16, role: &str, tl: u64| {
+        format!(r#"{{"version":1,"conn_url":"postgres://10.0.0.9:{port}/postgres","state":"running","role":"{role}","timeline":{tl},"maintenance":false}}"#).into_bytes()
+    };
+    k.insert("nodes/a1".into(), node(6001, "primary", 2));
+    k.insert("nodes/a2".into(), node(6002, "replica", 2));
+    h.src.send(SourceEvent::Keys(k)).await.unwrap();
+    let v = tokio::time::timeout(Duration::from_millis(100), view_where(&mut h.view, |v| v.primary().is_some()))
+        .await
+        .expect("published");
+    assert_eq!(primary_at(&v), Some(("pg1".into(), addr("10.0.0.1:5432"))));
+    let agent = cluster_config("source = \"agent\"");
+    h.live.send_replace(agent);
+    let v = tokio::time::timeout(
+        Duration::from_millis(100),
+        view_where(&mut h.view, |v| v.primary().is_some_and(|m| m.name == "a1")),
+    )
+    .await
+    .expect("switched without a new read");
+    assert_eq!(primary_at(&v), Some(("a1".into(), addr("10.0.0.9:6001"))));
+    assert!(v.state.members.keys().all(|n| n.starts_with('a')), "{:?}", v.state.members.keys());
+    // And back.
+    h.live.send_replace(cluster_config(""));
+    let v = tokio::time::timeout(
+        Duration::from_millis(100),
+        view_where(&mut h.view, |v| v.primary().is_some_and(|m| m.name == "pg1")),
+    )
+    .await
+    .expect("switched back");
+    assert_eq!(v.state.members.len(), 2);
 }

@@ -26,8 +26,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod agent;
 pub mod echo;
 pub mod netns;
+pub mod repmgr;
 
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -574,6 +576,12 @@ impl Patroni {
     /// `start` against several etcd members (`host:port` each), as in production with one
     /// etcd member per data centre: Patroni moves to another member when one fails.
     pub fn start_with_hosts(hosts: &[String], scope: &str, dcs: Dcs) -> Patroni {
+        Patroni::start_with_pre_promote(hosts, scope, dcs, None)
+    }
+
+    /// `start_with_hosts` with Patroni's `postgresql.pre_promote` set to `pre_promote`, in which
+    /// `{dir}` is the cluster's directory (readable by postgres) and `{name}` the member's name.
+    pub fn start_with_pre_promote(hosts: &[String], scope: &str, dcs: Dcs, pre_promote: Option<&str>) -> Patroni {
         assert!(is_root(), "the Patroni tests run as root (they start Patroni as the postgres user)");
         let patroni = require("patroni", "patroni");
         require(&format!("{PGBIN}/postgres"), "postgresql-15");
@@ -638,7 +646,7 @@ postgresql:
   connect_address: 127.0.0.1:{pg_port}
   data_dir: {data}
   bin_dir: {PGBIN}
-  pgpass: {mdir}/pgpass
+{pre_promote}  pgpass: {mdir}/pgpass
   authentication:
     superuser: {{username: postgres, password: postgres}}
     replication: {{username: replicator, password: replicator}}
@@ -651,6 +659,10 @@ postgresql:
 "#,
                 data = data_dir.display(),
                 mdir = mdir.display(),
+                pre_promote = pre_promote.map_or(String::new(), |t| format!(
+                    "  pre_promote: {}\n",
+                    t.replace("{dir}", &dir.path().display().to_string()).replace("{name}", &name)
+                )),
             );
             let config = dir.path().join(format!("{name}.yml"));
             fs::write(&config, yml).unwrap();

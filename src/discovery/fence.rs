@@ -1,0 +1,306 @@
+//! Fencing before promotion, the proxy's half: this proxy registers itself under
+//! `<prefix>proxies/<proxy_id>` (a lease of `REGISTRATION_TTL`, kept alive), and answers each
+//! fencing request (`<prefix>fence`, written by `pgfront agent pre-promote`) with
+//! `<prefix>fence-ack/<proxy_id>` once it sends no new primary connection to the fenced nodes
+//! and has closed its primary sessions there.
+//!
+//! The fence itself is applied by the topology (`ClusterView::fenced`): the cluster task
+//! publishes the view with the fence the moment the watch reports the key, and each listener's
+//! follower drains the fenced servers at once (no drain grace). This task only waits for the
+//! pools to show it done (`pending`, pure) and writes the acknowledgement, so the
+//! acknowledgement never precedes the fact. The fence holds while the key exists; the ack key
+//! shares the registration's lease and disappears with the proxy.
+//!
+//! etcd v3 only (leases). Errors end the session; the next one registers again (a new lease)
+//! and acknowledges the fence in force again, so a pre-promote waiting meanwhile still gets
+//! its answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::PutOptions;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::balancer::pool::PoolStatus;
+use crate::balancer::select::ServerState;
+use crate::config::{ClusterConfig, Role};
+use crate::metrics::ClusterMetrics;
+use crate::topology::ClusterView;
+
+/// The lease of a proxy's registration and acknowledgements (the contract's 10 s).
+pub(crate) const REGISTRATION_TTL: i64 = 10;
+/// How often the pools are looked at while a fence is being applied.
+const POLL: Duration = Duration::from_millis(2);
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Who this proxy is, as it registers (`<prefix>proxies/<id>`).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ProxyInfo {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub admin: Option<String>,
+}
+
+impl ProxyInfo {
+    /// `<hostname>-<pid>`, as the contract says when no id is configured.
+    pub(crate) fn this_process(admin: Option<std::net::SocketAddr>) -> ProxyInfo {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        let pid = std::process::id();
+        ProxyInfo { id: format!("{host}-{pid}"), host, pid, admin: admin.map(|a| format!("http://{a}")) }
+    }
+}
+
+/// What the supervisor tells this task about the pools of the cluster's listeners, read at
+/// each look: (listener role, its replica lag limit, the pool's state).
+pub(crate) type PoolsFn = Arc<dyn Fn() -> Vec<(Role, Option<u64>, PoolStatus)> + Send + Sync>;
+
+/// Pure: how much of the fence in `view` the pools have not applied yet: connections still
+/// open to fenced servers that their listener does not keep, plus fenced servers a pool still
+/// offers to new connections. Replica listeners are not concerned (a fence is about the
+/// primary role). 0 when done, or when no fence is in force.
+pub(crate) fn pending(view: &ClusterView, pools: &[(Role, Option<u64>, PoolStatus)]) -> u32 {
+    if view.state.fence.is_none() {
+        return 0;
+    }
+    let mut n = 0;
+    for (role, lag, pool) in pools {
+        if *role == Role::Replica {
+            continue;
+        }
+        let keep = view.targets(*role, *lag).keep;
+        for s in &pool.servers {
+            if !view.fenced(&s.member) || keep.iter().any(|b| *b.member == *s.member && b.addr == s.addr) {
+                continue;
+            }
+            n += s.active + u32::from(s.state == ServerState::Eligible);
+        }
+    }
+    n
+}
+
+/// Connections open to fenced servers the fence closes (what the acknowledgement reports).
+fn open_fenced(view: &ClusterView, pools: &[(Role, Option<u64>, PoolStatus)]) -> u32 {
+    pools
+        .iter()
+        .filter(|(r, _, _)| *r != Role::Replica)
+        .flat_map(|(_, _, p)| &p.servers)
+        .filter(|s| view.fenced(&s.member))
+        .map(|s| s.active)
+        .sum()
+}
+
+#[derive(Serialize)]
+struct Ack<'a> {
+    id: &'a str,
+    closed_sessions: u32,
+    at_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Registers this proxy and acknowledges fencing requests until `stop`.
+pub(crate) async fn run(
+    cfg: Arc<ClusterConfig>,
+    me: ProxyInfo,
+    mut view: watch::Receiver<Arc<ClusterView>>,
+    pools: PoolsFn,
+    metrics: ClusterMetrics,
+    stop: CancellationToken,
+) {
+    // Connections open to the fenced nodes when the request was first seen, per fence id.
+    let mut seen: Option<(String, u32)> = None;
+    let mut registered_once = false;
+    loop {
+        let r = tokio::select! {
+            r = session(&cfg, &me, &mut view, &pools, &metrics, &mut seen, &mut registered_once) => r,
+            _ = stop.cancelled() => return,
+        };
+        if let Err(e) = r {
+            warn!(cluster = %cfg.name, proxy = %me.id, error = %e, "proxy registration for fencing lost; registering again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn session(
+    cfg: &ClusterConfig,
+    me: &ProxyInfo,
+    view: &mut watch::Receiver<Arc<ClusterView>>,
+    pools: &PoolsFn,
+    metrics: &ClusterMetrics,
+    seen: &mut Option<(String, u32)>,
+    registered_once: &mut bool,
+) -> Result<(), String> {
+    let prefix = cfg.prefix();
+    let mut client = crate::etcd::connect(cfg, &cfg.endpoints).await.map_err(|e| e.to_string())?;
+    let lease = client.lease_grant(REGISTRATION_TTL, None).await.map_err(|e| e.to_string())?.id();
+    let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
+    let value = serde_json::to_string(me).map_err(|e| e.to_string())?;
+    let reg_key = format!("{prefix}proxies/{}", me.id);
+    client.put(reg_key.as_str(), value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| e.to_string())?;
+    if !*registered_once {
+        info!(cluster = %cfg.name, key = %reg_key, "proxy registered for fencing requests");
+        *registered_once = true;
+    }
+    let ack_key = format!("{prefix}fence-ack/{}", me.id);
+    let ttl = Duration::from_secs(REGISTRATION_TTL as u64);
+    let mut next_keepalive = Instant::now() + ttl / 3;
+    let mut last_ack = Instant::now();
+    // The fence this session has acknowledged (a new lease needs a new ack).
+    let mut acked: Option<String> = None;
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        let v = view.borrow_and_update().clone();
+        let fence_id = v.state.fence.as_ref().map(|f| f.id.clone());
+        let mut poll = false;
+        match &fence_id {
+            Some(id) if acked.as_ref() != Some(id) => {
+                let now_pools = pools();
+                if seen.as_ref().is_none_or(|(s, _)| s != id) {
+                    *seen = Some((id.clone(), open_fenced(&v, &now_pools)));
+                    waiting_since = Some(Instant::now());
+                }
+                let left = pending(&v, &now_pools);
+                if left == 0 {
+                    let closed = seen.as_ref().map_or(0, |(_, n)| *n);
+                    let ack = serde_json::to_string(&Ack { id, closed_sessions: closed, at_ms: unix_ms() })
+                        .map_err(|e| e.to_string())?;
+                    client
+                        .put(ack_key.as_str(), ack, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    metrics.fence_acks.inc();
+                    let took = waiting_since.take().map_or(Duration::ZERO, |t| t.elapsed());
+                    info!(cluster = %cfg.name, fence = %id, closed_sessions = closed, took_ms = took.as_secs_f64() * 1000.0, "fencing request acknowledged");
+                    acked = Some(id.clone());
+                } else {
+                    if waiting_since.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+                        warn!(cluster = %cfg.name, fence = %id, pending = left, "fencing request: sessions to the fenced nodes still open after 2s; not acknowledged yet");
+                        waiting_since = Some(Instant::now());
+                    }
+                    poll = true;
+                }
+            }
+            Some(_) => {}
+            None => {
+                if acked.take().is_some() {
+                    // The fence is lifted: the acknowledgement has served.
+                    let _ = client.delete(ack_key.as_str(), None).await;
+                    debug!(cluster = %cfg.name, "fence lifted: acknowledgement removed");
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= last_ack + ttl - ttl / 4 {
+            return Err(format!("no keep-alive acknowledged for {:?}", now - last_ack));
+        }
+        tokio::select! {
+            r = view.changed() => if r.is_err() { return Ok(()) },
+            _ = tokio::time::sleep(POLL), if poll => {}
+            _ = tokio::time::sleep_until(next_keepalive) => {
+                keeper.keep_alive().await.map_err(|e| e.to_string())?;
+                next_keepalive = Instant::now() + ttl / 3;
+            }
+            a = acks.message() => match a {
+                Ok(Some(a)) if a.ttl() > 0 => last_ack = Instant::now(),
+                Ok(Some(_)) => return Err("lease expired".into()),
+                Ok(None) => return Err("keep-alive stream closed".into()),
+                Err(e) => return Err(e.to_string()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::pool::ServerStatus;
+    use crate::topology::{ClusterState, Fence, Member, MemberRole};
+
+    fn member(name: &str, port: u16, role: MemberRole) -> Member {
+        Member {
+            name: name.into(),
+            addr: Some(([127, 0, 0, 1], port).into()),
+            host: None,
+            port: Some(port),
+            api_url: None,
+            role,
+            state: "running".into(),
+            timeline: Some(1),
+            lsn: Some(1),
+            noloadbalance: false,
+            nofailover: false,
+            maintenance: false,
+            lag_bytes: None,
+        }
+    }
+
+    fn view(fence: Option<(&str, Option<&str>)>) -> ClusterView {
+        let mut s = ClusterState { leader: Some("pg1".into()), ..Default::default() };
+        for m in [
+            member("pg1", 1, MemberRole::Primary),
+            member("pg2", 2, MemberRole::Replica),
+            member("pg3", 3, MemberRole::Replica),
+        ] {
+            s.members.insert(m.name.clone(), m);
+        }
+        s.fence = fence.map(|(n, o)| Fence { id: "f".into(), new_primary: n.into(), old_primary: o.map(Into::into) });
+        let mut v = ClusterView::default();
+        v.handle_keys(s);
+        v
+    }
+
+    fn pool(servers: &[(&str, u16, u32, ServerState)]) -> PoolStatus {
+        PoolStatus {
+            queued: 0,
+            oldest_queued_wait_seconds: 0.0,
+            servers: servers
+                .iter()
+                .map(|(m, p, active, state)| ServerStatus {
+                    member: m.to_string(),
+                    addr: ([127, 0, 0, 1], *p).into(),
+                    active: *active,
+                    state: *state,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pending_until_the_pools_drained_the_fenced_primary() {
+        use ServerState::*;
+        let v = view(Some(("pg2", Some("pg1"))));
+        // Before the follower applied the fence: still eligible, 3 sessions.
+        let before = vec![(Role::Primary, None, pool(&[("pg1", 1, 3, Eligible)]))];
+        assert_eq!((pending(&v, &before), open_fenced(&v, &before)), (4, 3));
+        // Drained, one session not closed yet.
+        let closing = vec![(Role::Primary, None, pool(&[("pg1", 1, 1, Draining)]))];
+        assert_eq!(pending(&v, &closing), 1);
+        // Done; replica listeners and replica sessions of a read-only listener do not count.
+        let done = vec![
+            (Role::Primary, None, pool(&[])),
+            (Role::Replica, None, pool(&[("pg2", 2, 5, Eligible), ("pg3", 3, 5, Eligible)])),
+            (Role::ReadOnly, None, pool(&[("pg3", 3, 2, Eligible)])),
+        ];
+        assert_eq!(pending(&v, &done), 0);
+        // old_primary null fences pg3 too, but a read-only listener keeps it as a replica.
+        let v = view(Some(("pg2", None)));
+        assert_eq!(pending(&v, &done), 0);
+        // No fence: nothing pending whatever the pools hold.
+        assert_eq!(pending(&view(None), &before), 0);
+    }
+}
