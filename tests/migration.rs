@@ -179,13 +179,13 @@ fn routed_replicas(env: &Env) -> Vec<String> {
 fn repmgr_to_patroni_under_writes_through_pgfront() {
     let mut env = setup();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| migrate(&mut env)));
-    if result.is_err() {
+    if let Err(panic) = result {
         eprintln!("--- pgfront log (last 60 lines) ---\n{}", env.pf.proc.log_tail(60));
         if let Some(p) = &env.patroni {
             eprintln!("{}", p.log_tails(40));
         }
         eprintln!("{}", env.rm.log_tails(30));
-        std::panic::resume_unwind(result.unwrap_err());
+        std::panic::resume_unwind(panic);
     }
 }
 
@@ -331,4 +331,38 @@ fn migrate(env: &mut Env) {
     assert_eq!(leader.name, "pg1");
     assert!(!env.pf.log().contains("SPLIT BRAIN"));
     assert_eq!(after, start_times(env), "still no restart after the migration");
+    for n in &env.rm.nodes {
+        let (_, pending, _) = psql(n.port, "SELECT string_agg(name, ',') FROM pg_settings WHERE pending_restart");
+        eprintln!("{}: settings pending a restart: [{pending}]", n.name);
+    }
+
+    // Patroni now manages the former repmgr nodes: an explicit switchover (outside the
+    // migration) demotes the former repmgr primary and the other replica follows.
+    let stop = CancellationToken::new();
+    let writer =
+        env.rt.spawn(write_loop(conninfo(env.rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(90)));
+    wait_for("the writer's first writes", Duration::from_secs(10), || (rows(env)? >= settled + 100).then_some(()));
+    let t1 = Instant::now();
+    let out = p.switchover("pg1", "pg2");
+    env.pf.wait_primary(CLUSTER, "pg2", Duration::from_secs(30));
+    eprintln!("patronictl switchover pg1 -> pg2 after the migration: pgfront routes to pg2 after {:?}", t1.elapsed());
+    p.wait_healthy(Duration::from_secs(60));
+    let pg2 = env.rm.node("pg2").port;
+    wait_for("writes on pg2", Duration::from_secs(10), || {
+        let (ok, out, _) = psql(pg2, "SELECT count(*) > 0 FROM pgfront_probe WHERE at > now() - interval '1 second'");
+        (ok && out == "t").then_some(())
+    });
+    stop.cancel();
+    let st = env.rt.block_on(writer).unwrap();
+    eprintln!("Patroni switchover through pgfront after the migration: {}", st.summary());
+    for e in &st.errors {
+        eprintln!("  {e}");
+    }
+    assert!(out.contains("Successfully switched over"), "{out}");
+    assert_eq!(st.connect_failures, 0, "no connection attempt fails during the switchover");
+    assert_eq!(st.read_only, 0, "no write reaches a read-only server");
+    assert!(st.broken <= 1, "at most the session open on the old primary at shutdown breaks");
+    assert_eq!(st.writes.last().unwrap().1, pg2, "writes continue on the new primary");
+    assert_eq!(env.rm.in_recovery("pg1"), Some(true), "the former repmgr primary is now a Patroni replica");
+    assert!(env.rt.block_on(whoami(env.ro)).unwrap().1, "the replica listener reaches a replica");
 }
