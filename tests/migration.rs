@@ -4,11 +4,12 @@
 //! From a repmgr 5.3 cluster (PostgreSQL 15: pg1 primary, pg2 and pg3 streaming replicas), one
 //! `pgfront agent` beside each node and pgfront routing by the agents' keys (`source = "agent"`):
 //! 1. `repmgr service pause` (no automatic failover by repmgrd from here on);
-//! 2. Patroni 3.0 started over the RUNNING instances, the primary's first (it takes the
-//!    `initialize` and `leader` keys for the running primary), then the replicas' (Patroni
-//!    rewrites their `primary_conninfo` / `primary_slot_name` and reloads: PostgreSQL 13+ needs no
-//!    restart for either). Proven by each postmaster's start time, unchanged, and by the replicas
-//!    streaming through Patroni's slots;
+//! 2. Patroni 3.0 started over the RUNNING instances. Started on a replica first, it refuses
+//!    and exits (PostgreSQL untouched). On the primary it takes the `initialize` and `leader`
+//!    keys for the running primary; on the replicas it rewrites `primary_conninfo` /
+//!    `primary_slot_name` and reloads (PostgreSQL 13+ needs no restart for either). Proven by
+//!    each postmaster's start time, unchanged, and by the replicas streaming through Patroni's
+//!    slots;
 //! 3. pgfront's cluster switched to `source = "patroni"` by editing its file and SIGHUP;
 //! 4. the agents stopped, repmgr unregistered and its extension dropped.
 //!
@@ -214,7 +215,7 @@ fn migrate(env: &mut Env) {
     eprintln!("$ repmgr service pause\n{out}");
 
     // 2. Patroni over the running instances: the primary's first, then the replicas'.
-    step("2. Patroni on pg1 (the running primary)");
+    step("2. Patroni configured on every node");
     let patroni_bin = require("patroni", "patroni");
     let dir = pg_tempdir();
     let mut members = Vec::new();
@@ -247,6 +248,24 @@ fn migrate(env: &mut Env) {
         cmd.arg(&m.config);
         m.proc = Some(Proc::spawn(name, cmd, &log, true));
     };
+    // Started on a replica first, Patroni refuses (no initialize key, PostgreSQL in recovery)
+    // and exits, leaving PostgreSQL running: the order cannot be got wrong silently.
+    spawn(env.patroni.as_mut().unwrap(), "pg2");
+    {
+        let m = env.patroni.as_mut().unwrap().member_mut("pg2");
+        let mut proc = m.proc.take().unwrap();
+        let status = wait_for("Patroni on the replica pg2 to refuse to start first", Duration::from_secs(30), || {
+            proc.child.try_wait().ok().flatten()
+        });
+        let log = fs::read_to_string(&proc.log).unwrap_or_default();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains("Please first start Patroni on the node running as primary"), "{log}");
+        // Exited and reaped: nothing left to stop.
+        std::mem::forget(proc);
+    }
+    assert_eq!(env.rm.in_recovery("pg2"), Some(true), "pg2 still runs as a replica");
+    step("2. Patroni on the replica pg2 first: refused (\"first start Patroni on the node running as primary\")");
+    step("2. Patroni on pg1 (the running primary)");
     spawn(env.patroni.as_mut().unwrap(), "pg1");
     let mut kv = EtcdKv::connect(&env.etcd.endpoint());
     wait_for("Patroni on pg1 to take the leader key", Duration::from_secs(60), || {
