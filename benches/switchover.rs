@@ -1,15 +1,16 @@
-//! Switchover and throughput, pgfront against the incumbents, in one run on one machine:
-//!
-//! 1. a client writing every 10 ms (a new connection per write) through each route while
-//!    `patronictl switchover` runs: pgfront; a multi-host connection string with
-//!    `target_session_attrs=read-write` straight to the members; HAProxy 2.6 as configured in
-//!    production (`option httpchk OPTIONS /master`, `inter 3s fall 3 rise 2`); HAProxy tuned
-//!    (`inter 1s fall 1 rise 1 on-marked-down shutdown-sessions`). Longest write gap and failed
-//!    attempts by kind.
-//! 2. `pgbench -S -c 8 -j 2` through pgfront, through HAProxy, and direct; TPS and ratios.
+//! Switchover, pgfront against the incumbents, in one run on one machine: a client writing
+//! every 10 ms (a new connection per write) through each route while `patronictl switchover`
+//! runs: pgfront; a multi-host connection string with `target_session_attrs=read-write` straight
+//! to the members; HAProxy 2.6 as configured in production (`option httpchk OPTIONS /master`,
+//! `inter 3s fall 3 rise 2`); HAProxy tuned (`inter 1s fall 1 rise 1 on-marked-down
+//! shutdown-sessions`). Each round runs one switchover per route, the routes' order rotating
+//! from round to round (the switchovers go back and forth between members); printed per route:
+//! the longest write gap as median [min–max] over the rounds, and the failed attempts by kind
+//! (connect / read-only / broken) as median [min–max] and in total.
 //!
 //! Needs root (Patroni runs as postgres) and Debian's etcd-server, patroni, postgresql-15,
-//! haproxy. Run: `cargo bench --bench switchover` (BENCH_PGBENCH_SECS, BENCH_ROUNDS to tune).
+//! haproxy. Run: `cargo bench --bench switchover` (5 rounds, about 8 minutes; `BENCH_ROUNDS`
+//! to change). Throughput is `benches/datapath.rs`'s.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -97,10 +98,11 @@ fn main() {
         Route { name: "HAProxy production", conninfo: conninfo(hp_prod) },
         Route { name: "HAProxy tuned", conninfo: conninfo(hp_tuned) },
     ];
-    let rounds = env_u64("BENCH_ROUNDS", 1);
-    let mut results = Vec::new();
-    for round in 0..rounds {
-        for r in &routes {
+    let rounds = env_u64("BENCH_ROUNDS", 5);
+    let mut results: Vec<(&str, WriteStats)> = Vec::new();
+    for round in 0..rounds as usize {
+        for i in 0..routes.len() {
+            let r = &routes[(i + round) % routes.len()];
             pg.wait_healthy(Duration::from_secs(60));
             let old = wait_for("leader", Duration::from_secs(60), || pg.leader());
             // Every route must reach the current leader before the switchover.
@@ -138,82 +140,47 @@ fn main() {
         }
     }
 
-    // pgbench -S: select-only, 8 clients, through each route.
-    let secs = env_u64("BENCH_PGBENCH_SECS", 15);
-    let leader = wait_for("leader", Duration::from_secs(60), || pg.leader());
-    let pgbench = require("pgbench", "postgresql-client-15");
-    let init = Command::new(&pgbench)
-        .args(["-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", &leader.port.to_string(), "-U", "postgres", "postgres"])
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    for name in ["pgfront", "HAProxy production"] {
-        let c = if name == "pgfront" { &routes[0].conninfo } else { &routes[2].conninfo };
-        wait_for(&format!("{name} to reach {}", leader.name), Duration::from_secs(60), || {
-            rt.block_on(who(c)).filter(|w| *w == (leader.port, false))
-        });
-    }
-    let run = |port: u16| -> f64 {
-        let out = Command::new(&pgbench)
-            .args([
-                "-S",
-                "-n",
-                "-c",
-                "8",
-                "-j",
-                "2",
-                "-T",
-                &secs.to_string(),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "postgres",
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find(|l| l.starts_with("tps = "))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr)))
-    };
-    let mut tps: Vec<(&str, Vec<f64>)> = vec![("direct", vec![]), ("pgfront", vec![]), ("HAProxy", vec![])];
-    for _ in 0..2 {
-        tps[0].1.push(run(leader.port));
-        tps[1].1.push(run(pf_port));
-        tps[2].1.push(run(hp_prod));
-    }
-    println!("\n== switchover: a client writing every 10 ms, one connection per write");
+    println!("\n== switchover: a client writing every 10 ms, one connection per write, {rounds} rounds");
     println!(
-        "{:<24} {:>12} {:>9} {:>10} {:>10} {:>8}",
-        "route", "longest gap", "writes", "connect", "read-only", "broken"
+        "{:<24} {:>22} {:>14} {:>14} {:>14}   total failed (connect / read-only / broken)",
+        "route", "longest gap, s", "connect", "read-only", "broken"
     );
-    for (name, st) in &results {
+    for r in &routes {
+        let of = |f: &dyn Fn(&WriteStats) -> f64| -> Vec<f64> {
+            results.iter().filter(|(n, _)| *n == r.name).map(|(_, st)| f(st)).collect()
+        };
+        let gaps = of(&|st| st.max_gap.as_secs_f64());
+        let (c, ro, b) =
+            (of(&|st| st.connect_failures as f64), of(&|st| st.read_only as f64), of(&|st| st.broken as f64));
         println!(
-            "{:<24} {:>10.3} s {:>9} {:>10} {:>10} {:>8}",
-            name,
-            st.max_gap.as_secs_f64(),
-            st.ok,
-            st.connect_failures,
-            st.read_only,
-            st.broken
-        );
-    }
-    println!("\n== pgbench -S -c 8 -j 2 -T {secs} (scale 10), best of 2");
-    let direct = tps[0].1.iter().cloned().fold(0.0, f64::max);
-    for (name, v) in &tps {
-        let best = v.iter().cloned().fold(0.0, f64::max);
-        println!(
-            "{:<10} {:>10.0} tps  {:>5.1} % of direct   (runs: {:?})",
-            name,
-            best,
-            100.0 * best / direct,
-            v.iter().map(|t| t.round()).collect::<Vec<_>>()
+            "{:<24} {:>22} {:>14} {:>14} {:>14}   {} / {} / {}",
+            r.name,
+            spread(&gaps, 2),
+            spread(&c, 0),
+            spread(&ro, 0),
+            spread(&b, 0),
+            c.iter().sum::<f64>(),
+            ro.iter().sum::<f64>(),
+            b.iter().sum::<f64>()
         );
     }
     drop(pf);
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// "median [min–max]" with `prec` decimals.
+fn spread(v: &[f64], prec: usize) -> String {
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.prec$} [{lo:.prec$}–{hi:.prec$}]", median(v))
 }
