@@ -9,7 +9,8 @@
 #
 # Version from Cargo.toml, architecture from `dpkg --print-architecture`, Depends computed from
 # the binary's dynamic libraries and glibc symbol versions. Layout:
-#   /usr/bin/pgfront, /etc/pgfront/pgfront.toml (conffile, from config/pgfront.toml),
+#   /usr/bin/pgfront, /etc/pgfront/pgfront.toml and /etc/pgfront/agent.toml (conffiles, from
+#   config/: the proxy's and the node agent's),
 #   /lib/systemd/system/ (the units of systemd/, not enabled), /usr/share/doc/pgfront/
 # Maintainer scripts and the control template are in packaging/deb/. Prints the .deb's path.
 set -eu
@@ -80,6 +81,7 @@ install -d "$pkg/usr/bin" "$pkg/etc/pgfront" "$pkg/lib/systemd/system" "$doc"
 strip --strip-unneeded --remove-section=.comment -o "$pkg/usr/bin/pgfront" "$binary"
 chmod 0755 "$pkg/usr/bin/pgfront"
 install -m 0644 "$here/config/pgfront.toml" "$pkg/etc/pgfront/pgfront.toml"
+install -m 0644 "$here/config/agent.toml" "$pkg/etc/pgfront/agent.toml"
 units=0
 for unit in "$here"/systemd/*.service "$here"/systemd/*.socket; do
     [ -f "$unit" ] || continue

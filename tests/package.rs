@@ -96,13 +96,14 @@ fn package_builds_and_verifies() {
 
     // Conffiles.
     let conffiles = run(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles"));
-    assert_eq!(conffiles, "/etc/pgfront/pgfront.toml\n");
+    assert_eq!(conffiles, "/etc/pgfront/agent.toml\n/etc/pgfront/pgfront.toml\n");
 
     // Files, owners and modes.
     let files = contents(&deb);
     let mut want: Vec<(String, &str)> = vec![
         ("usr/bin/pgfront".into(), "-rwxr-xr-x"),
         ("etc/pgfront/pgfront.toml".into(), "-rw-r--r--"),
+        ("etc/pgfront/agent.toml".into(), "-rw-r--r--"),
         ("usr/share/doc/pgfront/README.md".into(), "-rw-r--r--"),
         ("usr/share/doc/pgfront/copyright".into(), "-rw-r--r--"),
         ("usr/share/doc/pgfront/changelog.gz".into(), "-rw-r--r--"),
@@ -139,6 +140,7 @@ fn package_builds_and_verifies() {
         assert!(a == b, "{installed} differs from {repo}");
     };
     same("etc/pgfront/pgfront.toml", "config/pgfront.toml");
+    same("etc/pgfront/agent.toml", "config/agent.toml");
     for u in &units {
         same(&format!("lib/systemd/system/{u}"), &format!("systemd/{u}"));
     }
@@ -240,10 +242,11 @@ P=/tmp/pgfront-pkg/{name}
 step host_user_before "getent passwd pgfront"
 step install "dpkg -i $P"
 step user "getent passwd pgfront"
-step modes "stat -c '%U:%G %a %n' /etc/pgfront /etc/pgfront/pgfront.toml /usr/bin/pgfront /lib/systemd/system/pgfront.service"
+step modes "stat -c '%U:%G %a %n' /etc/pgfront /etc/pgfront/pgfront.toml /etc/pgfront/agent.toml /usr/bin/pgfront /lib/systemd/system/pgfront.service"
 step status "dpkg-query -W -f '\${{Status}} \${{Version}}' pgfront"
 step dpkg_verify "dpkg -V pgfront"
 step config_check "pgfront config check -c /etc/pgfront/pgfront.toml"
+step agent_config_check_as_postgres "setpriv --reuid postgres --regid postgres --groups pgfront pgfront config check -c /etc/pgfront/agent.toml"
 step config_check_as_pgfront "setpriv --reuid pgfront --regid pgfront --init-groups pgfront config check -c /etc/pgfront/pgfront.toml"
 step unit_verify "systemd-analyze verify /lib/systemd/system/pgfront.service"
 step edit "echo '# local edit' >> /etc/pgfront/pgfront.toml"
@@ -282,12 +285,13 @@ step after_purge "test ! -e /etc/pgfront && ! dpkg-statoverride --list | grep pg
     assert!(user.contains(":/nonexistent:/usr/sbin/nologin"), "{user}");
     assert_eq!(
         ok("modes"),
-        "root:pgfront 750 /etc/pgfront\nroot:pgfront 640 /etc/pgfront/pgfront.toml\n\
+        "root:pgfront 750 /etc/pgfront\nroot:pgfront 640 /etc/pgfront/pgfront.toml\nroot:pgfront 640 /etc/pgfront/agent.toml\n\
          root:root 755 /usr/bin/pgfront\nroot:root 644 /lib/systemd/system/pgfront.service\n"
     );
     assert_eq!(ok("status").trim(), format!("install ok installed {VERSION}"));
     assert_eq!(ok("dpkg_verify").trim(), "", "dpkg -V reports changed files");
     assert!(ok("config_check").contains(": OK ("));
+    assert!(ok("agent_config_check_as_postgres").contains(": OK ("), "the agent's user reads its configuration");
     assert!(ok("config_check_as_pgfront").contains(": OK ("), "the daemon's user reads its configuration");
     assert_eq!(ok("unit_verify").trim(), "", "systemd-analyze verify on the installed unit");
     ok("edit");
