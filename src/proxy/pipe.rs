@@ -71,18 +71,20 @@ pub async fn pipe_watching(
     Ok(())
 }
 
-async fn one_way(
+async fn one_way<C: ByteCount>(
     src: &TcpStream,
     dst: &TcpStream,
-    count: &impl ByteCount,
+    count: &C,
     mut watch: Option<Watch<'_>>,
 ) -> io::Result<()> {
+    // Counted once per wake-up, not per write: one atomic add on a shared counter instead of
+    // many. What is written but not yet added is added when `moved` drops, so a session ended
+    // from outside (a drain, a kill, a fence drop this future mid-flow) loses no byte.
+    let mut moved = Pending { count, n: 0 };
     loop {
         src.readable().await?;
         let mut buf = Vec::with_capacity(CHUNK);
         let mut chunks = 0u32;
-        // Counted once per wake-up, not per read: one atomic add on a shared counter instead of many.
-        let mut moved = 0u64;
         let ended = loop {
             match read_some(src, &mut buf) {
                 Ok(Read::Eof) => break true,
@@ -92,13 +94,7 @@ async fn one_way(
                             watch = None;
                         }
                     }
-                    let n = buf.len();
-                    let written = write_all(dst, &buf).await;
-                    moved += n as u64;
-                    if let Err(e) = written {
-                        count.add(moved);
-                        return Err(e);
-                    }
+                    write_all(dst, &buf, &mut moved.n).await?;
                     if !more {
                         break false;
                     }
@@ -107,24 +103,41 @@ async fn one_way(
                     chunks += 1;
                     if chunks % YIELD_EVERY == 0 {
                         // A long flow shows in the counters as it goes, not only when it pauses.
-                        count.add(std::mem::take(&mut moved));
+                        moved.flush();
                         tokio::task::yield_now().await;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
-                Err(e) => {
-                    count.add(moved);
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         };
-        count.add(moved);
+        moved.flush();
         if ended {
             // EOF: pass the half-close on. The peer may already be gone: not an error.
             let _ = SockRef::from(dst).shutdown(Shutdown::Write);
             return Ok(());
         }
         // `buf` is freed here: nothing is held while the connection is idle.
+    }
+}
+
+/// Bytes written to the peer and not yet added to the counter; added on `flush` and on drop.
+struct Pending<'a, C: ByteCount> {
+    count: &'a C,
+    n: u64,
+}
+
+impl<C: ByteCount> Pending<'_, C> {
+    fn flush(&mut self) {
+        if self.n > 0 {
+            self.count.add(std::mem::take(&mut self.n));
+        }
+    }
+}
+
+impl<C: ByteCount> Drop for Pending<'_, C> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -165,10 +178,15 @@ fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Read> {
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// Writes all of `data`, adding to `written` what the kernel took, as it takes it (a write
+/// that fails or is dropped halfway has counted exactly what was sent).
+async fn write_all(dst: &TcpStream, mut data: &[u8], written: &mut u64) -> io::Result<()> {
     while !data.is_empty() {
         match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                *written += n as u64;
+                data = &data[n..];
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
             Err(e) => return Err(e),
         }
@@ -180,6 +198,7 @@ async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -312,6 +331,47 @@ mod tests {
             drop(writer.await.unwrap());
             tokio::time::timeout(std::time::Duration::from_secs(10), task).await.expect("pipe ended").unwrap().ok();
         }
+    }
+
+    /// A session ended from outside (a drain or a kill drops the pipe mid-flow) has counted
+    /// exactly the bytes its server received: none written but uncounted, none counted unsent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipe_dropped_mid_flow_has_counted_exactly_what_was_sent() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let (up, down) = (Counter::default(), Counter::default());
+        let (u2, d2) = (up.clone(), down.clone());
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            // Bounded: 64 MiB at most; the pipe is dropped long before.
+            for _ in 0..1024 {
+                if client.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let task = tokio::spawn(async move { pipe(&a, &b, &u2, &d2).await });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0usize;
+        while got < 3 * 1024 * 1024 + 12345 {
+            let want = (3 * 1024 * 1024 + 12345 - got).min(buf.len());
+            got += server.read(&mut buf[..want]).await.unwrap();
+        }
+        // Dropped while blocked on a full socket, halfway through a burst of chunks.
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        // The pipe's sockets are closed: what it wrote is all in `server`'s queue, then EOF.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), server.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => got += n,
+                Ok(Err(_)) => break,
+                Err(_) => panic!("no end of stream after the pipe was dropped"),
+            }
+        }
+        writer.abort();
+        assert_eq!(up.get(), got as u64, "bytes counted vs bytes the server received");
+        assert_eq!(down.get(), 0);
     }
 
     #[tokio::test]
