@@ -303,6 +303,10 @@ etcd_timeout = "1s"
         // From loopback, without a token: allowed (require_token is off).
         let (code, _, err) = s.cli(&["drain", "pg3"], None);
         assert_eq!(code, 0, "{err}");
+        // But not from a web page open on this host (a browser's POST carries Origin).
+        let page = raw(s.admin, "POST", "/members/main/pg3/resume", "Origin: http://page.example\r\n");
+        assert!(page.starts_with("HTTP/1.1 403") && page.contains("Origin"), "{page}");
+        assert_eq!(s.member("pg3")["maintenance"], true, "a refused resume changes nothing");
 
         // Reload: the token becomes required, a cluster is added. pg3 stays drained.
         let revision = |s: &Setup| s.pf.status().and_then(|v| v["config"]["revision"].as_u64()).unwrap_or(0);
@@ -329,7 +333,8 @@ etcd_timeout = "1s"
         assert_eq!(s.member("pg3")["maintenance"], true, "a refused resume changes nothing");
         let head = raw_get(s.admin, "/members/main/pg3/resume");
         assert!(head.starts_with("HTTP/1.1 405") && head.to_ascii_lowercase().contains("allow: post"), "{head}");
-        assert_eq!(s.pf.metric("pgfront_admin_control_requests_total{action=\"resume\",result=\"refused\"}"), 2.0);
+        // The web page's, and the two above.
+        assert_eq!(s.pf.metric("pgfront_admin_control_requests_total{action=\"resume\",result=\"refused\"}"), 3.0);
 
         // With the token: a member in two clusters needs --cluster.
         let (code, _, err) = s.cli(&["drain", "pg2"], Some(TOKEN));
@@ -355,10 +360,16 @@ etcd_timeout = "1s"
 
 /// A GET with the raw answer (status line and headers included).
 fn raw_get(port: u16, path: &str) -> String {
+    raw(port, "GET", path, "")
+}
+
+/// One HTTP/1.1 request with `headers` (each ending in CRLF) added: the whole answer.
+fn raw(port: u16, method: &str, path: &str, headers: &str) -> String {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: pgfront\r\nConnection: close\r\n\r\n").unwrap();
+    write!(c, "{method} {path} HTTP/1.1\r\nHost: pgfront\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     let _ = c.read_to_string(&mut out);
     out

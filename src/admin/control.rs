@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION};
+use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
@@ -220,6 +220,13 @@ fn serve<B>(shared: &Shared, peer: SocketAddr, req: &Request<B>) -> Result<Vec<u
     let ask = parse(path, req.uri().query())?;
     if req.method() != Method::POST {
         return Err(ControlError::Method(path.to_owned()));
+    }
+    if req.headers().contains_key(ORIGIN) && !req.headers().contains_key(AUTHORIZATION) {
+        // A browser sends Origin with every cross-site POST: a page open on this host (or one
+        // reached by DNS rebinding) must not drain members through the loopback exemption.
+        return Err(ControlError::Forbidden(
+            "a request from a web page (Origin header) needs Authorization: Bearer <the [admin] token>",
+        ));
     }
     authorize(&shared.auth, peer.ip(), req.headers().get(AUTHORIZATION).map(|h| h.as_bytes()))?;
     // Members etcd shows, and those already in maintenance (a stopped member can be resumed).

@@ -235,38 +235,18 @@ async fn pre_promote(
         fence.old_primary.as_deref().unwrap_or("every other node"),
     );
     let mut wait = FenceWait::new(&prefix, &fence.id, started + timeout);
-    let snapshot = timed("get", t, client.get(prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
-    for kv in snapshot.kvs() {
-        wait.handle_put(&String::from_utf8_lossy(kv.key()), kv.value());
-    }
-    let rev = snapshot.header().map_or(0, |h| h.revision());
-    let mut watch = None;
-    let decision = loop {
-        let d = wait.poll(Instant::now());
-        if d != Decision::Wait {
-            break d;
-        }
-        if watch.is_none() {
-            let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
-            watch = Some(timed("watch", t, client.watch(prefix.as_str(), Some(opts))).await?);
-        }
-        let Some(stream) = watch.as_mut() else { break wait.poll(Instant::now()) };
-        tokio::select! {
-            m = stream.message() => match m {
-                Ok(Some(resp)) => {
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let key = String::from_utf8_lossy(kv.key());
-                        match ev.event_type() {
-                            EventType::Put => wait.handle_put(&key, kv.value()),
-                            EventType::Delete => wait.handle_delete(&key),
-                        }
-                    }
+    let decision = match wait_acks(&mut client, &prefix, &mut wait, t).await {
+        Ok(d) => d,
+        Err(e) => {
+            if policy == OnTimeout::Refuse {
+                // The promotion is refused: withdraw the fence, or the old primary stays
+                // unroutable for the whole hold.
+                match timed("lease revoke", t, client.lease_revoke(lease)).await {
+                    Ok(_) => eprintln!("pre-promote: fence {} withdrawn", fence.id),
+                    Err(r) => eprintln!("pre-promote: fence {} not withdrawn ({r}): it ends with its hold", fence.id),
                 }
-                Ok(None) => return Err(FenceError::WatchEnded),
-                Err(source) => return Err(FenceError::Etcd { what: "watch", source }),
-            },
-            _ = tokio::time::sleep_until(wait.deadline().into()) => {}
+            }
+            return Err(e);
         }
     };
     let took = started.elapsed();
@@ -291,6 +271,50 @@ async fn pre_promote(
             not_acknowledged(&wait, &fence, policy, timeout, &mut client, lease, t).await
         }
     }
+}
+
+/// Reads the registrations and acknowledgements, then follows them, until `wait` decides.
+async fn wait_acks(
+    client: &mut etcd_client::Client,
+    prefix: &str,
+    wait: &mut FenceWait,
+    t: Duration,
+) -> Result<Decision, FenceError> {
+    let snapshot = timed("get", t, client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+    for kv in snapshot.kvs() {
+        wait.handle_put(&String::from_utf8_lossy(kv.key()), kv.value());
+    }
+    let rev = snapshot.header().map_or(0, |h| h.revision());
+    let mut watch = None;
+    let decision = loop {
+        let d = wait.poll(Instant::now());
+        if d != Decision::Wait {
+            break d;
+        }
+        if watch.is_none() {
+            let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+            watch = Some(timed("watch", t, client.watch(prefix, Some(opts))).await?);
+        }
+        let Some(stream) = watch.as_mut() else { break wait.poll(Instant::now()) };
+        tokio::select! {
+            m = stream.message() => match m {
+                Ok(Some(resp)) => {
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key());
+                        match ev.event_type() {
+                            EventType::Put => wait.handle_put(&key, kv.value()),
+                            EventType::Delete => wait.handle_delete(&key),
+                        }
+                    }
+                }
+                Ok(None) => return Err(FenceError::WatchEnded),
+                Err(source) => return Err(FenceError::Etcd { what: "watch", source }),
+            },
+            _ = tokio::time::sleep_until(wait.deadline().into()) => {}
+        }
+    };
+    Ok(decision)
 }
 
 /// The deadline passed with proxies missing: print them and apply the policy.

@@ -297,6 +297,15 @@ async fn route(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Res
         if !peer.ip().to_canonical().is_loopback() {
             return reply(403, "text/plain", Bytes::from_static(b"drain/resume: from this host only\n"));
         }
+        if req.headers().contains_key(hyper::header::ORIGIN) {
+            // A browser sends Origin with every cross-site POST: a web page open on this host
+            // (or reached by DNS rebinding) must not drain the node. `pgfront agent drain` sends none.
+            return reply(
+                403,
+                "text/plain",
+                Bytes::from_static(b"drain/resume: not from a web page (Origin header)\n"),
+            );
+        }
         return control(shared, path == "/drain").await;
     }
     let probe = shared.probe.borrow().clone();
