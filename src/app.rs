@@ -1126,10 +1126,13 @@ impl Supervisor {
 /// followers still apply views to them, and a fence's acknowledgement must wait for their
 /// sessions as for any other (`fence_pools`).
 #[derive(Clone, Default)]
-struct RetiringPools(Arc<Mutex<Vec<(Arc<ListenerConfig>, Arc<Pool>)>>>);
+struct RetiringPools(Arc<Mutex<Vec<ListenerPool>>>);
+
+/// A listener's settings and its pool.
+type ListenerPool = (Arc<ListenerConfig>, Arc<Pool>);
 
 impl RetiringPools {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Arc<ListenerConfig>, Arc<Pool>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ListenerPool>> {
         // Plain pushes and removals cannot leave it inconsistent: recover from a poisoned lock.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1147,7 +1150,7 @@ impl RetiringPools {
 /// running listeners of `cluster`, and those of its removed listeners whose sessions are still
 /// open, so that no acknowledgement is written while one of them can still reach a fenced server.
 fn fence_pools(
-    listeners: &[(Arc<ListenerConfig>, Arc<Pool>)],
+    listeners: &[ListenerPool],
     retiring: &RetiringPools,
     cluster: &str,
 ) -> Vec<(Role, Option<u64>, crate::balancer::pool::PoolStatus)> {
@@ -1192,6 +1195,8 @@ fn member_states(clusters: Arc<Mutex<Vec<ClusterHandle>>>, maint: Arc<Maintenanc
 
 /// Applies every new view of the cluster, and every change of the members in maintenance, to
 /// one listener's pool, as soon as it arrives. Each drained server is recorded in `events`.
+/// While a fence holds or a split brain is seen, servers lose their role without grace, and
+/// the sessions of fenced servers and claimants that were already draining are closed too.
 async fn follow(
     cfg: Arc<ListenerConfig>,
     pool: Arc<Pool>,

@@ -16,7 +16,10 @@
 //!   (then refuses them after `queue_timeout`), as during a switchover;
 //! - without `kill`, its open sessions are kept exactly as long as the topology alone would
 //!   keep them (a member that also loses its role is drained as usual);
-//! - with `kill`, its open sessions are closed at once through the pools' drain tokens;
+//! - with `kill`, its open sessions are closed at once through the pools' drain tokens, also
+//!   when it was already draining with its grace after losing its role;
+//! - members in maintenance are left out before a read-only listener's fallback to the
+//!   primary is decided: with every replica drained, it takes the primary (`targets`);
 //! - `resume` makes the member what the topology says again, on every listener.
 
 use std::collections::BTreeMap;
