@@ -1220,7 +1220,9 @@ async fn follow(
         let mut kill = maint_kill.clone();
         if urgent {
             let listed = |b: &Backend| targets.eligible.contains(b) || targets.keep.contains(b);
-            let cut = |b: &Backend| v.fenced(&b.member) || v.state.split_brain.iter().any(|c| *c == *b.member);
+            // A fence is about the primary role: a replica listener's draining replicas keep their grace.
+            let fenced = |b: &Backend| cfg.role != Role::Replica && v.fenced(&b.member);
+            let cut = |b: &Backend| fenced(b) || v.state.split_brain.iter().any(|c| *c == *b.member);
             kill.extend(present.iter().filter(|b| cut(b) && !listed(b) && !maint_kill.contains(b)).cloned());
         }
         let closed = pool.apply_killing(&targets, grace, &kill);
