@@ -63,7 +63,7 @@ use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
 use crate::proxy::shards::Shards;
 use crate::sysd;
-use crate::topology::ClusterView;
+use crate::topology::{Backend, ClusterView};
 use crate::vip;
 
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +331,8 @@ struct Supervisor {
     listeners: HashMap<String, ListenerPart>,
     /// Removed listeners whose sessions are still finishing.
     retiring: Vec<(String, TaskTracker, JoinHandle<()>)>,
+    /// The pools of those listeners, until their sessions have ended: a fence waits for them.
+    retiring_pools: RetiringPools,
     vips: HashMap<String, VipPart>,
     /// Configured address, stop token, and a duplicate of its socket for a hand-over.
     admin: Option<(SocketAddr, CancellationToken, Option<std::os::fd::OwnedFd>)>,
@@ -397,6 +399,7 @@ impl Supervisor {
             clusters: HashMap::new(),
             listeners: HashMap::new(),
             retiring: Vec::new(),
+            retiring_pools: RetiringPools::default(),
             vips: HashMap::new(),
             admin: None,
             exe: handover::startup_exe().ok(),
@@ -684,16 +687,10 @@ impl Supervisor {
             return;
         }
         let shared = self.shared.clone();
+        let retiring = self.retiring_pools.clone();
         let name = handle.cfg.name.clone();
-        let pools: discovery::fence::PoolsFn = Arc::new(move || {
-            shared
-                .load()
-                .listeners
-                .iter()
-                .filter(|(l, _)| l.cluster == name)
-                .map(|(l, p)| (l.role, l.max_replica_lag, p.status()))
-                .collect()
-        });
+        let pools: discovery::fence::PoolsFn =
+            Arc::new(move || fence_pools(&shared.load().listeners, &retiring, &name));
         let me = discovery::fence::ProxyInfo::this_process(self.config.admin.or(self.admin.as_ref().map(|a| a.0)));
         tokio::spawn(discovery::fence::run(
             handle.cfg.clone(),
@@ -831,6 +828,8 @@ impl Supervisor {
         let name = name.to_owned();
         let entry = (name.clone(), p.sessions.clone());
         let deadline = self.config.process.drain_timeout;
+        let retiring = self.retiring_pools.clone();
+        retiring.push(p.cfg.clone(), p.pool.clone());
         let task = tokio::spawn(async move {
             let _ = p.accept.await;
             if !socket_kept {
@@ -845,6 +844,8 @@ impl Supervisor {
                 p.kill.cancel();
                 p.sessions.wait().await;
             }
+            // Its sessions are over: nothing left for a fence to wait for.
+            retiring.remove(&p.pool);
             p.follow_stop.cancel();
         });
         self.retiring.push((entry.0, entry.1, task));
@@ -1121,6 +1122,47 @@ impl Supervisor {
     }
 }
 
+/// The pools of removed (or rebound) listeners whose sessions are still finishing. Their
+/// followers still apply views to them, and a fence's acknowledgement must wait for their
+/// sessions as for any other (`fence_pools`).
+#[derive(Clone, Default)]
+struct RetiringPools(Arc<Mutex<Vec<ListenerPool>>>);
+
+/// A listener's settings and its pool.
+type ListenerPool = (Arc<ListenerConfig>, Arc<Pool>);
+
+impl RetiringPools {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ListenerPool>> {
+        // Plain pushes and removals cannot leave it inconsistent: recover from a poisoned lock.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, cfg: Arc<ListenerConfig>, pool: Arc<Pool>) {
+        self.lock().push((cfg, pool));
+    }
+
+    fn remove(&self, pool: &Arc<Pool>) {
+        self.lock().retain(|(_, p)| !Arc::ptr_eq(p, pool));
+    }
+}
+
+/// What a cluster's fencing task sees of its pools (`discovery::fence::PoolsFn`): those of the
+/// running listeners of `cluster`, and those of its removed listeners whose sessions are still
+/// open, so that no acknowledgement is written while one of them can still reach a fenced server.
+fn fence_pools(
+    listeners: &[ListenerPool],
+    retiring: &RetiringPools,
+    cluster: &str,
+) -> Vec<(Role, Option<u64>, crate::balancer::pool::PoolStatus)> {
+    let retiring = retiring.lock().clone();
+    listeners
+        .iter()
+        .chain(&retiring)
+        .filter(|(l, _)| l.cluster == cluster)
+        .map(|(l, p)| (l.role, l.max_replica_lag, p.status()))
+        .collect()
+}
+
 /// What an etcd client of a cluster connects with (`crate::etcd::connect`).
 fn etcd_connection(c: &ClusterConfig) -> impl PartialEq + '_ {
     (&c.endpoints, c.api, &c.credentials, &c.tls, c.etcd_timeout)
@@ -1153,6 +1195,8 @@ fn member_states(clusters: Arc<Mutex<Vec<ClusterHandle>>>, maint: Arc<Maintenanc
 
 /// Applies every new view of the cluster, and every change of the members in maintenance, to
 /// one listener's pool, as soon as it arrives. Each drained server is recorded in `events`.
+/// While a fence holds or a split brain is seen, servers lose their role without grace, and
+/// the sessions of fenced servers and claimants that were already draining are closed too.
 async fn follow(
     cfg: Arc<ListenerConfig>,
     pool: Arc<Pool>,
@@ -1165,12 +1209,29 @@ async fn follow(
     loop {
         let v = view.borrow_and_update().clone();
         drained.borrow_and_update();
-        let targets = v.targets(cfg.role, cfg.max_replica_lag);
-        let (targets, kill) = maintenance::restrict(targets, &maint.cluster(&cfg.cluster));
-        // A fence closes at once: a promotion elsewhere waits for it.
-        let grace = if v.state.fence.is_some() { Duration::ZERO } else { cfg.drain_grace };
-        for b in pool.apply_killing(&targets, grace, &kill) {
-            let when = if kill.contains(&b) {
+        let present = pool.backends();
+        let (targets, maint_kill) =
+            maintenance::targets(&v, cfg.role, cfg.max_replica_lag, &maint.cluster(&cfg.cluster), &present);
+        // A fence closes at once: a promotion elsewhere waits for it. So does a split brain:
+        // no claimant may keep taking writes. Servers they reach that were already draining
+        // from an earlier change (with the full grace) are closed now too.
+        let urgent = v.state.fence.is_some() || !v.state.split_brain.is_empty();
+        let grace = if urgent { Duration::ZERO } else { cfg.drain_grace };
+        let mut kill = maint_kill.clone();
+        if urgent {
+            let listed = |b: &Backend| targets.eligible.contains(b) || targets.keep.contains(b);
+            // A fence is about the primary role: a replica listener's draining replicas keep their grace.
+            let fenced = |b: &Backend| cfg.role != Role::Replica && v.fenced(&b.member);
+            let cut = |b: &Backend| fenced(b) || v.state.split_brain.iter().any(|c| *c == *b.member);
+            kill.extend(present.iter().filter(|b| cut(b) && !listed(b) && !maint_kill.contains(b)).cloned());
+        }
+        let closed = pool.apply_killing(&targets, grace, &kill);
+        for b in kill.iter().filter(|b| !closed.contains(b) && !maint_kill.contains(b)) {
+            let why = if v.fenced(&b.member) { "fenced" } else { "split brain" };
+            info!(listener = %cfg.name, member = %b.member, addr = %b.addr, "{why}: closing the connections of a server already draining now");
+        }
+        for b in closed {
+            let when = if maint_kill.contains(&b) {
                 info!(listener = %cfg.name, member = %b.member, addr = %b.addr, "member in maintenance (kill): closing its connections now");
                 "now (maintenance with kill)".to_owned()
             } else {
@@ -1207,6 +1268,174 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balancer::select::ServerState;
+    use crate::topology::tests::three;
+    use crate::topology::{Fence, MemberRole};
+    use tokio::time::Instant;
+
+    const GRACE: Duration = Duration::from_secs(3600);
+
+    fn listener(role: Role) -> Arc<ListenerConfig> {
+        Arc::new(ListenerConfig {
+            name: "l".to_owned(),
+            cluster: "c".to_owned(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            role,
+            balance: crate::config::Balance::Leastconn,
+            server_maxconn: 100,
+            maxconn: 1000,
+            queue_timeout: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(1),
+            tcp_keepalive: None,
+            max_replica_lag: None,
+            drain_grace: GRACE,
+            backlog: 128,
+        })
+    }
+
+    /// A follower of `view` for a listener of `role` (drain grace: an hour), and its pool.
+    struct Followed {
+        pool: Arc<Pool>,
+        view: watch::Sender<Arc<ClusterView>>,
+        maint: Arc<Maintenance>,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    fn followed(role: Role, first: ClusterView, maint: Arc<Maintenance>) -> Followed {
+        let cfg = listener(role);
+        let pool = Pool::new(&cfg, Metrics::new().listener("l"));
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let stop = CancellationToken::new();
+        tokio::spawn(follow(cfg, pool.clone(), rx, Events::default(), maint.clone(), stop.clone()));
+        Followed { pool, view: tx, maint, _stop: stop.drop_guard() }
+    }
+
+    /// Lets the follower run until `cond` holds (a bounded number of turns; time is paused and
+    /// never advanced by this loop, so no drain grace can run out meanwhile).
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    fn state(pool: &Pool, member: &str) -> Option<ServerState> {
+        pool.status().servers.into_iter().find(|s| s.member == member).map(|s| s.state)
+    }
+
+    async fn lease(pool: &Arc<Pool>) -> crate::balancer::pool::Lease {
+        let deadline = Instant::now() + Duration::from_millis(100);
+        match pool.acquire(&[], deadline).await {
+            Ok(l) => l,
+            Err(r) => panic!("no server: {r:?}"),
+        }
+    }
+
+    /// pg1 lost the leader key to pg2, which is not promoted yet: pg1 drains with its grace.
+    fn switching() -> ClusterView {
+        let mut v = three();
+        v.state.leader = Some("pg2".into());
+        v
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_closes_the_sessions_of_a_primary_already_draining() {
+        let f = followed(Role::Primary, three(), Arc::default());
+        until("pg1 routed", || state(&f.pool, "pg1") == Some(ServerState::Eligible)).await;
+        let l = lease(&f.pool).await;
+        let start = Instant::now();
+        f.view.send_replace(Arc::new(switching()));
+        until("pg1 draining", || state(&f.pool, "pg1") == Some(ServerState::Draining)).await;
+        assert!(!l.drain.is_cancelled(), "closed before its grace without a fence");
+        let mut fenced = switching();
+        fenced.state.fence =
+            Some(Fence { id: "f1".into(), new_primary: "pg2".into(), old_primary: Some("pg1".into()) });
+        f.view.send_replace(Arc::new(fenced));
+        until("the fence closes pg1's session", || l.drain.is_cancelled()).await;
+        assert!(start.elapsed() < GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_split_brain_closes_the_claimants_sessions_at_once() {
+        // Straight from a routed primary, and from a primary already draining (leader key gone).
+        for draining_first in [false, true] {
+            let f = followed(Role::Primary, three(), Arc::default());
+            until("pg1 routed", || state(&f.pool, "pg1") == Some(ServerState::Eligible)).await;
+            let l = lease(&f.pool).await;
+            let start = Instant::now();
+            if draining_first {
+                let mut v = three();
+                v.state.leader = None;
+                f.view.send_replace(Arc::new(v));
+                until("pg1 draining", || state(&f.pool, "pg1") == Some(ServerState::Draining)).await;
+                assert!(!l.drain.is_cancelled(), "closed before its grace without a split brain");
+            }
+            let mut v = three();
+            v.state.leader = None;
+            v.state.members.get_mut("pg2").unwrap().role = MemberRole::Primary;
+            v.state.split_brain = vec!["pg1".into(), "pg2".into()];
+            f.view.send_replace(Arc::new(v));
+            until("the split brain closes pg1's session", || l.drain.is_cancelled()).await;
+            assert!(start.elapsed() < GRACE, "draining_first = {draining_first}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_kill_closes_the_sessions_of_a_member_already_draining() {
+        let f = followed(Role::Replica, three(), Arc::default());
+        until("replicas routed", || state(&f.pool, "pg2") == Some(ServerState::Eligible)).await;
+        let l = lease(&f.pool).await;
+        let member = l.backend.member.to_string();
+        let start = Instant::now();
+        // It stops: no longer a replica target, drained with the grace.
+        let mut v = three();
+        v.state.members.get_mut(&member).unwrap().state = "stopped".into();
+        f.view.send_replace(Arc::new(v));
+        until("draining", || state(&f.pool, &member) == Some(ServerState::Draining)).await;
+        assert!(!l.drain.is_cancelled());
+        f.maint.drain("c", &member, true, 1);
+        until("drain --kill closes the session", || l.drain.is_cancelled()).await;
+        assert!(start.elapsed() < GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_only_listener_takes_the_primary_when_every_replica_is_in_maintenance() {
+        let maint = Arc::new(Maintenance::default());
+        let f = followed(Role::ReadOnly, three(), maint.clone());
+        until("replicas routed", || state(&f.pool, "pg2") == Some(ServerState::Eligible)).await;
+        maint.drain("c", "pg2", false, 1);
+        maint.drain("c", "pg3", false, 1);
+        until("the primary routed", || state(&f.pool, "pg1") == Some(ServerState::Eligible)).await;
+        assert_eq!(&*lease(&f.pool).await.backend.member, "pg1");
+        // A replica back from maintenance takes the connections again.
+        maint.resume("c", "pg3");
+        until("pg3 routed", || state(&f.pool, "pg3") == Some(ServerState::Eligible)).await;
+        assert_ne!(state(&f.pool, "pg1"), Some(ServerState::Eligible));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fence_counts_the_pools_of_removed_listeners_until_their_sessions_end() {
+        let cfg = listener(Role::Primary);
+        let pool = Pool::new(&cfg, Metrics::new().listener("l"));
+        pool.apply(&three().targets(Role::Primary, None), GRACE);
+        let l = lease(&pool).await;
+        let retiring = RetiringPools::default();
+        retiring.push(cfg.clone(), pool.clone());
+        let other = Arc::new(ListenerConfig { cluster: "other".into(), ..(*cfg).clone() });
+        let running = vec![(other, Pool::new(&cfg, Metrics::new().listener("o")))];
+        let seen = fence_pools(&running, &retiring, "c");
+        assert_eq!(seen.len(), 1, "the removed listener's pool, not another cluster's");
+        assert_eq!(seen[0].2.servers.iter().map(|s| s.active).sum::<u32>(), 1);
+        let mut fenced = three();
+        fenced.state.fence = Some(Fence { id: "f1".into(), new_primary: "pg2".into(), old_primary: None });
+        assert!(discovery::fence::pending(&fenced, &seen) > 0, "its session still reaches pg1");
+        drop(l);
+        retiring.remove(&pool);
+        assert!(fence_pools(&running, &retiring, "c").is_empty());
+    }
 
     fn cluster(extra: &str) -> Arc<ClusterConfig> {
         let text = format!(

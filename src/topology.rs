@@ -451,11 +451,19 @@ impl ClusterView {
 
     /// The servers a listener of `role` may use; `max_lag` applies to replicas.
     pub fn targets(&self, role: Role, max_lag: Option<u64>) -> Targets {
+        self.targets_without(role, max_lag, &|_| false)
+    }
+
+    /// `targets`, with the members for which `out` is true (an operator's `pgfront drain`)
+    /// never eligible: decided before the read-only fallback, so a read-only listener whose
+    /// replicas are all drained falls back to the primary, as with agent maintenance. Their
+    /// place in `keep` is left to the caller (`balancer::maintenance::restrict`).
+    pub fn targets_without(&self, role: Role, max_lag: Option<u64>, out: &dyn Fn(&str) -> bool) -> Targets {
         let primary_keep = || self.kept_primary().and_then(Backend::of);
         let replicas = || {
             let eligible = self
                 .replicas()
-                .filter(|m| !m.noloadbalance && !m.maintenance)
+                .filter(|m| !m.noloadbalance && !m.maintenance && !out(&m.name))
                 .filter(|m| max_lag.is_none_or(|max| self.lag(m).is_some_and(|lag| lag <= max)))
                 .filter_map(Backend::of)
                 .collect::<Vec<_>>();
@@ -474,7 +482,7 @@ impl ClusterView {
             Role::ReadOnly => {
                 let (mut eligible, mut keep) = replicas();
                 if eligible.is_empty() {
-                    eligible.extend(self.primary().and_then(Backend::of));
+                    eligible.extend(self.primary().filter(|m| !out(&m.name)).and_then(Backend::of));
                 }
                 keep.extend(primary_keep());
                 Targets { eligible, keep }
@@ -484,11 +492,11 @@ impl ClusterView {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn member(name: &str, port: u16, role: MemberRole, lsn: u64) -> Member {
+    pub(crate) fn member(name: &str, port: u16, role: MemberRole, lsn: u64) -> Member {
         Member {
             name: name.into(),
             addr: Some(SocketAddr::from(([127, 0, 0, 1], port))),
@@ -506,7 +514,7 @@ mod tests {
         }
     }
 
-    fn view(leader: Option<&str>, members: Vec<Member>) -> ClusterView {
+    pub(crate) fn view(leader: Option<&str>, members: Vec<Member>) -> ClusterView {
         ClusterView {
             state: ClusterState {
                 leader: leader.map(Into::into),
@@ -527,7 +535,8 @@ mod tests {
         b.iter().map(|b| &*b.member).collect()
     }
 
-    fn three() -> ClusterView {
+    /// pg1 primary (port 1), replicas pg2 (port 2, 10 bytes behind) and pg3 (port 3, 500).
+    pub(crate) fn three() -> ClusterView {
         view(
             Some("pg1"),
             vec![

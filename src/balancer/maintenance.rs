@@ -16,7 +16,10 @@
 //!   (then refuses them after `queue_timeout`), as during a switchover;
 //! - without `kill`, its open sessions are kept exactly as long as the topology alone would
 //!   keep them (a member that also loses its role is drained as usual);
-//! - with `kill`, its open sessions are closed at once through the pools' drain tokens;
+//! - with `kill`, its open sessions are closed at once through the pools' drain tokens, also
+//!   when it was already draining with its grace after losing its role;
+//! - members in maintenance are left out before a read-only listener's fallback to the
+//!   primary is decided: with every replica drained, it takes the primary (`targets`);
 //! - `resume` makes the member what the topology says again, on every listener.
 
 use std::collections::BTreeMap;
@@ -25,6 +28,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::config::Role;
 use crate::metrics::SERVER_STATES;
 use crate::topology::{Backend, ClusterView, Member, MemberRole, Targets};
 
@@ -225,10 +229,32 @@ pub(crate) fn from_handover_state(state: &[u8]) -> Result<Vec<Saved>, serde_json
     serde_json::from_slice::<Part>(state).map(|p| p.maintenance)
 }
 
+/// Pure: what a listener of `role` (replica lag limit `max_lag`) is given from `view` with the
+/// members in `maint` applied, and the backends whose sessions must be closed now. Drained
+/// members are left out before the read-only fallback to the primary is decided, so a
+/// read-only listener whose replicas are all drained is offered the primary (as with agent
+/// maintenance); then `restrict`. `present`: the servers the listener's pool lists now.
+pub(crate) fn targets(
+    view: &ClusterView,
+    role: Role,
+    max_lag: Option<u64>,
+    maint: &BTreeMap<String, Entry>,
+    present: &[Backend],
+) -> (Targets, Vec<Backend>) {
+    let t = view.targets_without(role, max_lag, &|name| maint.contains_key(name));
+    restrict(t, maint, present)
+}
+
 /// Pure: `targets` without the members in `maint`. A member in maintenance is never eligible;
 /// without `kill` it stays in `keep` if the topology put it in either list (its sessions stay
-/// open); with `kill` it leaves both. Returns the backends whose sessions must be closed now.
-pub(crate) fn restrict(targets: Targets, maint: &BTreeMap<String, Entry>) -> (Targets, Vec<Backend>) {
+/// open); with `kill` it leaves both. Returns the backends whose sessions must be closed now:
+/// those of the lists, and those of `present` (the pool's servers: a member that already lost
+/// its role is draining with its grace, in neither list) whose member has a `kill` entry.
+pub(crate) fn restrict(
+    targets: Targets,
+    maint: &BTreeMap<String, Entry>,
+    present: &[Backend],
+) -> (Targets, Vec<Backend>) {
     if maint.is_empty() {
         return (targets, Vec::new());
     }
@@ -236,10 +262,12 @@ pub(crate) fn restrict(targets: Targets, maint: &BTreeMap<String, Entry>) -> (Ta
     let Targets { eligible, keep } = targets;
     let mut out = Targets { eligible: Vec::new(), keep: Vec::new() };
     let mut kill = Vec::new();
-    for b in eligible.iter().chain(&keep) {
+    for b in eligible.iter().chain(&keep).chain(present) {
         match entry(b) {
             Some(e) if e.kill && !kill.contains(b) => kill.push(b.clone()),
-            Some(e) if !e.kill && !out.keep.contains(b) => out.keep.push(b.clone()),
+            Some(e) if !e.kill && !out.keep.contains(b) && (eligible.contains(b) || keep.contains(b)) => {
+                out.keep.push(b.clone())
+            }
             _ => {}
         }
     }
@@ -326,25 +354,54 @@ mod tests {
     #[test]
     fn restrict_keeps_sessions_without_kill_and_closes_them_with_it() {
         let t = Targets { eligible: vec![b("pg2", 2), b("pg3", 3)], keep: vec![b("pg2", 2), b("pg3", 3)] };
-        let (r, kill) = restrict(t.clone(), &maint(&[("pg2", false)]));
+        let (r, kill) = restrict(t.clone(), &maint(&[("pg2", false)]), &[]);
         assert_eq!(r.eligible, vec![b("pg3", 3)]);
         assert_eq!(r.keep, vec![b("pg2", 2), b("pg3", 3)]);
         assert!(kill.is_empty());
-        let (r, kill) = restrict(t.clone(), &maint(&[("pg2", true)]));
+        let (r, kill) = restrict(t.clone(), &maint(&[("pg2", true)]), &[]);
         assert_eq!(r.eligible, vec![b("pg3", 3)]);
         assert_eq!(r.keep, vec![b("pg3", 3)]);
         assert_eq!(kill, vec![b("pg2", 2)]);
-        assert_eq!(restrict(t.clone(), &BTreeMap::new()), (t, Vec::new()));
+        assert_eq!(restrict(t.clone(), &BTreeMap::new(), &[]), (t, Vec::new()));
     }
 
     #[test]
     fn a_drained_member_that_loses_its_role_is_not_kept() {
         // pg1 is in neither list (it lost its role): maintenance does not keep it.
         let t = Targets { eligible: vec![b("pg2", 2)], keep: vec![b("pg2", 2)] };
-        let (r, kill) = restrict(t, &maint(&[("pg1", false)]));
+        let (r, kill) = restrict(t.clone(), &maint(&[("pg1", false)]), &[b("pg1", 1)]);
         assert_eq!(r.eligible, vec![b("pg2", 2)]);
         assert_eq!(r.keep, vec![b("pg2", 2)]);
         assert!(kill.is_empty());
+    }
+
+    #[test]
+    fn a_kill_reaches_a_member_already_draining() {
+        // pg1 lost its role earlier and drains with its grace: in neither list, still in the pool.
+        let t = Targets { eligible: vec![b("pg2", 2)], keep: vec![b("pg2", 2)] };
+        let present = [b("pg1", 1), b("pg2", 2)];
+        let (r, kill) = restrict(t, &maint(&[("pg1", true)]), &present);
+        assert_eq!(kill, vec![b("pg1", 1)]);
+        assert_eq!((r.eligible, r.keep), (vec![b("pg2", 2)], vec![b("pg2", 2)]));
+    }
+
+    #[test]
+    fn a_read_only_listener_falls_back_to_the_primary_when_every_replica_is_drained() {
+        let v = crate::topology::tests::three();
+        for kill in [false, true] {
+            let m = maint(&[("pg2", kill), ("pg3", kill)]);
+            let (t, _) = targets(&v, Role::ReadOnly, None, &m, &[]);
+            assert_eq!(t.eligible, vec![b("pg1", 1)], "kill = {kill}");
+            // A replica listener has no fallback.
+            let (t, _) = targets(&v, Role::Replica, None, &m, &[]);
+            assert!(t.eligible.is_empty());
+        }
+        // One replica left: it takes the connections, the primary does not.
+        let (t, _) = targets(&v, Role::ReadOnly, None, &maint(&[("pg2", false)]), &[]);
+        assert_eq!(t.eligible, vec![b("pg3", 3)]);
+        // The primary drained too: nothing to fall back to.
+        let (t, _) = targets(&v, Role::ReadOnly, None, &maint(&[("pg1", false), ("pg2", false), ("pg3", false)]), &[]);
+        assert!(t.eligible.is_empty());
     }
 
     #[test]

@@ -286,8 +286,8 @@ impl Pool {
     }
 
     /// `apply`, and the connections of the servers in `kill` (in neither list of `targets`:
-    /// members an operator drained with `--kill`) are closed now, without the grace, even if
-    /// they were already draining.
+    /// members an operator drained with `--kill`, fenced members, split-brain claimants) are
+    /// closed now, without the grace, even if they were already draining.
     pub(crate) fn apply_killing(&self, targets: &Targets, grace: Duration, kill: &[Backend]) -> Vec<Backend> {
         let mut g = self.lock();
         let update = g.sel.update(&targets.eligible, &targets.keep);
@@ -376,6 +376,11 @@ impl Pool {
             }
             None => Err(Refusal::Closed),
         }
+    }
+
+    /// The servers the pool lists now, draining ones included: what a `kill` may reach.
+    pub(crate) fn backends(&self) -> Vec<Backend> {
+        self.lock().sel.servers().iter().map(|s| s.backend.clone()).collect()
     }
 
     /// Whether another eligible server than those in `avoid` exists.
