@@ -28,11 +28,17 @@
 //! A round ends 3 s after pgfront and HAProxy both route to the new primary; the table says per
 //! route whether its last write went to the new primary.
 //!
-//! Run: `cargo bench --bench repmgr_switchover` (5 rounds; `--rounds N` / `BENCH_ROUNDS`).
-//! Smoke run (1 round, about a minute with the cluster's setup): `cargo bench --bench
-//! repmgr_switchover -- --quick`, or `PGFRONT_BENCH_QUICK=1 cargo test --bench repmgr_switchover`.
-//! Figures are reported, not judged; the process exits non-zero only if a round could not run.
-//! Runs as root; needs postgresql-15, postgresql-15-repmgr, etcd-server, haproxy, python3-psycopg2.
+//! A second mode, `fencing` (see `mod fencing` below), measures how long `pgfront agent
+//! pre-promote` adds to a Patroni switchover: two Patroni clusters, with and without
+//! `pre_promote`, rounds interleaved.
+//!
+//! Run: `cargo bench --bench repmgr_switchover` (both modes, 5 rounds each). Flags after `--` or
+//! the environment: `--rounds N` / `BENCH_ROUNDS`, `--mode repmgr|fencing|all` / `BENCH_MODE`
+//! (default all). Smoke run (1 round of each mode, under a minute on 2 cores, the clusters' setup
+//! included): `cargo bench --bench repmgr_switchover -- --quick`, or `PGFRONT_BENCH_QUICK=1 cargo
+//! test --bench repmgr_switchover`. Figures are reported, not judged; the process exits non-zero
+//! only if a round could not run. Runs as root; needs postgresql-15, postgresql-15-repmgr,
+//! etcd-server, haproxy, patroni, python3-psycopg2.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -396,9 +402,18 @@ fn report(results: &[RoundResult]) {
     println!("repmgr standby switchover duration (s): {}", spread(&sw, 2));
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// repmgr switchover: pgfront, HAProxy, libpq multi-host.
+    Repmgr,
+    /// Patroni switchover with and without `pre_promote` fencing.
+    Fencing,
+}
+
 struct Params {
     quick: bool,
     rounds: usize,
+    modes: Vec<Mode>,
 }
 
 impl Params {
@@ -411,7 +426,14 @@ impl Params {
             .or_else(|| std::env::var("BENCH_ROUNDS").ok())
             .map(|v| v.parse().unwrap_or_else(|_| panic!("--rounds / BENCH_ROUNDS: not a number: {v}")))
             .unwrap_or(5);
-        Params { quick, rounds: if quick { 1 } else { rounds } }
+        let mode = args.iter().position(|a| a == "--mode").and_then(|i| args.get(i + 1)).cloned();
+        let modes = match mode.or_else(|| std::env::var("BENCH_MODE").ok()).as_deref() {
+            Some("repmgr") => vec![Mode::Repmgr],
+            Some("fencing") => vec![Mode::Fencing],
+            None | Some("all") => vec![Mode::Repmgr, Mode::Fencing],
+            Some(other) => panic!("--mode / BENCH_MODE: repmgr, fencing or all, not {other}"),
+        };
+        Params { quick, rounds: if quick { 1 } else { rounds }, modes }
     }
 }
 
@@ -424,15 +446,30 @@ fn main() {
         );
         return;
     }
-    let hv = Command::new(require("haproxy", "haproxy")).arg("-v").output().expect("haproxy -v");
     println!(
-        "repmgr_switchover bench{}: {} round(s)\n{}\ncpus: {}, load average at start: {}",
+        "repmgr_switchover bench{}: {} round(s), modes {:?}\ncpus: {}, load average at start: {}",
         if p.quick { " (quick)" } else { "" },
         p.rounds,
-        String::from_utf8_lossy(&hv.stdout).lines().next().unwrap_or("haproxy ?"),
+        p.modes,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
+    let mut ok = true;
+    for mode in &p.modes {
+        ok &= match mode {
+            Mode::Repmgr => repmgr_bench(&p),
+            Mode::Fencing => fencing::bench(&p),
+        };
+    }
+    if !ok {
+        std::process::exit(1);
+    }
+}
+
+/// The repmgr comparison; false if a round could not run.
+fn repmgr_bench(p: &Params) -> bool {
+    let hv = Command::new(require("haproxy", "haproxy")).arg("-v").output().expect("haproxy -v");
+    println!("{}", String::from_utf8_lossy(&hv.stdout).lines().next().unwrap_or("haproxy ?"));
     let t = Instant::now();
     let fx = setup();
     println!("cluster, agents, pgfront and HAProxy ready in {:.1} s", t.elapsed().as_secs_f64());
@@ -471,8 +508,246 @@ fn main() {
         report(&results);
     }
     println!("total time {:.1} s", t.elapsed().as_secs_f64());
-    drop(fx);
-    if aborted > 0 {
-        std::process::exit(1);
+    aborted == 0
+}
+
+/// `--mode fencing`: how long `pgfront agent pre-promote` adds to a Patroni switchover. Two
+/// Patroni 3.0 clusters on the same etcd, identical but for `postgresql.pre_promote: pgfront
+/// agent pre-promote -c <agent.toml>` (`timeout = "5s"`, `on_timeout = "refuse"`) on one of them;
+/// an agent beside every member of both; one pgfront routing both by Patroni's keys (a primary
+/// listener each, `queue_timeout = "90s"`), registered for fencing in both scopes (it is asked to
+/// fence only by the cluster with `pre_promote`). Rounds are interleaved (with, without, then
+/// without, with, …); each runs `patronictl switchover --force` from the leader to a replica while
+/// `write_loop` writes every 10 ms through pgfront, and measures the time from the start of
+/// `patronictl switchover` until the candidate accepts an INSERT (polled directly every 10 ms,
+/// 1 s connect timeout), patronictl's own duration, the longest write gap through pgfront and
+/// the failed writes, and for the fenced cluster the fence's own duration as `pre-promote` logs it.
+mod fencing {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    use super::common::agent::Agent;
+    use super::common::*;
+    use super::{spread, Params};
+    use tokio_util::sync::CancellationToken;
+
+    const FENCED: &str = "fenced";
+    const PLAIN: &str = "plain";
+
+    struct Variant {
+        cluster: &'static str,
+        label: &'static str,
+        pg: Patroni,
+        rw: u16,
+    }
+
+    struct Round {
+        /// patronictl start → the candidate takes an INSERT.
+        writable: f64,
+        patronictl: f64,
+        gap: f64,
+        failed: (u64, u64, u64),
+        /// The fence's duration as pre-promote logged it (ms).
+        fence_ms: Option<f64>,
+    }
+
+    fn logs(pg: &Patroni) -> Vec<String> {
+        pg.members
+            .iter()
+            .flat_map(|m| {
+                fs::read_to_string(pg.dir.path().join(format!("{}.log", m.name)))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("acknowledged by every proxy"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// "… in 12 ms; promotion proceeds" → 12.
+    fn fence_ms(line: &str) -> Option<f64> {
+        let head = &line[..line.rfind(" ms;")?];
+        head.rsplit(' ').next()?.parse().ok()
+    }
+
+    async fn writable(port: u16) -> bool {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1").port(port).user("postgres").password("postgres").dbname("postgres");
+        c.connect_timeout(Duration::from_secs(1));
+        let Ok((client, conn)) = c.connect(tokio_postgres::NoTls).await else { return false };
+        tokio::spawn(conn);
+        client.simple_query("INSERT INTO pgfront_probe DEFAULT VALUES").await.is_ok()
+    }
+
+    fn round(rt: &tokio::runtime::Runtime, pf: &Pgfront, v: &Variant) -> Round {
+        v.pg.wait_healthy(Duration::from_secs(90));
+        let old = v.pg.leader().expect("a leader");
+        pf.wait_primary(v.cluster, &old.name, Duration::from_secs(30));
+        let mut replicas: Vec<ClusterMember> =
+            v.pg.cluster().expect("cluster").into_iter().filter(|m| m.role == "replica").collect();
+        replicas.sort_by(|a, b| a.name.cmp(&b.name));
+        let cand = replicas.first().expect("a replica").clone();
+        v.pg.wait_replicated(cand.port, "pgfront_probe");
+        let acks_before = logs(&v.pg).len();
+        let stop = CancellationToken::new();
+        let writer =
+            rt.spawn(write_loop(conninfo(v.rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(300)));
+        std::thread::sleep(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let (writable_at, switched) = std::thread::scope(|s| {
+            let ctl = s.spawn(|| {
+                let r = v.pg.try_switchover(&old.name, &cand.name);
+                (r, t0.elapsed().as_secs_f64())
+            });
+            let deadline = t0 + Duration::from_secs(120);
+            let mut at = None;
+            while Instant::now() < deadline {
+                let tick = Instant::now();
+                if rt.block_on(writable(cand.port)) {
+                    at = Some(t0.elapsed().as_secs_f64());
+                    break;
+                }
+                std::thread::sleep((tick + Duration::from_millis(10)).saturating_duration_since(Instant::now()));
+            }
+            (at, ctl.join().expect("patronictl thread"))
+        });
+        let (out, patronictl) = switched;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            out.unwrap_or_else(|t| panic!("patronictl switchover {} -> {}: {t}", old.name, cand.name));
+            pf.wait_primary(v.cluster, &cand.name, Duration::from_secs(30));
+            std::thread::sleep(Duration::from_secs(2));
+        }));
+        stop.cancel();
+        let st = rt.block_on(writer).expect("writer");
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+        let writable = writable_at.unwrap_or_else(|| panic!("{} never took a write within 120 s", cand.name));
+        let acks = logs(&v.pg);
+        let fence = (acks.len() > acks_before).then(|| acks.last().and_then(|l| fence_ms(l))).flatten();
+        for e in st.errors.iter().take(4) {
+            println!("      {e}");
+        }
+        Round {
+            writable,
+            patronictl,
+            gap: st.max_gap.as_secs_f64(),
+            failed: (st.connect_failures, st.read_only, st.broken),
+            fence_ms: fence,
+        }
+    }
+
+    /// Runs the interleaved rounds and reports; false if a round could not run.
+    pub(super) fn bench(p: &Params) -> bool {
+        let t = Instant::now();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let etcd = Etcd::start();
+        let hosts = [format!("127.0.0.1:{}", etcd.port)];
+        let fenced = Patroni::start_with_pre_promote(
+            &hosts,
+            "pgfront-bench-fenced",
+            Dcs::Etcd3,
+            Some("{dir}/pgfront agent pre-promote -c {dir}/{name}-agent.toml"),
+        );
+        let plain = Patroni::start_with_pre_promote(&hosts, "pgfront-bench-plain", Dcs::Etcd3, None);
+        let bin = fenced.dir.path().join("pgfront");
+        fs::copy(pgfront_bin(), &bin).unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut agents: Vec<Agent> = Vec::new();
+        for pg in [&fenced, &plain] {
+            for m in &pg.members {
+                let a = Agent::start(&etcd.endpoint(), &pg.scope, &m.name, m.pg_port, 10);
+                let conf = pg.dir.path().join(format!("{}-agent.toml", a.name));
+                let text = fs::read_to_string(&a.config).unwrap()
+                    + "\n[pre_promote]\ntimeout = \"5s\"\non_timeout = \"refuse\"\n";
+                fs::write(&conf, text).unwrap();
+                fs::set_permissions(&conf, fs::Permissions::from_mode(0o644)).unwrap();
+                agents.push(a);
+            }
+        }
+        let (admin, rw_f, rw_p) = (free_port(), free_port(), free_port());
+        let mut config = format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+        for (name, pg, rw) in [(FENCED, &fenced, rw_f), (PLAIN, &plain, rw_p)] {
+            config += &format!(
+                "\n[[cluster]]\nname = \"{name}\"\nscope = \"{}\"\netcd_endpoints = [\"{}\"]\netcd_timeout = \"1s\"\n\
+                 check_user = \"postgres\"\n\n[[listener]]\nname = \"rw_{name}\"\ncluster = \"{name}\"\n\
+                 bind = \"127.0.0.1:{rw}\"\nrole = \"primary\"\nqueue_timeout = \"90s\"\n",
+                pg.scope,
+                etcd.endpoint()
+            );
+        }
+        let pf = Pgfront::start(&config, admin);
+        let variants = [
+            Variant { cluster: FENCED, label: "with pre_promote fencing", pg: fenced, rw: rw_f },
+            Variant { cluster: PLAIN, label: "without pre_promote", pg: plain, rw: rw_p },
+        ];
+        for v in &variants {
+            let leader = v.pg.leader().expect("a leader");
+            let (ok, _, err) = psql(leader.port, "CREATE TABLE pgfront_probe (id bigserial PRIMARY KEY)");
+            assert!(ok, "{err}");
+        }
+        println!("fencing mode: two Patroni clusters, agents and pgfront ready in {:.1} s", t.elapsed().as_secs_f64());
+        let mut results: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
+        let mut aborted = false;
+        'rounds: for r in 0..p.rounds {
+            let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let v = &variants[i];
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| round(&rt, &pf, v))) {
+                    Ok(x) => {
+                        println!(
+                            "round {r} {:<25} writable after {:.2} s, patronictl {:.2} s, pgfront gap {:.3} s, \
+                             failed (connect/read-only/broken) {}/{}/{}{}",
+                            v.label,
+                            x.writable,
+                            x.patronictl,
+                            x.gap,
+                            x.failed.0,
+                            x.failed.1,
+                            x.failed.2,
+                            x.fence_ms.map_or(String::new(), |ms| format!(", fence {ms:.0} ms"))
+                        );
+                        results[i].push(x);
+                    }
+                    Err(e) => {
+                        let why = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "panic".into());
+                        println!("round {r} {}: ABORTED: {why}", v.label);
+                        println!("--- pgfront log (last 30 lines) ---\n{}", pf.proc.log_tail(30));
+                        println!("{}", v.pg.log_tails(20));
+                        aborted = true;
+                        break 'rounds;
+                    }
+                }
+            }
+        }
+        println!("\nPatroni switchover, {} round(s) per variant, interleaved; median [min–max]:", p.rounds);
+        println!(
+            "{:<27} {:>26} {:>26} {:>26} {:>18} {:>22}",
+            "variant", "to writable (s)", "patronictl (s)", "pgfront write gap (s)", "failed c/ro/b", "fence (ms)"
+        );
+        for (i, v) in variants.iter().enumerate() {
+            let rs = &results[i];
+            let col = |f: &dyn Fn(&Round) -> f64, prec| spread(&rs.iter().map(f).collect::<Vec<_>>(), prec);
+            let fences: Vec<f64> = rs.iter().filter_map(|x| x.fence_ms).collect();
+            let failed = rs.iter().fold((0, 0, 0), |a, x| (a.0 + x.failed.0, a.1 + x.failed.1, a.2 + x.failed.2));
+            println!(
+                "{:<27} {:>26} {:>26} {:>26} {:>18} {:>22}",
+                v.label,
+                col(&|x| x.writable, 2),
+                col(&|x| x.patronictl, 2),
+                col(&|x| x.gap, 3),
+                format!("{}/{}/{}", failed.0, failed.1, failed.2),
+                if fences.is_empty() { "—".into() } else { spread(&fences, 0) }
+            );
+        }
+        println!("fencing mode total time {:.1} s", t.elapsed().as_secs_f64());
+        drop(agents);
+        !aborted
     }
 }
