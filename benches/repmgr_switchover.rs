@@ -28,6 +28,15 @@
 //! A round ends 3 s after pgfront and HAProxy both route to the new primary; the table says per
 //! route whether its last write went to the new primary.
 //!
+//! Measured 2026-11-30 (`cargo bench --bench repmgr_switchover`, 2 loaded cores, 5 rounds,
+//! median [min–max] per round): pgfront 0 connect failures, 0 read-only, 0 [0–1] broken (the
+//! write in flight on the old primary at its shutdown), longest gap 0.229 [0.188–0.308] s;
+//! HAProxy 5 [4–6] connect failures, 124 [69–162] read-only, 1 [0–1] broken, gap 1.805
+//! [1.681–2.287] s; libpq multi-host 13 [10–21] connect failures ("no read-write host"), 0
+//! read-only, gap 0.180 [0.170–0.260] s. Fencing: `pre_promote` took 11 [10–14] ms; candidate
+//! writable after 2.27 [2.01–2.46] s with it, 2.24 [1.98–2.34] s without; pgfront's gap 1.574
+//! vs 1.596 s, no failed write either way.
+//!
 //! A second mode, `fencing` (see `mod fencing` below), measures how long `pgfront agent
 //! pre-promote` adds to a Patroni switchover: two Patroni clusters, with and without
 //! `pre_promote`, rounds interleaved.
