@@ -744,8 +744,34 @@ postgresql:
     }
 
     /// `patronictl switchover --leader L --candidate C --force`, waiting for it to finish.
+    ///
+    /// Patroni answers 503 to a switchover it could not carry out in its own time (a candidate
+    /// whose replication it has not seen catch up yet, a loop slowed down on a loaded machine):
+    /// tried again, for 90 s, while `leader` still leads. If the candidate leads in the end
+    /// (Patroni gave up waiting, not switching), that counts as done. Any other answer fails.
     pub fn switchover(&self, leader: &str, candidate: &str) -> String {
-        self.try_switchover(leader, candidate).unwrap_or_else(|text| panic!("patronictl switchover failed: {text}"))
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let text = match self.try_switchover(leader, candidate) {
+                Ok(text) => return text,
+                Err(text) => text,
+            };
+            let refused = text.contains("Switchover failed") || text.contains("exceeds maximum replication lag");
+            if !refused || Instant::now() > deadline {
+                panic!("patronictl switchover failed: {text}\n{}", self.log_tails(20));
+            }
+            // Settled one way or the other?
+            let now = wait_for("a leader after a refused switchover", Duration::from_secs(30), || self.leader());
+            if now.name == candidate {
+                eprintln!("patronictl switchover answered 503, but {candidate} leads: done");
+                return text;
+            }
+            if now.name != leader {
+                panic!("patronictl switchover failed and {} leads now: {text}", now.name);
+            }
+            eprintln!("patronictl switchover refused ({}); trying again", text.lines().last().unwrap_or(""));
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 
     /// `switchover`, returning patronictl's output either way.
