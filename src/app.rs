@@ -701,6 +701,7 @@ impl Supervisor {
             handle.view.clone(),
             pools,
             self.metrics.cluster(&handle.cfg.name),
+            handle.registration.clone(),
             stop.child_token(),
         ));
     }
@@ -1167,8 +1168,9 @@ async fn follow(
         drained.borrow_and_update();
         let targets = v.targets(cfg.role, cfg.max_replica_lag);
         let (targets, kill) = maintenance::restrict(targets, &maint.cluster(&cfg.cluster));
-        // A fence closes at once: a promotion elsewhere waits for it.
-        let grace = if v.state.fence.is_some() { Duration::ZERO } else { cfg.drain_grace };
+        // A fence closes at once: a promotion elsewhere waits for it. So does a lapsed fencing
+        // registration: a promotion may go ahead without this proxy.
+        let grace = if v.state.fence.is_some() || v.unregistered { Duration::ZERO } else { cfg.drain_grace };
         for b in pool.apply_killing(&targets, grace, &kill) {
             let when = if kill.contains(&b) {
                 info!(listener = %cfg.name, member = %b.member, addr = %b.addr, "member in maintenance (kill): closing its connections now");
