@@ -291,6 +291,9 @@ pub async fn run(
 struct ClusterPart {
     handle: ClusterHandle,
     stop: CancellationToken,
+    /// The fencing registration task (etcd v3): waited for on shutdown, so that it revokes
+    /// its registration before the process exits.
+    fencing: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A listener: its socket (shared with any listener that takes it over in a reload), the
@@ -672,16 +675,16 @@ impl Supervisor {
         let stop = CancellationToken::new();
         let handle =
             discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), self.events.clone(), stop.clone(), None);
-        self.start_fencing(&handle, &stop);
-        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+        let fencing = self.start_fencing(&handle, &stop);
+        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop, fencing });
     }
 
     /// etcd v3 clusters: registers this proxy under `<prefix>proxies/` and acknowledges fencing
     /// requests once the cluster's pools have applied them (`discovery::fence`). Stops with the
     /// cluster's discovery.
-    fn start_fencing(&self, handle: &ClusterHandle, stop: &CancellationToken) {
+    fn start_fencing(&self, handle: &ClusterHandle, stop: &CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         if handle.cfg.api != crate::config::EtcdApi::V3 {
-            return;
+            return None;
         }
         let shared = self.shared.clone();
         let name = handle.cfg.name.clone();
@@ -695,7 +698,7 @@ impl Supervisor {
                 .collect()
         });
         let me = discovery::fence::ProxyInfo::this_process(self.config.admin.or(self.admin.as_ref().map(|a| a.0)));
-        tokio::spawn(discovery::fence::run(
+        Some(tokio::spawn(discovery::fence::run(
             handle.cfg.clone(),
             me,
             handle.view.clone(),
@@ -703,7 +706,7 @@ impl Supervisor {
             self.metrics.cluster(&handle.cfg.name),
             handle.registration.clone(),
             stop.child_token(),
-        ));
+        )))
     }
 
     /// New endpoints, credentials or scope: a new discovery task that starts from the last
@@ -728,9 +731,9 @@ impl Supervisor {
             stop.clone(),
             Some(&old.handle),
         );
-        self.start_fencing(&handle, &stop);
+        let fencing = self.start_fencing(&handle, &stop);
         info!(cluster = %cfg.name, same_cluster, "cluster changed: discovery restarted (from the last known topology when the scope is the same)");
-        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop, fencing });
     }
 
     fn view(&self, cluster: &str) -> watch::Receiver<Arc<ClusterView>> {
@@ -1114,6 +1117,12 @@ impl Supervisor {
         }
         for c in self.clusters.values() {
             c.stop.cancel();
+        }
+        // The fencing registrations are revoked (bounded by the revocation's own timeout).
+        for c in self.clusters.values_mut() {
+            if let Some(h) = c.fencing.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(3), h).await;
+            }
         }
         if let Some((_, stop, _)) = &self.admin {
             stop.cancel();
