@@ -291,6 +291,9 @@ pub async fn run(
 struct ClusterPart {
     handle: ClusterHandle,
     stop: CancellationToken,
+    /// The fencing registration task (etcd v3): waited for on shutdown, so that it revokes
+    /// its registration before the process exits.
+    fencing: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A listener: its socket (shared with any listener that takes it over in a reload), the
@@ -675,16 +678,16 @@ impl Supervisor {
         let stop = CancellationToken::new();
         let handle =
             discovery::spawn(cfg.clone(), self.metrics.cluster(&cfg.name), self.events.clone(), stop.clone(), None);
-        self.start_fencing(&handle, &stop);
-        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+        let fencing = self.start_fencing(&handle, &stop);
+        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop, fencing });
     }
 
     /// etcd v3 clusters: registers this proxy under `<prefix>proxies/` and acknowledges fencing
     /// requests once the cluster's pools have applied them (`discovery::fence`). Stops with the
     /// cluster's discovery.
-    fn start_fencing(&self, handle: &ClusterHandle, stop: &CancellationToken) {
+    fn start_fencing(&self, handle: &ClusterHandle, stop: &CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         if handle.cfg.api != crate::config::EtcdApi::V3 {
-            return;
+            return None;
         }
         let shared = self.shared.clone();
         let retiring = self.retiring_pools.clone();
@@ -692,14 +695,15 @@ impl Supervisor {
         let pools: discovery::fence::PoolsFn =
             Arc::new(move || fence_pools(&shared.load().listeners, &retiring, &name));
         let me = discovery::fence::ProxyInfo::this_process(self.config.admin.or(self.admin.as_ref().map(|a| a.0)));
-        tokio::spawn(discovery::fence::run(
+        Some(tokio::spawn(discovery::fence::run(
             handle.cfg.clone(),
             me,
             handle.view.clone(),
             pools,
             self.metrics.cluster(&handle.cfg.name),
+            handle.registration.clone(),
             stop.child_token(),
-        ));
+        )))
     }
 
     /// New endpoints, credentials or scope: a new discovery task that starts from the last
@@ -724,9 +728,9 @@ impl Supervisor {
             stop.clone(),
             Some(&old.handle),
         );
-        self.start_fencing(&handle, &stop);
+        let fencing = self.start_fencing(&handle, &stop);
         info!(cluster = %cfg.name, same_cluster, "cluster changed: discovery restarted (from the last known topology when the scope is the same)");
-        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop });
+        self.clusters.insert(cfg.name.clone(), ClusterPart { handle, stop, fencing });
     }
 
     fn view(&self, cluster: &str) -> watch::Receiver<Arc<ClusterView>> {
@@ -1115,6 +1119,12 @@ impl Supervisor {
         for c in self.clusters.values() {
             c.stop.cancel();
         }
+        // The fencing registrations are revoked (bounded by the revocation's own timeout).
+        for c in self.clusters.values_mut() {
+            if let Some(h) = c.fencing.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(3), h).await;
+            }
+        }
         if let Some((_, stop, _)) = &self.admin {
             stop.cancel();
         }
@@ -1212,22 +1222,32 @@ async fn follow(
         let present = pool.backends();
         let (targets, maint_kill) =
             maintenance::targets(&v, cfg.role, cfg.max_replica_lag, &maint.cluster(&cfg.cluster), &present);
-        // A fence closes at once: a promotion elsewhere waits for it. So does a split brain:
-        // no claimant may keep taking writes. Servers they reach that were already draining
-        // from an earlier change (with the full grace) are closed now too.
-        let urgent = v.state.fence.is_some() || !v.state.split_brain.is_empty();
+        // A fence closes at once: a promotion elsewhere waits for it. So does a split brain
+        // (no claimant may keep taking writes) and a lapsed fencing registration (a promotion
+        // may go ahead without this proxy). Servers they reach that were already draining from
+        // an earlier change (with the full grace) are closed now too.
+        let urgent = v.state.fence.is_some() || !v.state.split_brain.is_empty() || v.unregistered;
         let grace = if urgent { Duration::ZERO } else { cfg.drain_grace };
         let mut kill = maint_kill.clone();
         if urgent {
             let listed = |b: &Backend| targets.eligible.contains(b) || targets.keep.contains(b);
             // A fence is about the primary role: a replica listener's draining replicas keep their grace.
             let fenced = |b: &Backend| cfg.role != Role::Replica && v.fenced(&b.member);
-            let cut = |b: &Backend| fenced(b) || v.state.split_brain.iter().any(|c| *c == *b.member);
+            let unregistered = |b: &Backend| {
+                cfg.role != Role::Replica && v.unregistered && v.state.leader.as_deref() == Some(&*b.member)
+            };
+            let cut = |b: &Backend| fenced(b) || unregistered(b) || v.state.split_brain.iter().any(|c| *c == *b.member);
             kill.extend(present.iter().filter(|b| cut(b) && !listed(b) && !maint_kill.contains(b)).cloned());
         }
         let closed = pool.apply_killing(&targets, grace, &kill);
         for b in kill.iter().filter(|b| !closed.contains(b) && !maint_kill.contains(b)) {
-            let why = if v.fenced(&b.member) { "fenced" } else { "split brain" };
+            let why = if v.fenced(&b.member) {
+                "fenced"
+            } else if v.unregistered {
+                "fencing registration lapsed"
+            } else {
+                "split brain"
+            };
             info!(listener = %cfg.name, member = %b.member, addr = %b.addr, "{why}: closing the connections of a server already draining now");
         }
         for b in closed {

@@ -19,6 +19,9 @@
 //!   are kept;
 //! - a fenced member (a `fence` request of `pgfront agent pre-promote`, while its key exists)
 //!   is never a primary target: no new connections, its primary sessions are closed;
+//! - while this proxy's fencing registration may have lapsed (`unregistered`, see
+//!   `discovery::fence`) no member is a primary target and no primary session is kept:
+//!   `pgfront agent pre-promote` no longer waits for a proxy whose registration is gone;
 //! - while a manual switchover is pending (`failover` key) the current leader takes no new
 //!   connections, but its open connections are kept: Patroni has not demoted it yet;
 //! - a member that holds the leader key is never a replica;
@@ -203,6 +206,11 @@ pub enum PrimaryStatus {
     Fenced,
     /// A manual switchover is pending: no new connections to the current leader.
     SwitchoverPending,
+    /// This proxy's fencing registration may have expired in etcd (`source = "agent"`, its
+    /// keep-alive unanswered for about the lease's TTL): a promotion may go ahead without its
+    /// acknowledgement, so it routes no primary connection and closes its primary sessions
+    /// until it is registered again and has read etcd.
+    Unregistered,
     /// etcd is unreachable and the direct check of the primary lost its connection (or cannot
     /// make one): Patroni may be demoting it, so no new connections until a check answers.
     Unconfirmed,
@@ -245,6 +253,9 @@ pub struct ClusterView {
     /// The direct check of the primary, while etcd is unreachable (and a read-only verdict
     /// after it; see the module docs).
     pub check: Option<PrimaryCheck>,
+    /// This proxy's fencing registration may have lapsed (set by the cluster task, see
+    /// `PrimaryStatus::Unregistered`): nothing is routed or kept for the primary role.
+    pub unregistered: bool,
 }
 
 /// Two entries of a member are the same if etcd shows the same values (the address may have
@@ -339,6 +350,9 @@ impl ClusterView {
     }
 
     pub fn primary_status(&self) -> PrimaryStatus {
+        if self.unregistered {
+            return PrimaryStatus::Unregistered;
+        }
         match (self.keys_status(), self.verdict()) {
             (PrimaryStatus::Routable, Some(CheckResult::Lost)) => PrimaryStatus::Unconfirmed,
             (PrimaryStatus::Routable, Some(CheckResult::ReadOnly)) => PrimaryStatus::ReadOnly,
@@ -398,6 +412,9 @@ impl ClusterView {
 
     /// The member whose open primary connections stay open, if any.
     fn kept_primary(&self) -> Option<&Member> {
+        if self.unregistered {
+            return None;
+        }
         self.kept_primary_unfenced().filter(|m| !self.fenced(&m.name))
     }
 
@@ -528,6 +545,7 @@ pub(crate) mod tests {
             confirmed: None,
             etcd_down: false,
             check: None,
+            unregistered: false,
         }
     }
 
@@ -616,6 +634,23 @@ pub(crate) mod tests {
         let mut v = three();
         v.state.members.remove("pg1");
         assert_eq!(v.primary_status(), PrimaryStatus::LeaderUnknown);
+    }
+
+    #[test]
+    fn unregistered_proxy_routes_and_keeps_no_primary() {
+        let mut v = three();
+        v.unregistered = true;
+        assert_eq!(v.primary_status(), PrimaryStatus::Unregistered);
+        assert!(v.primary().is_none());
+        assert_eq!((eligible_primary(&v), kept_primary(&v)), (vec![], vec![]) as (Vec<String>, Vec<String>));
+        // Replicas are not concerned; a read-only listener loses the primary only.
+        let ro = v.targets(Role::ReadOnly, Some(0));
+        assert_eq!((names(&ro.eligible), names(&ro.keep)), (vec![], vec!["pg2", "pg3"]));
+        assert_eq!(names(&v.targets(Role::Replica, None).eligible), vec!["pg2", "pg3"]);
+        // Even with etcd down and a direct check finding it writable.
+        v.handle_etcd_down();
+        v.handle_check("pg1", CheckResult::Writable);
+        assert_eq!((eligible_primary(&v), kept_primary(&v)), (vec![], vec![]) as (Vec<String>, Vec<String>));
     }
 
     #[test]

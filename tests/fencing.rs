@@ -84,6 +84,7 @@ fn patroni_pre_promote_fences_the_proxies() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         switchover_with_fencing(&env);
         silent_proxy_refuses_the_promotion(&env);
+        stopped_proxy_revokes_its_registration(&env);
     }));
     if let Err(panic) = result {
         eprintln!("--- pgfront log (last 60 lines) ---\n{}", env.pf.proc.log_tail(60));
@@ -188,4 +189,15 @@ fn silent_proxy_refuses_the_promotion(env: &Env) {
         (env.pf.primary(CLUSTER).as_deref() == Some(l.name.as_str())).then_some(l)
     });
     eprintln!("after ghost-1 went: {} is the primary, {:?} after the switchover request", leader.name, t0.elapsed());
+}
+
+/// Review item 6: a stopped proxy revokes its registration at once, so a pre-promote right
+/// after a restart does not wait (and refuse) for the old process's id until its TTL.
+fn stopped_proxy_revokes_its_registration(env: &Env) {
+    let mut kv = EtcdKv::connect(&env.etcd.endpoint());
+    let key = format!("/service/{SCOPE}/proxies/{}", proxy_id(env));
+    wait_for("the proxy's registration", Duration::from_secs(10), || kv.get(&key));
+    env.pf.proc.signal(libc::SIGTERM);
+    // Well under the registration's 10 s lease: only a revocation removes it this soon.
+    wait_for("the registration revoked on stop", Duration::from_secs(4), || kv.get(&key).is_none().then_some(()));
 }

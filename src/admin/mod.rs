@@ -962,6 +962,7 @@ mod tests {
                 view,
                 health,
                 tx,
+                registration: tokio::sync::watch::channel(tokio::time::Instant::now()).0,
             }],
             listeners,
             vips,

@@ -12,8 +12,15 @@
 //! revoked), so the proxies route as before.
 //!
 //! The waiting is a pure core, [`FenceWait`]: registrations, acknowledgements and time in,
-//! a [`Decision`] out. A proxy whose registration disappears (its lease expired: it is dead and
-//! routes nothing) is no longer waited for; one that registers during the wait is.
+//! a [`Decision`] out. A proxy whose registration disappears is no longer waited for; one that
+//! registers during the wait is. That rests on the proxy's side of the contract
+//! (`discovery::fence`): a registration disappears only when the proxy stopped (it revokes its
+//! lease once its sessions are closed) or when its lease expired, and a proxy routes no
+//! primary connection and holds no primary session from 2 s (`LAPSE_MARGIN`) before its lease
+//! can have expired (its keep-alive unanswered for about the TTL, `source = "agent"`) until it
+//! is registered again and has read etcd. Under `source = "patroni"` a proxy cut off from etcd
+//! keeps routing to the old primary while a direct check finds it writable: Patroni demotes a
+//! primary that cannot renew its leader key, and the check sees it read-only.
 
 use std::collections::BTreeMap;
 use std::path::Path;

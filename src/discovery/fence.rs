@@ -11,6 +11,15 @@
 //! acknowledgement never precedes the fact. The fence holds while the key exists; the ack key
 //! shares the registration's lease and disappears with the proxy.
 //!
+//! Registration and routing are tied (`source = "agent"`): `pre-promote` stops waiting for a
+//! proxy whose registration is gone, so a proxy must route nothing to a primary once its
+//! registration may have expired. This task reports, at each keep-alive etcd answers, until
+//! when the registration surely holds (the instant the request was *sent* plus the TTL: etcd
+//! cannot have dropped it earlier); the cluster task fences the primary role `LAPSE_MARGIN`
+//! before that instant (see `ClusterTask::manage_registration`). On stop the lease is revoked
+//! (registration and acknowledgement go at once), so a restarted proxy's old id does not hold
+//! a promotion up for a TTL.
+//!
 //! etcd v3 only (leases). Errors end the session; the next one registers again (a new lease)
 //! and acknowledges the fence in force again, so a pre-promote waiting meanwhile still gets
 //! its answer.
@@ -33,6 +42,17 @@ use crate::topology::ClusterView;
 
 /// The lease of a proxy's registration and acknowledgements (the contract's 10 s).
 pub(crate) const REGISTRATION_TTL: i64 = 10;
+/// How long before its registration may expire a proxy fences its primary role: time for the
+/// listeners to close the primary sessions (at once, no drain grace) before a `pre-promote`
+/// can see the registration gone.
+pub(crate) const LAPSE_MARGIN: Duration = Duration::from_secs(2);
+/// How long a revocation of the registration's lease is waited for on stop.
+const REVOKE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(crate) fn registration_ttl() -> Duration {
+    Duration::from_secs(REGISTRATION_TTL as u64)
+}
+
 /// How often the pools are looked at while a fence is being applied.
 const POLL: Duration = Duration::from_millis(2);
 const RETRY: Duration = Duration::from_millis(500);
@@ -116,16 +136,19 @@ pub(crate) async fn run(
     mut view: watch::Receiver<Arc<ClusterView>>,
     pools: PoolsFn,
     metrics: ClusterMetrics,
+    registration: watch::Sender<Instant>,
     stop: CancellationToken,
 ) {
-    // Connections open to the fenced nodes when the request was first seen, per fence id.
-    let mut seen: Option<(String, u32)> = None;
-    let mut registered_once = false;
+    let mut memory = Memory::default();
     loop {
         let r = tokio::select! {
-            r = session(&cfg, &me, &mut view, &pools, &metrics, &mut seen, &mut registered_once) => r,
-            _ = stop.cancelled() => return,
+            r = session(&cfg, &me, &mut view, &pools, &metrics, (&registration, &stop), &mut memory) => r,
+            // A registered session revokes its lease on stop; one still connecting is dropped.
+            _ = async { stop.cancelled().await; tokio::time::sleep(REVOKE_TIMEOUT * 2).await } => return,
         };
+        if stop.is_cancelled() {
+            return;
+        }
         if let Err(e) = r {
             warn!(cluster = %cfg.name, proxy = %me.id, error = %e, "proxy registration for fencing lost; registering again");
         }
@@ -136,28 +159,41 @@ pub(crate) async fn run(
     }
 }
 
+/// What outlives a session.
+#[derive(Default)]
+struct Memory {
+    /// Connections open to the fenced nodes when the request was first seen, per fence id.
+    seen: Option<(String, u32)>,
+    registered_once: bool,
+}
+
 async fn session(
     cfg: &ClusterConfig,
     me: &ProxyInfo,
     view: &mut watch::Receiver<Arc<ClusterView>>,
     pools: &PoolsFn,
     metrics: &ClusterMetrics,
-    seen: &mut Option<(String, u32)>,
-    registered_once: &mut bool,
+    (registration, stop): (&watch::Sender<Instant>, &CancellationToken),
+    memory: &mut Memory,
 ) -> Result<(), String> {
     let prefix = cfg.prefix();
     let mut client = crate::etcd::connect(cfg, &cfg.endpoints).await.map_err(|e| e.to_string())?;
+    let granting = Instant::now();
     let lease = client.lease_grant(REGISTRATION_TTL, None).await.map_err(|e| e.to_string())?.id();
     let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
     let value = serde_json::to_string(me).map_err(|e| e.to_string())?;
     let reg_key = format!("{prefix}proxies/{}", me.id);
     client.put(reg_key.as_str(), value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| e.to_string())?;
-    if !*registered_once {
+    let ttl = registration_ttl();
+    registration.send_replace(granting + ttl);
+    if !memory.registered_once {
         info!(cluster = %cfg.name, key = %reg_key, "proxy registered for fencing requests");
-        *registered_once = true;
+        memory.registered_once = true;
     }
     let ack_key = format!("{prefix}fence-ack/{}", me.id);
-    let ttl = Duration::from_secs(REGISTRATION_TTL as u64);
+    // When the oldest keep-alive not answered yet was sent: an answer proves the lease alive
+    // from then on.
+    let mut unanswered_since: Option<Instant> = None;
     let mut next_keepalive = Instant::now() + ttl / 3;
     let mut last_ack = Instant::now();
     // The fence this session has acknowledged (a new lease needs a new ack).
@@ -170,13 +206,13 @@ async fn session(
         match &fence_id {
             Some(id) if acked.as_ref() != Some(id) => {
                 let now_pools = pools();
-                if seen.as_ref().is_none_or(|(s, _)| s != id) {
-                    *seen = Some((id.clone(), open_fenced(&v, &now_pools)));
+                if memory.seen.as_ref().is_none_or(|(s, _)| s != id) {
+                    memory.seen = Some((id.clone(), open_fenced(&v, &now_pools)));
                     waiting_since = Some(Instant::now());
                 }
                 let left = pending(&v, &now_pools);
                 if left == 0 {
-                    let closed = seen.as_ref().map_or(0, |(_, n)| *n);
+                    let closed = memory.seen.as_ref().map_or(0, |(_, n)| *n);
                     let ack = serde_json::to_string(&Ack { id, closed_sessions: closed, at_ms: unix_ms() })
                         .map_err(|e| e.to_string())?;
                     client
@@ -212,15 +248,37 @@ async fn session(
             r = view.changed() => if r.is_err() { return Ok(()) },
             _ = tokio::time::sleep(POLL), if poll => {}
             _ = tokio::time::sleep_until(next_keepalive) => {
+                unanswered_since.get_or_insert_with(Instant::now);
                 keeper.keep_alive().await.map_err(|e| e.to_string())?;
                 next_keepalive = Instant::now() + ttl / 3;
             }
             a = acks.message() => match a {
-                Ok(Some(a)) if a.ttl() > 0 => last_ack = Instant::now(),
+                Ok(Some(a)) if a.ttl() > 0 => {
+                    last_ack = Instant::now();
+                    if let Some(sent) = unanswered_since.take() {
+                        registration.send_if_modified(|until| {
+                            let later = sent + ttl > *until;
+                            if later {
+                                *until = sent + ttl;
+                            }
+                            later
+                        });
+                    }
+                }
                 Ok(Some(_)) => return Err("lease expired".into()),
                 Ok(None) => return Err("keep-alive stream closed".into()),
                 Err(e) => return Err(e.to_string()),
             },
+            _ = stop.cancelled() => {
+                // Registration and acknowledgement go at once: a pre-promote does not wait for
+                // a proxy that is gone (its id may even be taken again by a restarted process).
+                match tokio::time::timeout(REVOKE_TIMEOUT, client.lease_revoke(lease)).await {
+                    Ok(Ok(_)) => info!(cluster = %cfg.name, key = %reg_key, "fencing registration revoked"),
+                    Ok(Err(e)) => warn!(cluster = %cfg.name, error = %e, "cannot revoke the fencing registration; it goes within its TTL"),
+                    Err(_) => warn!(cluster = %cfg.name, "no answer to the revocation of the fencing registration; it goes within its TTL"),
+                }
+                return Ok(());
+            }
         }
     }
 }

@@ -151,6 +151,10 @@ pub struct ClusterHandle {
     pub health: Arc<ClusterHealth>,
     /// Kept so that a replacing discovery (reload) publishes into the same channel.
     pub(crate) tx: watch::Sender<Arc<ClusterView>>,
+    /// Until when this proxy's fencing registration surely holds in etcd, written by
+    /// `fence::run` at each acknowledged keep-alive; the cluster task fences the primary role
+    /// when it lapses (`source = "agent"`, see `ClusterTask::manage_registration`).
+    pub(crate) registration: watch::Sender<Instant>,
 }
 
 /// Starts discovery of one cluster; stops when `stop` is cancelled.
@@ -188,9 +192,12 @@ pub fn spawn(
         // Nothing is routable before etcd has been read.
         health.set_routing_paused(true);
     }
+    task.sync_gauges();
     let (live, live_rx) = watch::channel(cfg.clone());
-    tokio::spawn(task.run(src_rx, live_rx, stop));
-    ClusterHandle { cfg, live, view: rx, health, tx }
+    // A fresh start has one registration TTL to register before it counts as lapsed.
+    let (registration, reg_rx) = watch::channel(Instant::now() + fence::registration_ttl());
+    tokio::spawn(task.run(src_rx, live_rx, reg_rx, stop));
+    ClusterHandle { cfg, live, view: rx, health, tx, registration }
 }
 
 impl ClusterHandle {
@@ -233,6 +240,8 @@ struct ClusterTask {
     split_brain: Vec<String>,
     /// The fencing request last logged.
     fence: Option<String>,
+    /// Until when this proxy's fencing registration surely holds (from `fence::run`).
+    registered_until: Instant,
 }
 
 impl ClusterTask {
@@ -267,6 +276,7 @@ impl ClusterTask {
             keys: KeyMap::new(),
             split_brain: Vec::new(),
             fence: None,
+            registered_until: Instant::now() + fence::registration_ttl(),
         }
     }
 
@@ -277,14 +287,27 @@ impl ClusterTask {
         // A new scope starts from an empty view: paused from now, not routable.
         self.health.set_routing_paused(self.routed.is_none());
         self.seen_keys = true;
+        // The split brain and fence in force are the ones already logged and counted (an
+        // empty view after a scope change: none).
+        self.split_brain = last.state.split_brain.clone();
+        self.fence = last.state.fence.as_ref().map(|f| f.id.clone());
+    }
+
+    /// Sets the split-brain and fence gauges to what this task starts from: the gauges are
+    /// shared with the task it replaces, which may have left them at 1.
+    fn sync_gauges(&self) {
+        self.metrics.split_brain.set(i64::from(!self.split_brain.is_empty()));
+        self.metrics.fence_active.set(i64::from(self.fence.is_some()));
     }
 
     async fn run(
         mut self,
         mut src: mpsc::Receiver<SourceEvent>,
         mut live: watch::Receiver<Arc<ClusterConfig>>,
+        mut registration: watch::Receiver<Instant>,
         stop: CancellationToken,
     ) {
+        self.registered_until = *registration.borrow_and_update();
         let (confirm_tx, mut confirm_rx) = mpsc::channel(4);
         self.confirm_tx = confirm_tx;
         let (check_tx, mut check_rx) = mpsc::channel(4);
@@ -292,6 +315,7 @@ impl ClusterTask {
         loop {
             let dns_due = self.dns.poll_timeout();
             let grace = self.grace_until;
+            let lapse = self.lapse_at();
             tokio::select! {
                 ev = src.recv() => match ev {
                     Some(SourceEvent::Keys(keys)) => self.on_keys(keys),
@@ -323,6 +347,8 @@ impl ClusterTask {
                     self.grace_until = None;
                     self.view.handle_grace_over();
                 }
+                Ok(()) = registration.changed() => self.registered_until = *registration.borrow_and_update(),
+                _ = tokio::time::sleep_until(lapse.unwrap_or_else(Instant::now)), if lapse.is_some() => {}
                 _ = stop.cancelled() => break,
             }
             self.publish();
@@ -430,6 +456,7 @@ impl ClusterTask {
     /// Publishes the view if it changed, starts or stops the promotion and primary checks,
     /// logs routing changes.
     fn publish(&mut self) {
+        self.manage_registration(Instant::now());
         self.manage_confirmation();
         self.manage_check();
         self.log_verdict();
@@ -496,6 +523,39 @@ impl ClusterTask {
         }
         if **self.tx.borrow() != self.view {
             self.tx.send_replace(Arc::new(self.view.clone()));
+        }
+    }
+
+    /// When this proxy's registration lapses, if it is to fence itself then (`source = "agent"`
+    /// and not fenced already).
+    fn lapse_at(&self) -> Option<Instant> {
+        (self.cfg.source == crate::config::Source::Agent && !self.view.unregistered)
+            .then(|| self.registered_until.checked_sub(fence::LAPSE_MARGIN).unwrap_or(self.registered_until))
+    }
+
+    /// Fences the primary role while this proxy's fencing registration may have expired in
+    /// etcd, `source = "agent"` only: `pgfront agent pre-promote` stops waiting for a proxy
+    /// whose registration is gone, and under repmgr an old primary cut off from etcd stays
+    /// writable, so the direct check would keep routing to it after a promotion elsewhere.
+    /// (Under Patroni an old primary that lost the leader key demotes itself, which the direct
+    /// check sees; fencing there would turn every etcd outage into a write outage, against
+    /// `failsafe_mode`.) Lifted once registered again and etcd has been read (`etcd_down`
+    /// false): the keys from before the outage may still name the old primary.
+    fn manage_registration(&mut self, now: Instant) {
+        let lapsed = self.lapse_at().is_some_and(|t| now >= t);
+        if lapsed {
+            error!(cluster = %self.cfg.name, "fencing registration lapsed (no keep-alive answered by etcd): a promotion may go ahead without this proxy; no primary connection and primary sessions closed until registered again");
+            self.events.record(
+                EventKind::RoutingPaused,
+                NewEvent::cluster(&self.cfg.name, "fencing registration lapsed: the primary role is fenced"),
+            );
+            self.view.unregistered = true;
+        } else if self.view.unregistered
+            && !self.view.etcd_down
+            && (self.cfg.source != crate::config::Source::Agent || now + fence::LAPSE_MARGIN < self.registered_until)
+        {
+            info!(cluster = %self.cfg.name, "registered again for fencing and etcd read: the primary role is routed by the keys again");
+            self.view.unregistered = false;
         }
     }
 
@@ -649,6 +709,7 @@ pub(crate) fn status_text(s: PrimaryStatus) -> &'static str {
         PrimaryStatus::Maintenance => "primary in maintenance",
         PrimaryStatus::Fenced => "primary fenced for a promotion elsewhere",
         PrimaryStatus::SwitchoverPending => "switchover pending",
+        PrimaryStatus::Unregistered => "this proxy's fencing registration lapsed (etcd unreachable)",
         PrimaryStatus::Unconfirmed => "etcd unreachable, primary unconfirmed",
         PrimaryStatus::ReadOnly => "primary read-only",
     }

@@ -72,18 +72,35 @@ struct Harness {
     events: crate::events::Events,
     health: Arc<ClusterHealth>,
     live: watch::Sender<Arc<ClusterConfig>>,
+    registration: watch::Sender<Instant>,
+    metrics: ClusterMetrics,
     _stop: tokio_util::sync::DropGuard,
 }
 
 fn start(cfg: Arc<ClusterConfig>, resolver: Arc<dyn Resolve>) -> Harness {
-    let (tx, view) = watch::channel(Arc::new(ClusterView::default()));
+    start_from(cfg, resolver, Metrics::new().cluster("t"), None)
+}
+
+/// A task as `spawn` starts it, on `metrics`, seeded from `last` as a restarted one is.
+fn start_from(
+    cfg: Arc<ClusterConfig>,
+    resolver: Arc<dyn Resolve>,
+    metrics: ClusterMetrics,
+    last: Option<&ClusterView>,
+) -> Harness {
+    let (tx, view) = watch::channel(Arc::new(last.cloned().unwrap_or_default()));
     let (src, src_rx) = mpsc::channel(16);
     let stop = CancellationToken::new();
     let (events, health) = (crate::events::Events::default(), Arc::new(ClusterHealth::default()));
     let (live, live_rx) = watch::channel(cfg.clone());
-    let task = ClusterTask::new(cfg, tx, Metrics::new().cluster("t"), events.clone(), health.clone(), resolver);
-    tokio::spawn(task.run(src_rx, live_rx, stop.clone()));
-    Harness { src, view, events, health, live, _stop: stop.drop_guard() }
+    let (registration, reg_rx) = watch::channel(Instant::now() + fence::registration_ttl());
+    let mut task = ClusterTask::new(cfg, tx, metrics.clone(), events.clone(), health.clone(), resolver);
+    if let Some(last) = last {
+        task.seed(last);
+    }
+    task.sync_gauges();
+    tokio::spawn(task.run(src_rx, live_rx, reg_rx, stop.clone()));
+    Harness { src, view, events, health, live, registration, metrics, _stop: stop.drop_guard() }
 }
 
 fn member_json(host: &str, port: u16, role: &str) -> Vec<u8> {
@@ -242,4 +259,91 @@ async fn source_switch_reparses_the_mirrored_keys() {
     .await
     .expect("switched back");
     assert_eq!(v.state.members.len(), 2);
+}
+
+fn agent_node(port: u16, role: &str, tl: u64) -> Vec<u8> {
+    format!(r#"{{"version":1,"conn_url":"postgres://10.0.0.9:{port}/postgres","state":"running","role":"{role}","timeline":{tl},"maintenance":false}}"#).into_bytes()
+}
+
+fn agent_keys(nodes: &[(&str, u16, &str, u64)]) -> KeyMap {
+    nodes.iter().map(|(n, port, role, tl)| (format!("nodes/{n}"), agent_node(*port, role, *tl))).collect()
+}
+
+/// Review item 1: a proxy whose fencing registration may have expired routes no primary
+/// connection and keeps no primary session (pre-promote no longer waits for it), until it is
+/// registered again and has read etcd; Patroni clusters keep the etcd-outage design.
+#[tokio::test(start_paused = true)]
+async fn a_lapsed_registration_fences_the_primary_role_until_registered_and_read_again() {
+    let step = Duration::from_millis(100);
+    let h = start(cluster_config("source = \"agent\""), Arc::new(NoDns));
+    let mut view = h.view.clone();
+    let k = agent_keys(&[("a1", 6001, "primary", 2), ("a2", 6002, "replica", 2)]);
+    h.src.send(SourceEvent::Keys(k.clone())).await.unwrap();
+    tokio::time::timeout(step, view_where(&mut view, |v| v.primary().is_some())).await.expect("routed");
+    // Keep-alives answered: still routed well past the first TTL.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        h.registration.send_replace(Instant::now() + fence::registration_ttl());
+    }
+    assert_eq!(primary_at(&view.borrow()), Some(("a1".into(), addr("10.0.0.9:6001"))));
+    // etcd unreachable: the direct check would keep a1 routed; the registration lapses.
+    let registered = Instant::now() + fence::registration_ttl();
+    h.registration.send_replace(registered);
+    h.src.send(SourceEvent::Down(DiscoveryError::WatchEnded { reason: "test".into() })).await.unwrap();
+    let v = tokio::time::timeout(fence::registration_ttl(), view_where(&mut view, |v| v.unregistered))
+        .await
+        .expect("fenced within the TTL");
+    assert!(Instant::now() + fence::LAPSE_MARGIN <= registered + step, "fenced {:?} early", fence::LAPSE_MARGIN);
+    assert_eq!(v.primary_status(), PrimaryStatus::Unregistered);
+    assert!(v.targets(crate::config::Role::Primary, None).eligible.is_empty());
+    assert!(v.targets(crate::config::Role::Primary, None).keep.is_empty(), "primary sessions closed");
+    // Registered again while etcd is still unreadable: the keys may be stale, still fenced.
+    h.registration.send_replace(Instant::now() + fence::registration_ttl());
+    tokio::time::sleep(step).await;
+    assert!(view.borrow().unregistered);
+    // etcd read again: routed.
+    h.src.send(SourceEvent::Keys(k.clone())).await.unwrap();
+    tokio::time::timeout(step, view_where(&mut view, |v| !v.unregistered && v.primary().is_some()))
+        .await
+        .expect("routed again");
+
+    // source = "patroni": an etcd outage keeps the direct-check design, no self-fence.
+    let h = start(cluster_config(""), Arc::new(NoDns));
+    let mut view = h.view.clone();
+    h.src.send(SourceEvent::Keys(keys("pg1", &[("pg1", "10.0.0.1", 5432, "master")]))).await.unwrap();
+    tokio::time::timeout(step, view_where(&mut view, |v| v.primary().is_some())).await.expect("routed");
+    h.src.send(SourceEvent::Down(DiscoveryError::WatchEnded { reason: "test".into() })).await.unwrap();
+    tokio::time::sleep(fence::registration_ttl() * 3).await;
+    assert!(!view.borrow().unregistered);
+    assert_eq!(view.borrow().primary_status(), PrimaryStatus::Routable);
+}
+
+/// Review item 11: a restarted task sets the shared split-brain and fence gauges from the view
+/// it starts from, and does not count a split brain already counted.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_task_does_not_leave_the_gauges_stuck() {
+    let step = Duration::from_millis(100);
+    let cfg = cluster_config("source = \"agent\"");
+    let metrics = Metrics::new().cluster("t");
+    let h = start_from(cfg.clone(), Arc::new(NoDns), metrics.clone(), None);
+    let mut view = h.view.clone();
+    let mut k = agent_keys(&[("a1", 6001, "primary", 2), ("a2", 6002, "primary", 2)]);
+    k.insert("fence".into(), br#"{"id":"f1","new_primary":"a2","old_primary":"a1","requested_at_ms":1}"#.to_vec());
+    h.src.send(SourceEvent::Keys(k.clone())).await.unwrap();
+    let last = tokio::time::timeout(step, view_where(&mut view, |v| !v.state.split_brain.is_empty()))
+        .await
+        .expect("split brain seen");
+    assert!(last.state.fence.is_some());
+    assert_eq!((metrics.split_brain.get(), metrics.split_brains.get(), metrics.fence_active.get()), (1, 1, 1));
+    drop(h);
+    // Same scope: starts from the last view; the same split brain is not a new episode.
+    let h = start_from(cfg.clone(), Arc::new(NoDns), metrics.clone(), Some(&last));
+    h.src.send(SourceEvent::Keys(k)).await.unwrap();
+    tokio::time::sleep(step).await;
+    assert_eq!((h.metrics.split_brain.get(), h.metrics.split_brains.get(), h.metrics.fence_active.get()), (1, 1, 1));
+    drop(h);
+    // Scope change: an empty view, nothing in force.
+    let _h = start_from(cfg, Arc::new(NoDns), metrics.clone(), Some(&ClusterView::default()));
+    tokio::time::sleep(step).await;
+    assert_eq!((metrics.split_brain.get(), metrics.split_brains.get(), metrics.fence_active.get()), (0, 1, 0));
 }
