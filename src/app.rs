@@ -61,7 +61,6 @@ use crate::metrics::Metrics;
 use crate::proxy::cancel::CancelMap;
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
-use crate::proxy::shards::Shards;
 use crate::sysd;
 use crate::topology::{Backend, ClusterView};
 use crate::vip;
@@ -355,9 +354,6 @@ struct Supervisor {
     cluster_list: Arc<Mutex<Vec<ClusterHandle>>>,
     /// The process's descriptor budget, a permit per session (`listener::fd_budget`).
     fds: Option<Arc<Semaphore>>,
-    /// The runtimes sessions run on (`proxy::shards`), started with the first listener; `None`
-    /// (not wanted, or could not start): on this runtime.
-    shards: Option<Option<Arc<Shards>>>,
     /// The process is stopping: queued clients are refused.
     stop: CancellationToken,
     /// Close every session now.
@@ -413,7 +409,6 @@ impl Supervisor {
             maintenance,
             cluster_list,
             fds: None,
-            shards: None,
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
         };
@@ -772,7 +767,6 @@ impl Supervisor {
             fds,
             accept_stop.clone(),
             sessions.clone(),
-            self.shards.get_or_insert_with(|| Shards::from_env().map(Arc::new)).clone(),
         ));
         self.listeners.insert(
             cfg.name.clone(),

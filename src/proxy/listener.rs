@@ -26,7 +26,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::session::{self, SessionCtx};
-use super::shards::Shards;
 use crate::config::ListenerConfig;
 
 /// Descriptors kept out of the session budget: stdio, the runtime, listening sockets, etcd
@@ -77,15 +76,14 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpList
 /// Accepts until `stop` is cancelled; every connection runs as a task of `tracker`, with the
 /// session context current at its accept (a reload swaps it for new connections only), a permit
 /// of `sem` (the listener's `maxconn`, resized by reloads) and one of the process's descriptor
-/// budget `fds`; on the next of `shards` if any (see `shards`), else on this runtime.
-pub(crate) async fn run(
+/// budget `fds`.
+pub async fn run(
     listener: Arc<TcpListener>,
     ctxs: Arc<ArcSwap<SessionCtx>>,
     sem: Arc<Semaphore>,
     fds: Arc<Semaphore>,
     stop: CancellationToken,
     tracker: TaskTracker,
-    shards: Option<Arc<Shards>>,
 ) {
     let name = {
         let ctx = ctxs.load();
@@ -110,11 +108,7 @@ pub(crate) async fn run(
                 if std::mem::take(&mut starved) {
                     info!(listener = %name, "accepting again");
                 }
-                let ctx = ctxs.load_full();
-                match shards.as_deref() {
-                    Some(s) => s.spawn(&tracker, sock, move |sock| session::run(sock, peer, ctx, permits)),
-                    None => drop(tracker.spawn(session::run(sock, peer, ctx, permits))),
-                }
+                tracker.spawn(session::run(sock, peer, ctxs.load_full(), permits));
             }
             Err(e) if session::out_of_descriptors(&e) => {
                 // Out of descriptors or memory: back off instead of spinning; the kernel keeps

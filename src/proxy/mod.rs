@@ -6,4 +6,3 @@ pub mod listener;
 pub mod pgwire;
 pub mod pipe;
 pub mod session;
-pub(crate) mod shards;
