@@ -366,7 +366,11 @@ fn patroni_pre_promote(kv: &mut EtcdKv, cluster: &Patroni, endpoint: &str, leade
     cluster.wait_healthy(Duration::from_secs(60));
 
     // Every member runs pre-promote with its own agent configuration; a tag shows that Patroni
-    // has re-read its file.
+    // has re-read its file. Patroni runs as postgres: the binary goes where it can reach it (a
+    // clone in a 0700 directory cannot be entered).
+    let bin = cluster.dir.path().join("pgfront");
+    std::fs::copy(common::pgfront_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     for m in &cluster.members {
         let conf = cluster.dir.path().join(format!("{}-agent.toml", m.name));
         std::fs::write(
@@ -380,7 +384,7 @@ fn patroni_pre_promote(kv: &mut EtcdKv, cluster: &Patroni, endpoint: &str, leade
         )
         .unwrap();
         let yml = std::fs::read_to_string(&m.config).unwrap();
-        let cmd = format!("{} agent pre-promote -c {}", common::pgfront_bin().display(), conf.display());
+        let cmd = format!("{} agent pre-promote -c {}", bin.display(), conf.display());
         let yml = yml.replacen("postgresql:\n  listen:", &format!("postgresql:\n  pre_promote: {cmd}\n  listen:"), 1);
         std::fs::write(&m.config, format!("{yml}tags:\n  pgfront_fence: \"on\"\n")).unwrap();
         m.proc.as_ref().unwrap().signal(libc::SIGHUP);
