@@ -94,9 +94,11 @@ fn published_keys(kv: &mut EtcdKv, leader: &str, replica: &str, leader_api: u16)
     assert!(p["api_url"].as_str().unwrap().starts_with("http://127.0.0.1:"), "{p}");
     assert!(p["probe_ms"].as_f64().is_some() && p["probed_at_ms"].as_u64().is_some(), "{p}");
 
-    // The replica's lag needs the primary's key: poll until it is known.
-    let r = wait_for("the replica's key with its lag", Duration::from_secs(15), || {
-        kv.get_json(&key(replica)).filter(|r| r["lag_bytes"].is_u64() && r["state"] == "running")
+    // The replica's lag needs the primary's key, and its WAL receiver may still be starting
+    // (Patroni just formed the cluster): poll until both are known.
+    let r = wait_for("the replica's key with its lag, streaming", Duration::from_secs(30), || {
+        kv.get_json(&key(replica))
+            .filter(|r| r["lag_bytes"].is_u64() && r["state"] == "running" && !r["replication_state"].is_null())
     });
     assert_eq!(r["state"], "running", "{r}");
     assert_eq!(r["role"], "replica", "{r}");
