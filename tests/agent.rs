@@ -98,7 +98,7 @@ fn published_keys(kv: &mut EtcdKv, leader: &str, replica: &str, leader_api: u16)
     // (Patroni just formed the cluster): poll until both are known.
     let r = wait_for("the replica's key with its lag, streaming", Duration::from_secs(30), || {
         kv.get_json(&key(replica))
-            .filter(|r| r["lag_bytes"].is_u64() && r["state"] == "running" && !r["replication_state"].is_null())
+            .filter(|r| r["lag_bytes"].is_u64() && r["state"] == "running" && r["replication_state"] == "streaming")
     });
     assert_eq!(r["state"], "running", "{r}");
     assert_eq!(r["role"], "replica", "{r}");
