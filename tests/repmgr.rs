@@ -325,7 +325,10 @@ fn pre_promote_fences_the_old_primary(env: &Env) {
     assert!(text.contains(&me), "{text}");
     let mut kv = EtcdKv::connect(&env.etcd.endpoint());
     let ack = kv.get_json(&format!("/service/{SCOPE}/fence-ack/{me}")).expect("the ack key");
-    assert!(ack["closed_sessions"].as_u64().unwrap() >= 1, "{ack}");
+    // `closed_sessions` counts what the proxy still saw open when it took the request (the
+    // kill may already have closed it): reported, not judged. The session itself is checked below.
+    eprintln!("fence ack: {ack}");
+    assert!(ack["closed_sessions"].is_u64(), "{ack}");
     let r =
         env.rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), on_pg2.simple_query("SELECT 1")).await });
     assert!(matches!(r, Ok(Err(_))), "the primary session to the fenced pg2 was closed before the ack: {r:?}");
