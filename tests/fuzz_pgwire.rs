@@ -6,7 +6,9 @@
 //! Properties, a few thousand cases each: no panic; termination (every input is finite and
 //! ends with EOF); nothing allocated from an untrusted length beyond the caps (a global
 //! allocator records the largest single allocation of this thread around each call); the
-//! scanner's answer does not depend on how the bytes were cut.
+//! scanner's answer does not depend on how the bytes were cut; the reader of a startup's
+//! answer decides once (more bytes never change a decision, which the connect relies on when
+//! it reads until one is made) and always decides by `MAX_STARTUP_ANSWER` bytes.
 //!
 //! Found and kept: an SSLRequest code with length 9 was once taken for a StartupMessage of
 //! "version" 1234.5679 and waited for a body that never came (`pgwire::tests::
@@ -18,8 +20,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use pgfront::proxy::pgwire::{
-    classify, read_first, refuse, KeyScanner, Kind, Scanned, CANCEL_REQUEST, GSSENC_REQUEST, MAX_SCAN, MAX_SECRET_LEN,
-    MAX_STARTUP_LEN, MAX_TLS_RECORD, SSL_REQUEST,
+    classify, has_message, read_first, refuse, startup_answer, KeyScanner, Kind, Scanned, StartupAnswer,
+    CANCEL_REQUEST, GSSENC_REQUEST, MAX_SCAN, MAX_SECRET_LEN, MAX_STARTUP_ANSWER, MAX_STARTUP_LEN, MAX_TLS_RECORD,
+    SSL_REQUEST,
 };
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -249,6 +252,34 @@ proptest! {
         }
         if data.len() >= MAX_SCAN {
             prop_assert!(whole != Scanned::More);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn startup_answer_decides_once(data in server_bytes(), filler in 0usize..2) {
+        // Sometimes pad with a long notice so the cap is reached.
+        let mut data = data;
+        if filler == 1 {
+            let mut pad = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'N'];
+            pad.extend_from_slice(&((MAX_STARTUP_ANSWER as u32) - 10).to_be_bytes());
+            pad.resize(MAX_STARTUP_ANSWER + 100, b'x');
+            data = [pad, data].concat();
+        }
+        let mut decided: Option<StartupAnswer<'_>> = None;
+        for cut in 0..=data.len() {
+            let now = startup_answer(&data[..cut]);
+            match decided {
+                Some(d) => prop_assert_eq!(now, d, "a decision changed at {}", cut),
+                None if now != StartupAnswer::Incomplete => {
+                    decided = Some(now);
+                    prop_assert!(has_message(&data[..cut]), "decided before a whole message at {}", cut);
+                }
+                None => prop_assert!(cut < MAX_STARTUP_ANSWER, "undecided at {} bytes", cut),
+            }
         }
     }
 }

@@ -236,17 +236,12 @@ fn repmgr_switchover_under_writes(env: &Env) {
         eprintln!("  {e}");
     }
     assert!(out.contains("switchover was successful"), "{out}");
-    // A client placed on the old primary an instant before repmgr's fast shutdown can be
-    // terminated by it (57P01) before its startup completes: the same event as a broken
-    // session, seen rarely (once in the runs so far). Anything else failing a connect fails.
-    let terminated = st.errors.iter().filter(|e| e.contains("connect:") && e.contains("57P01")).count() as u64;
-    assert_eq!(
-        st.connect_failures - terminated,
-        0,
-        "no connection attempt refused or failed during a repmgr switchover"
-    );
+    // A client placed on the old primary an instant before repmgr's fast shutdown is
+    // terminated by it (57P01) before its startup completes: pgfront reads the startup's
+    // answer up to ReadyForQuery, so that client is placed again, never shown the error.
+    assert_eq!(st.connect_failures, 0, "no connection attempt refused or failed during a repmgr switchover");
     assert_eq!(st.read_only, 0, "no write reaches a read-only server");
-    assert!(st.broken + terminated <= 1, "at most the connection open on the old primary at shutdown is terminated");
+    assert!(st.broken <= 1, "at most the session open on the old primary at its shutdown is broken");
     assert_eq!(st.writes.last().unwrap().1, port_of(env, "pg2"), "writes continue on the new primary");
     assert!(st.writes.iter().any(|w| w.1 == port_of(env, "pg1")), "writes went to the old primary before");
     let log = env.pf.log();

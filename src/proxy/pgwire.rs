@@ -407,6 +407,73 @@ impl KeyScanner {
     }
 }
 
+/// Largest answer to a `StartupMessage` read before the session is handed to the client (a
+/// trust login's `AuthenticationOk`, parameter statuses, key and `ReadyForQuery` take under
+/// 1 KiB; an answer that needs more is handed over as far as it got).
+pub const MAX_STARTUP_ANSWER: usize = 16 * 1024;
+
+/// How far a server's answer to a `StartupMessage` has got, judged from its bytes so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartupAnswer<'a> {
+    /// Only `AuthenticationOk`, parameter statuses, the key, notices so far (or a message cut
+    /// short): the client has nothing to say yet, so more is read.
+    Incomplete,
+    /// `ReadyForQuery` (served), an authentication request (the client must answer), a final
+    /// error of any other kind, or a message this reader does not follow: the bytes go to the
+    /// client and the session is piped from here.
+    Handover,
+    /// An `ErrorResponse` meaning the server is stopping, crashed or not ready (`57P01`
+    /// admin_shutdown, `57P02` crash_shutdown, `57P03` cannot_connect_now) before the session
+    /// was served: nothing the client cannot replay happened, so another server may serve it.
+    NotServed { code: &'a str, message: &'a str },
+}
+
+/// Whether `code` says the server ended or refused a session because it is stopping, crashed
+/// or not yet ready, rather than because of the session itself.
+pub fn server_unavailable(code: &str) -> bool {
+    matches!(code, "57P01" | "57P02" | "57P03")
+}
+
+/// Whether `buf` starts with a whole message (or a header no message can have).
+pub fn has_message(buf: &[u8]) -> bool {
+    match buf {
+        [_, a, b, c, d, ..] => {
+            let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+            !(4..=MAX_STARTUP_ANSWER).contains(&len) || buf.len() > len
+        }
+        _ => false,
+    }
+}
+
+/// Walks the messages of a server's answer to a `StartupMessage` (pure: `buf` is everything
+/// read so far).
+pub fn startup_answer(buf: &[u8]) -> StartupAnswer<'_> {
+    let cut_short = if buf.len() >= MAX_STARTUP_ANSWER { StartupAnswer::Handover } else { StartupAnswer::Incomplete };
+    let mut rest = buf;
+    loop {
+        let [kind, a, b, c, d, ..] = *rest else { return cut_short };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if !(4..=MAX_STARTUP_ANSWER).contains(&len) {
+            return StartupAnswer::Handover;
+        }
+        let Some(body) = rest.get(5..1 + len) else { return cut_short };
+        match kind {
+            // AuthenticationOk: the client is not asked anything.
+            b'R' if body == [0, 0, 0, 0] => {}
+            // ParameterStatus, BackendKeyData, NoticeResponse, NegotiateProtocolVersion.
+            b'S' | b'K' | b'N' | b'v' => {}
+            b'E' => {
+                return match error_code(body) {
+                    Some((code, message)) if server_unavailable(code) => StartupAnswer::NotServed { code, message },
+                    _ => StartupAnswer::Handover,
+                }
+            }
+            _ => return StartupAnswer::Handover,
+        }
+        rest = &rest[1 + len..];
+    }
+}
+
 /// The SQLSTATE (`C`) and message (`M`) fields of an `ErrorResponse` body (after its type
 /// byte and length). `None` if the body is malformed.
 pub fn error_code(body: &[u8]) -> Option<(&str, &str)> {
@@ -431,6 +498,73 @@ pub fn error_code(body: &[u8]) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// A trust login's whole answer: AuthenticationOk, two parameter statuses, the key, ready.
+    fn trust_login() -> Vec<u8> {
+        [
+            msg(b'R', &[0, 0, 0, 0]),
+            msg(b'S', b"server_version\x0015.8\0"),
+            msg(b'N', b"SNOTICE\0C00000\0Mhello\0\0"),
+            msg(b'S', b"TimeZone\0UTC\0"),
+            msg(b'K', &[0, 0, 0, 42, 1, 2, 3, 4]),
+            msg(b'Z', b"I"),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn a_startup_answer_is_incomplete_until_ready_and_every_prefix_of_it_too() {
+        let all = trust_login();
+        for cut in 0..all.len() {
+            assert_eq!(startup_answer(&all[..cut]), StartupAnswer::Incomplete, "cut at {cut} of {}", all.len());
+        }
+        assert_eq!(startup_answer(&all), StartupAnswer::Handover);
+        assert!(!has_message(&all[..8]) && has_message(&all[..9]), "AuthenticationOk is 9 bytes");
+    }
+
+    #[test]
+    fn the_client_s_turn_or_a_final_error_hands_the_answer_over() {
+        for auth in [5u32, 10, 3] {
+            // MD5, SASL, cleartext password requests: the client must answer.
+            let m = msg(b'R', &[&auth.to_be_bytes()[..], &[0; 4]].concat());
+            assert_eq!(startup_answer(&m), StartupAnswer::Handover, "auth request {auth}");
+        }
+        for code in ["28P01", "3D000", "53300", "28000"] {
+            let e = error_response(code, "no");
+            assert_eq!(startup_answer(&e), StartupAnswer::Handover, "{code} is the client's answer");
+            let after_ok = [msg(b'R', &[0; 4]), e].concat();
+            assert_eq!(startup_answer(&after_ok), StartupAnswer::Handover, "{code} after AuthenticationOk");
+        }
+        assert_eq!(startup_answer(&msg(b'X', b"")), StartupAnswer::Handover, "an unknown message");
+        assert_eq!(startup_answer(&[b'S', 0, 0, 0, 2]), StartupAnswer::Handover, "a length below 4");
+        let huge = [b'S', 0, 0, 0x80, 0];
+        assert_eq!(startup_answer(&huge), StartupAnswer::Handover, "a length above the cap");
+        assert!(has_message(&huge));
+        let big = [msg(b'R', &[0; 4]), msg(b'N', &vec![b'x'; MAX_STARTUP_ANSWER - 6])].concat();
+        assert_eq!(startup_answer(&big[..MAX_STARTUP_ANSWER - 1]), StartupAnswer::Incomplete);
+        assert_eq!(startup_answer(&big[..MAX_STARTUP_ANSWER]), StartupAnswer::Handover, "cut short at the cap");
+    }
+
+    #[test]
+    fn a_stopping_server_did_not_serve_the_session_even_after_authentication() {
+        for code in ["57P01", "57P02", "57P03"] {
+            let e = error_response(code, "terminating connection due to administrator command");
+            let want =
+                StartupAnswer::NotServed { code, message: "terminating connection due to administrator command" };
+            assert_eq!(startup_answer(&e), want);
+            let mut all = trust_login();
+            all.truncate(all.len() - 6 - 13);
+            all.extend_from_slice(&e);
+            assert_eq!(startup_answer(&all), want, "{code} after AuthenticationOk and parameter statuses");
+        }
+    }
 
     #[test]
     fn error_code_reads_sqlstate_and_message() {

@@ -8,13 +8,20 @@
 //!   server running that session (`cancel`), without a pool slot; other cancels are routed
 //!   like a session;
 //! - anything else is sent to the chosen server, and the connect counts as done only when the
-//!   server answers its first byte, within `connect_timeout` (connect included). A server that
-//!   completes TCP handshakes but never answers — a SIGSTOPped postmaster, whose kernel still
-//!   fills its listen backlog — is then a failed connect like a refused one, instead of a
-//!   client piped to a server that never speaks.
+//!   server answers, within `connect_timeout` (connect included). A server that completes TCP
+//!   handshakes but never answers — a SIGSTOPped postmaster, whose kernel still fills its
+//!   listen backlog — is then a failed connect like a refused one, instead of a client piped
+//!   to a server that never speaks;
+//! - a startup's answer is read until the client has to speak (`ReadyForQuery` for a trust
+//!   login, the first authentication request otherwise), also after a declined `SSLRequest`
+//!   (libpq's default `sslmode=prefer` against a server without TLS). A server that refuses or
+//!   ends the session before then because it is stopping (`57P01`/`57P02`/`57P03`: a primary
+//!   shutting down for a switchover terminates the backends still starting, after they queued
+//!   `AuthenticationOk`) has not served the client: a failed connect too.
 //!
-//! Retrying is safe because it happens only before the first byte reaches the client: until
-//! then the client has only seen the kernel accept it. A failed connect to the only eligible
+//! Retrying is safe because it happens only before the client has anything it could not send
+//! again: until then it has seen the kernel accept it and, at most, the `N` to its encryption
+//! request, which each server tried must answer the same. A failed connect to the only eligible
 //! server (a primary shutting down for a switchover, before Patroni releases its key; a hung
 //! one) is not an error for the client: it waits for the topology to change or a short
 //! backoff, and tries again until `queue_timeout`, then gets a 57P03 `ErrorResponse`. While it
@@ -41,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::cancel::{self, CancelMap, KeyWatch};
-use super::pgwire::{self, sqlstate, FirstPacket, Kind};
+use super::pgwire::{self, sqlstate, FirstPacket, Kind, StartupAnswer};
 use super::pipe;
 use crate::balancer::pool::{Lease, Pool, Refusal};
 use crate::config::{ListenerConfig, Role};
@@ -131,22 +138,25 @@ pub async fn run(
     }
 
     let deadline = Instant::now() + ctx.cfg.queue_timeout;
-    let placed = tokio::select! {
-        r = connect_backend(&ctx, deadline, &bytes, answer_expected(kind)) => r,
-        _ = client_gone(&client) => {
-            debug!(listener = %ctx.cfg.name, %peer, "client left while waiting for a server");
-            return;
-        }
-        _ = ctx.stop.cancelled() => Err(Refused::Pool(Refusal::Closed)),
-    };
-    let (lease, server, prefix) = match placed {
+    let mut prelude = Prelude { refused: Vec::new(), last: bytes, kind };
+    let (lease, server, prefix) = match place(&ctx, &mut client, deadline, &mut prelude).await {
         Ok(p) => {
-            // The first packet went to this server: it counts as the session's first bytes.
-            m.bytes_from_clients.inc_by(bytes.len() as u64);
-            p.0.server.sent_bytes.inc_by(bytes.len() as u64);
+            // What the client sent went to this server: it counts as the session's first bytes.
+            let sent = prelude.len() as u64;
+            m.bytes_from_clients.inc_by(sent);
+            p.0.server.sent_bytes.inc_by(sent);
             p
         }
-        Err(refused) => {
+        Err(Placing::Gone(why)) => {
+            debug!(listener = %ctx.cfg.name, %peer, "{why}");
+            return;
+        }
+        Err(Placing::BadPacket) => {
+            m.bad_startup.inc();
+            debug!(listener = %ctx.cfg.name, %peer, "closed: its packet after the encryption answer is not PostgreSQL");
+            return;
+        }
+        Err(Placing::Refused(refused)) => {
             let (code, msg) = refusal_message(&ctx.cfg, refused);
             let (counter, reason) = match refused {
                 Refused::Pool(Refusal::NoServer) => (&m.refused_no_server, "no_server"),
@@ -157,15 +167,16 @@ pub async fn run(
             counter.inc();
             ctx.events.refused(&ctx.cfg.name, reason, || msg.clone());
             warn!(listener = %ctx.cfg.name, %peer, code, "refused: {msg}");
-            pgwire::refuse(&mut client, kind, code, &msg, REFUSE_LIMIT).await;
+            pgwire::refuse(&mut client, prelude.kind, code, &msg, REFUSE_LIMIT).await;
             return;
         }
     };
-    drop(bytes);
     // However the session ends (closed, drained, killed), from the client's accept.
     let _duration = scopeguard(|| lease.server.session_duration.observe(accepted_at.elapsed().as_secs_f64()));
 
-    let mut keys = KeyWatch::new(&ctx.cancels, &lease.backend.addr, kind);
+    // The key scanner starts where the client is: after the encryption answers it was given.
+    let mut keys = KeyWatch::new(&ctx.cancels, &lease.backend.addr, prelude.kind);
+    drop(prelude);
     // What the connect already read of the server's answer goes to the client first.
     let mut scanning = true;
     if !prefix.is_empty() {
@@ -195,14 +206,121 @@ pub async fn run(
     }
 }
 
-/// Places the client on a server, retrying failed connects until `deadline`. `first` is the
-/// client's first packet, sent to the server; with `expect_answer` the connect is done only
-/// once the server has answered it.
+/// What the client has sent so far, replayed on every server tried until one serves it.
+struct Prelude {
+    /// Encryption requests (`SSLRequest`, `GSSENCRequest`) the client was already answered `N`
+    /// to: each is sent again to a new server, which must answer `N` again.
+    refused: Vec<Vec<u8>>,
+    /// The packet whose answer the client waits for, and its kind.
+    last: Vec<u8>,
+    kind: Kind,
+}
+
+impl Prelude {
+    /// The client bytes it holds.
+    fn len(&self) -> usize {
+        self.refused.iter().map(Vec::len).sum::<usize>() + self.last.len()
+    }
+
+    fn expect(&self) -> Answer {
+        answer_expected(self.kind)
+    }
+}
+
+/// Why a client was not placed.
+enum Placing {
+    /// Answered with an `ErrorResponse` (or closed, for a cancel).
+    Refused(Refused),
+    /// The client left, or stopped talking, while it was being placed.
+    Gone(String),
+    /// The client's packet after an encryption answer was not PostgreSQL.
+    BadPacket,
+}
+
+/// Places the client on a server (`connect_backend`), watching it while it waits. An
+/// encryption request that the server declines (`N`: no TLS or GSSAPI there) is answered `N`
+/// here and the client's next packet — its startup, or an `SSLRequest` after a
+/// `GSSENCRequest` — continues on the same server connection, so that pgfront reads the
+/// startup's answer for the many clients that ask for TLS first (libpq's `sslmode=prefer`).
+/// If that server then fails, the client is placed again with its refused requests replayed.
+/// A server that accepts encryption gets the session as it is: pgfront does not terminate TLS.
+async fn place(
+    ctx: &SessionCtx,
+    client: &mut TcpStream,
+    deadline: Instant,
+    prelude: &mut Prelude,
+) -> Result<(Lease, TcpStream, Vec<u8>), Placing> {
+    let mut placed = watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?;
+    // At most a GSSENCRequest, then an SSLRequest, then the startup.
+    for _ in 0..2 {
+        if prelude.expect() != Answer::FirstByte || !declined(&mut placed.1).await {
+            break;
+        }
+        client
+            .write_all(b"N")
+            .await
+            .map_err(|e| Placing::Gone(format!("client gone after its encryption request: {e}")))?;
+        let next = tokio::select! {
+            r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(client)) => r,
+            _ = ctx.stop.cancelled() => return Err(Placing::Refused(Refused::Pool(Refusal::Closed))),
+        };
+        let next = match next {
+            Ok(Ok(p)) if matches!(p.kind, Kind::Startup { .. } | Kind::SslRequest) => p,
+            Ok(Ok(_)) => return Err(Placing::BadPacket),
+            Ok(Err(e)) => return Err(Placing::Gone(format!("closed after the encryption answer: {e}"))),
+            Err(_) => {
+                return Err(Placing::Gone(format!(
+                    "no packet after the encryption answer within {FIRST_PACKET_TIMEOUT:?}"
+                )))
+            }
+        };
+        prelude.refused.push(std::mem::replace(&mut prelude.last, next.bytes));
+        prelude.kind = next.kind;
+        let (lease, mut server, _) = placed;
+        let first_by = (Instant::now() + ctx.cfg.connect_timeout).min(deadline);
+        placed =
+            match watched(ctx, client, exchange(ctx, &mut server, &prelude.last, prelude.expect(), first_by)).await? {
+                Ok((prefix, took)) => {
+                    lease.server.connect_time.observe(took.as_secs_f64());
+                    (lease, server, prefix)
+                }
+                Err(e) => {
+                    connect_failed(ctx, &lease, &e);
+                    drop((lease, server));
+                    watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?
+                }
+            };
+    }
+    Ok(placed)
+}
+
+/// Runs `work` while the waiting client is watched: a client that leaves, or a stopping
+/// process, ends the wait.
+async fn watched<T>(
+    ctx: &SessionCtx,
+    client: &TcpStream,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, Placing> {
+    tokio::select! {
+        r = work => Ok(r),
+        _ = client_gone(client) => Err(Placing::Gone("client left while waiting for a server".into())),
+        _ = ctx.stop.cancelled() => Err(Placing::Refused(Refused::Pool(Refusal::Closed))),
+    }
+}
+
+/// Whether the server answered an encryption request with `N` (consumed here); any other
+/// answer (`S`, `G`, an error) is left for the client.
+async fn declined(server: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(server.peek(&mut b).await, Ok(1) if b[0] == b'N') && server.read_exact(&mut b).await.is_ok()
+}
+
+/// Places the client on a server, retrying failed connects until `deadline`: each try
+/// connects, replays `prelude` and waits for the answer it expects.
 async fn connect_backend(
     ctx: &SessionCtx,
     deadline: Instant,
-    first: &[u8],
-    expect_answer: Answer,
+    prelude: &Prelude,
 ) -> Result<(Lease, TcpStream, Vec<u8>), Refused> {
     let mut avoid = Vec::new();
     let mut backoff = RETRY_MIN;
@@ -210,17 +328,13 @@ async fn connect_backend(
     loop {
         let lease = ctx.pool.acquire(&avoid, deadline).await.map_err(Refused::Pool)?;
         changes.borrow_and_update();
-        let started = Instant::now();
-        let limit = ctx.cfg.connect_timeout.min(deadline.saturating_duration_since(started));
-        let opened = tokio::time::timeout(limit, open(lease.backend.addr, first, expect_answer, ctx.cfg.tcp_keepalive));
-        let err = match opened.await {
-            Ok(Ok((s, prefix))) => {
-                lease.server.connect_time.observe(started.elapsed().as_secs_f64());
+        let err = match open(ctx, lease.backend.addr, prelude, deadline).await {
+            Ok((s, prefix, took)) => {
+                lease.server.connect_time.observe(took.as_secs_f64());
                 lease.server.connections.inc();
                 return Ok((lease, s, prefix));
             }
-            Ok(Err(e)) => e,
-            Err(_) => std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {limit:?}")),
+            Err(e) => e,
         };
         if out_of_descriptors(&err) {
             // pgfront's own limit, not the server's fault: keep the server, wait for
@@ -234,9 +348,7 @@ async fn connect_backend(
             backoff = (backoff * 2).min(RETRY_MAX);
             continue;
         }
-        ctx.pool.metrics().connect_errors.inc();
-        lease.server.connect_errors.inc();
-        debug!(listener = %ctx.cfg.name, member = %lease.backend.member, addr = %lease.backend.addr, error = %err, "backend connect failed");
+        connect_failed(ctx, &lease, &err);
         avoid.push(lease.backend.clone());
         drop(lease);
         if Instant::now() >= deadline {
@@ -255,80 +367,144 @@ async fn connect_backend(
     }
 }
 
+fn connect_failed(ctx: &SessionCtx, lease: &Lease, err: &std::io::Error) {
+    ctx.pool.metrics().connect_errors.inc();
+    lease.server.connect_errors.inc();
+    debug!(listener = %ctx.cfg.name, member = %lease.backend.member, addr = %lease.backend.addr, error = %err, "backend connect failed");
+}
+
 /// What a connect waits for before it counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
     /// Nothing (a cancel request gets no answer).
     Nothing,
     /// The server's first byte (the one-byte answer to SSLRequest / GSSENCRequest, or a TLS
-    /// record): left in the socket for the pipe.
+    /// record): left in the socket.
     FirstByte,
-    /// The server's first message to a StartupMessage, read here: a server that answers
-    /// `57P03` (cannot_connect_now: "the database system is shutting down", "… is starting
-    /// up", "… is in recovery mode") has not served the client, so the connect is failed and
-    /// retried like a refused one; any other message is handed to the client first.
-    FirstMessage,
+    /// The server's answer to a StartupMessage, read here until the client has to speak
+    /// (`pgwire::startup_answer`): `ReadyForQuery` for a trust login, the first authentication
+    /// request otherwise. A server that refuses or ends the session before then because it
+    /// is stopping or not ready (`57P01`, `57P02`, `57P03`: a primary shutting down for a
+    /// switchover terminates the backends it is still starting) has not served the client, so
+    /// the connect is failed and retried like a refused one; anything else is handed to the
+    /// client first.
+    Startup,
 }
 
 fn answer_expected(kind: Kind) -> Answer {
     match kind {
         Kind::Cancel => Answer::Nothing,
-        Kind::Startup { .. } => Answer::FirstMessage,
+        Kind::Startup { .. } => Answer::Startup,
         _ => Answer::FirstByte,
     }
 }
 
-/// Largest first message read here (an ErrorResponse is a few hundred bytes).
-const MAX_FIRST_MESSAGE: usize = 8192;
-
-/// Connects to `addr`, sends the client's first packet and waits for the answer `expect`
-/// says. Returns the socket and the bytes already read from it (to be sent to the client
-/// before the pipe starts).
+/// Connects to `addr`, replays the encryption requests the client was refused, then sends its
+/// last packet and reads the answer (`exchange`). Returns the socket, the bytes read from it
+/// (for the client, before the pipe starts) and the time to the server's first answer.
 async fn open(
+    ctx: &SessionCtx,
     addr: SocketAddr,
-    first: &[u8],
-    expect: Answer,
-    keepalive: Option<Duration>,
-) -> std::io::Result<(TcpStream, Vec<u8>)> {
-    let closed = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without answering");
-    let mut s = TcpStream::connect(addr).await?;
-    tune(&s, keepalive);
-    s.write_all(first).await?;
-    match expect {
-        Answer::Nothing => Ok((s, Vec::new())),
-        Answer::FirstByte => {
+    prelude: &Prelude,
+    deadline: Instant,
+) -> std::io::Result<(TcpStream, Vec<u8>, Duration)> {
+    let started = Instant::now();
+    let limit = ctx.cfg.connect_timeout.min(deadline.saturating_duration_since(started));
+    let connect = async {
+        let mut s = TcpStream::connect(addr).await?;
+        tune(&s, ctx.cfg.tcp_keepalive);
+        for request in &prelude.refused {
+            s.write_all(request).await?;
             let mut b = [0u8; 1];
-            if s.peek(&mut b).await? == 0 {
-                return Err(closed());
+            s.read_exact(&mut b).await.map_err(closed_early)?;
+            if b[0] != b'N' {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "the server offers the encryption the client was told another server declined",
+                ));
             }
-            Ok((s, Vec::new()))
         }
-        Answer::FirstMessage => {
-            let mut head = [0u8; 5];
-            s.read_exact(&mut head).await.map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    closed()
-                } else {
-                    e
-                }
-            })?;
-            let mut got = head.to_vec();
-            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-            if head[0] == b'E' && (4..=MAX_FIRST_MESSAGE).contains(&len) {
-                got.resize(1 + len, 0);
-                s.read_exact(&mut got[5..]).await?;
-                if let Some((code, message)) = pgwire::error_code(&got[5..]) {
-                    if code == sqlstate::CANNOT_CONNECT_NOW {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::ConnectionRefused,
-                            format!("the server is not ready ({code}: {message})"),
-                        ));
-                    }
+        Ok::<_, std::io::Error>(s)
+    };
+    let mut s = tokio::time::timeout(limit, connect).await.map_err(|_| no_answer(limit))??;
+    let (prefix, _) = exchange(ctx, &mut s, &prelude.last, prelude.expect(), started + limit).await?;
+    Ok((s, prefix, started.elapsed()))
+}
+
+/// Sends `packet` and waits for what `expect` says: the server's first answer by `first_by`
+/// (a server that never answers is a failed connect), then, for a startup,
+/// the rest of the answer until the client has to speak, within `connect_timeout` again (a
+/// server that answered but is slow to finish its startup is handed over as it is, as before
+/// pgfront read it). Returns the bytes read and the time to the first answer.
+async fn exchange(
+    ctx: &SessionCtx,
+    s: &mut TcpStream,
+    packet: &[u8],
+    expect: Answer,
+    first_by: Instant,
+) -> std::io::Result<(Vec<u8>, Duration)> {
+    let started = Instant::now();
+    let limit = first_by.saturating_duration_since(started);
+    let first = async {
+        s.write_all(packet).await?;
+        let mut got = Vec::new();
+        match expect {
+            Answer::Nothing => {}
+            Answer::FirstByte => {
+                let mut b = [0u8; 1];
+                if s.peek(&mut b).await? == 0 {
+                    return Err(closed_early(std::io::ErrorKind::UnexpectedEof.into()));
                 }
             }
-            Ok((s, got))
+            Answer::Startup => {
+                got.reserve(1024);
+                read_until(s, &mut got, pgwire::has_message).await?;
+            }
+        }
+        Ok(got)
+    };
+    let mut got = tokio::time::timeout(limit, first).await.map_err(|_| no_answer(limit))??;
+    let took = started.elapsed();
+    if expect == Answer::Startup {
+        // The server answered: what is left of its startup is no longer a connect that hangs.
+        let done = |b: &[u8]| pgwire::startup_answer(b) != StartupAnswer::Incomplete;
+        if let Ok(r) = tokio::time::timeout(ctx.cfg.connect_timeout, read_until(s, &mut got, done)).await {
+            r?;
+        }
+        if let StartupAnswer::NotServed { code, message } = pgwire::startup_answer(&got) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("the server did not serve the session ({code}: {message})"),
+            ));
         }
     }
+    Ok((got, took))
+}
+
+/// Reads from `s` into `got` until `done(got)`. The end of the stream first is an error: the
+/// server closed without answering.
+async fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) -> std::io::Result<()> {
+    while !done(got) {
+        if got.capacity() == got.len() {
+            got.reserve(1024);
+        }
+        if s.read_buf(got).await? == 0 {
+            return Err(closed_early(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(())
+}
+
+fn closed_early(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without answering")
+    } else {
+        e
+    }
+}
+
+fn no_answer(limit: Duration) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {limit:?}"))
 }
 
 /// The process (or system) is out of file descriptors or socket memory.
@@ -572,6 +748,153 @@ mod tests {
         assert_eq!(answer[0], b'R', "served by the new primary, never shown 57P03: {answer:?}");
         // The first message the connect read is handed on whole, and its key is learnt.
         assert_eq!(&answer[..9], &[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
+    }
+
+    /// A server that answers an `SSLRequest` with `ssl` and a startup with `answer` (sent in
+    /// two writes: `AuthenticationOk` first, as PostgreSQL flushes it before the backend's
+    /// initialisation), then holds the session; it records every packet it got.
+    async fn scripted_server(ssl: u8, answer: Vec<u8>) -> (SocketAddr, Arc<std::sync::Mutex<Vec<Kind>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (log, answer) = (log.clone(), answer.clone());
+                tokio::spawn(async move {
+                    while let Ok(p) = pgwire::read_first(&mut s).await {
+                        log.lock().unwrap().push(p.kind);
+                        if p.kind == Kind::SslRequest {
+                            let _ = s.write_all(&[ssl]).await;
+                            continue;
+                        }
+                        let split = answer.len().min(9);
+                        let _ = s.write_all(&answer[..split]).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = s.write_all(&answer[split..]).await;
+                        let mut rest = Vec::new();
+                        let _ = s.read_to_end(&mut rest).await;
+                        return;
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    const AUTH_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+
+    fn login(pid: u32) -> Vec<u8> {
+        let mut hello = AUTH_OK.to_vec();
+        hello.extend_from_slice(&[b'K', 0, 0, 0, 12]);
+        hello.extend_from_slice(&pid.to_be_bytes());
+        hello.extend_from_slice(&[7, 7, 7, 7, b'Z', 0, 0, 0, 5, b'I']);
+        hello
+    }
+
+    fn terminated() -> Vec<u8> {
+        [&AUTH_OK[..], &pgwire::error_response("57P01", "terminating connection due to administrator command")].concat()
+    }
+
+    /// Reads from `c` until `want` bytes came, or it closes.
+    async fn read_n(c: &mut TcpStream, want: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while got.len() < want {
+            let n = tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf)).await.expect("an answer").unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_backend_terminated_during_its_startup_is_a_failed_connect_and_the_client_is_placed_again() {
+        // A primary shutting down for a switchover (repmgr's fast shutdown) terminates a backend
+        // that has sent AuthenticationOk but not yet ReadyForQuery: the client never sees it.
+        let (old, seen) = scripted_server(b'N', terminated()).await;
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(20));
+        let (front, ctx) = front(cfg, &[old]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&startup()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline, "the old primary was tried, and tried again");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (new, _) = scripted_server(b'N', login(9)).await;
+        ctx.pool.apply(
+            &Targets { eligible: vec![Backend { member: "new".into(), addr: new }], keep: vec![] },
+            Duration::ZERO,
+        );
+        let answer = read_n(&mut c, login(9).len()).await;
+        assert_eq!(answer, login(9), "served whole by the new primary, never shown 57P01");
+        assert!(ctx.pool.metrics().connect_errors.get() >= 2);
+        assert!(!ctx.cancels.is_empty(), "the key of the prefix read at connect is learnt");
+    }
+
+    #[tokio::test]
+    async fn a_client_asking_for_tls_first_is_answered_n_and_its_startup_replayed_elsewhere() {
+        // libpq's sslmode=prefer against servers without TLS: SSLRequest, N, then the startup.
+        let (old, seen_old) = scripted_server(b'N', terminated()).await;
+        let (new, seen_new) = scripted_server(b'N', login(5)).await;
+        let cfg = listener_cfg(Role::Replica, Duration::from_secs(1), Duration::from_secs(20));
+        let (front, ctx) = front(cfg, &[old]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        assert_eq!(read_n(&mut c, 1).await, b"N");
+        c.write_all(&startup()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen_old.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline, "the old server got the SSLRequest and the startup");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ctx.pool.apply(
+            &Targets { eligible: vec![Backend { member: "new".into(), addr: new }], keep: vec![] },
+            Duration::ZERO,
+        );
+        assert_eq!(read_n(&mut c, login(5).len()).await, login(5), "one N, then the new server's login only");
+        let startup_kind = Kind::Startup { version: 196608 };
+        assert_eq!(*seen_new.lock().unwrap(), vec![Kind::SslRequest, startup_kind], "the SSLRequest was replayed");
+        assert_eq!(seen_old.lock().unwrap()[..2], [Kind::SslRequest, startup_kind]);
+        assert!(!ctx.cancels.is_empty(), "the key is learnt after a declined SSLRequest too");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_tls_gets_the_session_as_it_is() {
+        let (tls, seen) = scripted_server(b'S', login(1)).await;
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
+        let (front, ctx) = front(cfg, &[tls]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        assert_eq!(read_n(&mut c, 1).await, b"S", "the server's S reaches the client");
+        assert_eq!(*seen.lock().unwrap(), vec![Kind::SslRequest]);
+        assert_eq!(ctx.pool.metrics().connect_errors.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_slow_to_finish_its_startup_is_handed_over_not_failed() {
+        // AuthenticationOk comes at once, the rest later than connect_timeout: as before
+        // pgfront read the startup, the client gets what came and the session is piped.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            pgwire::read_first(&mut s).await.unwrap();
+            s.write_all(&AUTH_OK).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            s.write_all(&login(3)[9..]).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        let cfg = listener_cfg(Role::Primary, Duration::from_millis(200), Duration::from_secs(5));
+        let (front, ctx) = front(cfg, &[addr]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&startup()).await.unwrap();
+        assert_eq!(read_n(&mut c, login(3).len()).await, login(3));
+        assert_eq!(ctx.pool.metrics().connect_errors.get(), 0, "a slow startup is no failed connect");
     }
 
     #[tokio::test]
