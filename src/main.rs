@@ -416,39 +416,98 @@ fn status(admin: &str, json: bool) -> ExitCode {
             return ExitCode::from(3);
         }
     };
+    // The recent events, best effort: a proxy without `/events` (older) shows none.
+    let events_url = format!("{}/events", admin.trim_end_matches('/'));
+    let events: Vec<serde_json::Value> = rt
+        .block_on(pgfront::http::get(&client, &events_url, None, Duration::from_secs(5)))
+        .ok()
+        .filter(|r| r.status == 200)
+        .and_then(|r| serde_json::from_slice(&r.body).ok())
+        .unwrap_or_default();
+    print!("{}", render_status(&v, &events, std::time::SystemTime::now()));
+    ExitCode::SUCCESS
+}
+
+/// How many recent events `pgfront status` shows.
+const STATUS_EVENTS: usize = 8;
+
+/// `pgfront status` as text, from `/status` and `/events` (pure: `now` places the events).
+/// What needs action comes first and loud: a refused reload, a split brain, a fence, a primary
+/// not routed (clients held), etcd unreachable.
+fn render_status(v: &serde_json::Value, events: &[serde_json::Value], now: std::time::SystemTime) -> String {
+    use std::fmt::Write;
     let s = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".into(),
         v => v.to_string(),
     };
+    let names = |v: &serde_json::Value| -> Vec<String> { v.as_array().into_iter().flatten().map(s).collect() };
+    let mut out = String::new();
     let cfg = &v["config"];
     if cfg.is_object() {
-        println!("config {} revision {}", cfg["path"].as_str().unwrap_or("?"), cfg["revision"]);
+        let _ = writeln!(out, "config {} revision {}", cfg["path"].as_str().unwrap_or("?"), cfg["revision"]);
         if let Some(e) = cfg["last_error"].as_str() {
-            println!("  last reload REFUSED (the previous configuration runs): {e}");
+            let _ = writeln!(out, "  last reload REFUSED (the previous configuration runs): {e}");
         }
     }
     for c in v["clusters"].as_array().into_iter().flatten() {
-        println!(
-            "cluster {} (scope {}): etcd {}, primary {} ({})",
+        let _ = writeln!(
+            out,
+            "cluster {} (scope {}, source {}): etcd {}, primary {} ({})",
             s(&c["name"]),
             s(&c["scope"]),
+            c["source"].as_str().unwrap_or("patroni"),
             if c["etcd_up"] == true { "up" } else { "UNREACHABLE" },
             s(&c["primary"]),
             s(&c["primary_status"])
         );
-        println!(
+        if c["etcd_up"] != true {
+            if let Some(e) = c["etcd_error"].as_str() {
+                let _ = writeln!(out, "  etcd: {e}");
+            }
+        }
+        let claimants = names(&c["split_brain"]);
+        if !claimants.is_empty() {
+            let _ = writeln!(
+                out,
+                "  SPLIT BRAIN: {} all claim primary; no new connection to either, their sessions closed",
+                claimants.join(", ")
+            );
+        }
+        if let Some(f) = c["fence"].as_object() {
+            let fenced: Vec<String> = c["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| m["fenced"] == true)
+                .map(|m| s(&m["name"]))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  FENCE {} in force (promoting {}): no primary connection to {}",
+                f.get("id").map_or_else(|| "-".into(), s),
+                f.get("new_primary").map_or_else(|| "-".into(), s),
+                if fenced.is_empty() { "-".into() } else { fenced.join(", ") }
+            );
+        }
+        if let Some(p) = c["routing_paused_seconds"].as_f64() {
+            let _ = writeln!(out, "  NO PRIMARY ROUTED for {p:.1} s: new primary clients are held in the queue");
+        }
+        let _ = writeln!(
+            out,
             "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}  PGFRONT",
             "MEMBER", "ADDRESS", "ROLE", "STATE", "TL", "LAG"
         );
         for m in c["members"].as_array().into_iter().flatten() {
-            // What pgfront does with it; a drained member says so loudly.
-            let lb = match (m["maintenance"] == true, m["maintenance_kill"] == true) {
-                (true, true) => "MAINTENANCE (drained, sessions closed)".to_owned(),
-                (true, false) => "MAINTENANCE (drained, sessions kept)".to_owned(),
+            // What pgfront does with it; a drained or fenced member says so loudly.
+            let lb = match (m["maintenance"] == true, m["maintenance_kill"] == true, m["fenced"] == true) {
+                (_, _, true) => "FENCED (no primary connections)".to_owned(),
+                (true, true, _) => "MAINTENANCE (drained, sessions closed)".to_owned(),
+                (true, false, _) => "MAINTENANCE (drained, sessions kept)".to_owned(),
                 _ => s(&m["server_state"]),
             };
-            println!(
+            let _ = writeln!(
+                out,
                 "  {:<16} {:<22} {:<10} {:<10} {:>4} {:>12}  {}",
                 s(&m["name"]),
                 s(&m["addr"]),
@@ -460,8 +519,12 @@ fn status(admin: &str, json: bool) -> ExitCode {
             );
         }
     }
-    println!();
-    println!("  {:<20} {:<22} {:<10} {:>6}  SERVERS (active)", "LISTENER", "BIND", "ROLE", "QUEUED");
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<22} {:<10} {:>6} {:>8}  SERVERS (active)",
+        "LISTENER", "BIND", "ROLE", "QUEUED", "OLDEST"
+    );
     for l in v["listeners"].as_array().into_iter().flatten() {
         let servers: Vec<String> = l["servers"]
             .as_array()
@@ -469,14 +532,87 @@ fn status(admin: &str, json: bool) -> ExitCode {
             .flatten()
             .map(|sv| format!("{}={}", s(&sv["member"]), s(&sv["active"])))
             .collect();
-        println!(
-            "  {:<20} {:<22} {:<10} {:>6}  {}",
+        let oldest = match l["oldest_queued_wait_seconds"].as_f64() {
+            Some(w) if w > 0.0 => format!("{w:.1}s"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<22} {:<10} {:>6} {:>8}  {}",
             s(&l["name"]),
             s(&l["bind"]),
             s(&l["role"]),
             s(&l["queued"]),
+            oldest,
             servers.join(" ")
         );
     }
-    ExitCode::SUCCESS
+    if !events.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "recent events (newest last; all: /events):");
+        for e in events.iter().rev().take(STATUS_EVENTS).rev() {
+            let at = e["at_ms"].as_u64().map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
+            let ago = at.and_then(|t| now.duration_since(t).ok()).map_or_else(
+                || "-".into(),
+                |d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string() + " ago",
+            );
+            let when = at.map_or_else(|| "-".into(), |t| humantime::format_rfc3339_seconds(t).to_string());
+            let count = match e["count"].as_u64() {
+                Some(n) if n > 1 => format!(" (x{n})"),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "  {when} ({ago}) {}{count}", e["detail"].as_str().unwrap_or("-"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_text_puts_what_needs_action_first() {
+        let v = serde_json::json!({
+            "config": {"path": "/etc/pgfront/pgfront.toml", "revision": 3, "last_error": "line 4: bad"},
+            "clusters": [{
+                "name": "main", "scope": "pg", "source": "agent", "etcd_up": false, "etcd_error": "connect: refused",
+                "primary": null, "primary_status": "split_brain", "routing_paused_seconds": 2.04,
+                "split_brain": ["pg1", "pg3"], "fence": {"id": "f-1", "new_primary": "pg2"},
+                "members": [
+                    {"name": "pg1", "addr": "127.0.0.1:5433", "role": "primary", "state": "running", "timeline": 2,
+                     "lag_bytes": null, "fenced": true, "maintenance": false, "server_state": "down"},
+                    {"name": "pg2", "addr": "127.0.0.1:5434", "role": "replica", "state": "running", "timeline": 2,
+                     "lag_bytes": 0, "fenced": false, "maintenance": true, "maintenance_kill": false, "server_state": "maint"}
+                ]
+            }],
+            "listeners": [{"name": "rw", "bind": "127.0.0.1:5432", "role": "primary", "queued": 4,
+                           "oldest_queued_wait_seconds": 1.96, "servers": [{"member": "pg1", "active": 0}]}]
+        });
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let events =
+            vec![serde_json::json!({"at_ms": 1_799_999_940_000u64, "count": 12, "detail": "refused: no primary"})];
+        let text = render_status(&v, &events, t0);
+        for want in [
+            "last reload REFUSED (the previous configuration runs): line 4: bad",
+            "cluster main (scope pg, source agent): etcd UNREACHABLE",
+            "  etcd: connect: refused",
+            "SPLIT BRAIN: pg1, pg3 all claim primary",
+            "FENCE f-1 in force (promoting pg2): no primary connection to pg1",
+            "NO PRIMARY ROUTED for 2.0 s",
+            "FENCED (no primary connections)",
+            "MAINTENANCE (drained, sessions kept)",
+            "2.0s",
+            "2027-01-15T07:59:00Z (1m ago) refused: no primary (x12)",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in:\n{text}");
+        }
+        let quiet = serde_json::json!({"clusters": [{"name": "main", "etcd_up": true, "primary": "pg1",
+            "primary_status": "routed", "split_brain": [], "fence": null, "routing_paused_seconds": null, "members": []}],
+            "listeners": []});
+        let text = render_status(&quiet, &[], t0);
+        for alarm in ["SPLIT", "FENCE", "NO PRIMARY", "UNREACHABLE", "REFUSED", "recent events"] {
+            assert!(!text.contains(alarm), "{alarm} in a quiet status:\n{text}");
+        }
+    }
 }

@@ -376,4 +376,13 @@ fn hand_promotions_split_brain(env: &Env) {
     eprintln!("$ pgfront check primary\n{text}");
     assert_eq!(out.status.code(), Some(2), "CRITICAL");
     assert!(text.contains("SPLIT BRAIN: pg1, pg3"), "{text}");
+    let out = Command::new(pgfront_bin())
+        .args(["status", "--admin", &format!("http://127.0.0.1:{}", env.pf.admin)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("$ pgfront status\n{text}");
+    assert!(text.contains("SPLIT BRAIN: pg1, pg3 all claim primary"), "{text}");
+    assert!(text.contains("NO PRIMARY ROUTED"), "{text}");
+    assert!(text.contains("recent events"), "{text}");
 }
