@@ -686,9 +686,213 @@ pub struct ClusterMetrics {
     pub key_errors: Counter,
 }
 
+/// `pgfront agent`'s metrics, served at `GET /metrics` on its health endpoint. The prober
+/// counts and times its probes; the rest is set from the agent's shared state at each scrape
+/// (`set_node`), so a scrape always shows the latest probe and etcd view.
+pub(crate) struct AgentMetrics {
+    registry: Registry,
+    probes: Family<ProbeLabels, Counter>,
+    probe_seconds: Histogram,
+    postgres_up: Gauge,
+    role: Family<RoleLabels, Gauge>,
+    state: Family<StateLabels, Gauge>,
+    timeline: Gauge,
+    lag_bytes: Gauge<f64, std::sync::atomic::AtomicU64>,
+    maintenance: Gauge,
+    etcd_up: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// What one scrape shows of the node (from the last probe and the publisher's etcd view).
+pub(crate) struct AgentNode<'a> {
+    /// `running`, `starting`, `stopped`, `unreachable`; `None` before the first probe.
+    pub state: Option<&'a str>,
+    pub in_recovery: Option<bool>,
+    pub timeline: Option<u32>,
+    pub lag_bytes: Option<u64>,
+    pub maintenance: bool,
+    pub etcd_up: bool,
+}
+
+const AGENT_ROLES: [&str; 3] = ["primary", "replica", "unknown"];
+const AGENT_STATES: [&str; 4] = ["running", "starting", "stopped", "unreachable"];
+
+impl AgentMetrics {
+    pub(crate) fn new() -> AgentMetrics {
+        let mut r = Registry::default();
+        let probes: Family<ProbeLabels, Counter> = Family::default();
+        for result in ["ok", "failed"] {
+            drop(probes.get_or_create(&ProbeLabels { result }));
+        }
+        r.register("pgfront_agent_probes", "Probes of the local PostgreSQL (result: ok, failed)", probes.clone());
+        // 0.5 ms .. 8 s: a probe is a few milliseconds; a hung server hits the timeout.
+        let probe_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        r.register("pgfront_agent_probe_duration_seconds", "Time each probe took", probe_seconds.clone());
+        let postgres_up = Gauge::default();
+        r.register("pgfront_agent_postgres_up", "1 when the last probe ran its statement", postgres_up.clone());
+        let role: Family<RoleLabels, Gauge> = Family::default();
+        r.register(
+            "pgfront_agent_role",
+            "1 for the node's role in the last probe (primary, replica, unknown), 0 for the others",
+            role.clone(),
+        );
+        let state: Family<StateLabels, Gauge> = Family::default();
+        r.register(
+            "pgfront_agent_state",
+            "1 for the node's state in the last probe (running, starting, stopped, unreachable)",
+            state.clone(),
+        );
+        let timeline = Gauge::default();
+        r.register("pgfront_agent_timeline", "The node's timeline (0 when unknown)", timeline.clone());
+        let lag_bytes = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        r.register(
+            "pgfront_agent_replication_lag_bytes",
+            "A replica's replay lag behind the primary's published LSN (NaN when unknown, e.g. on a primary)",
+            lag_bytes.clone(),
+        );
+        let maintenance = Gauge::default();
+        r.register(
+            "pgfront_agent_maintenance",
+            "1 while the node is drained (`pgfront agent drain`)",
+            maintenance.clone(),
+        );
+        let etcd_up = Gauge::default();
+        r.register(
+            "pgfront_agent_etcd_up",
+            "1 while etcd answered within the lease TTL (the node's key is kept alive)",
+            etcd_up.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), profile }).set(1);
+        r.register("pgfront_build_info", "Always 1: the version of the running binary", build);
+        r.register_collector(Box::new(ProcessCollector));
+        let m = AgentMetrics {
+            registry: r,
+            probes,
+            probe_seconds,
+            postgres_up,
+            role,
+            state,
+            timeline,
+            lag_bytes,
+            maintenance,
+            etcd_up,
+        };
+        m.set_node(&AgentNode {
+            state: None,
+            in_recovery: None,
+            timeline: None,
+            lag_bytes: None,
+            maintenance: false,
+            etcd_up: false,
+        });
+        m
+    }
+
+    /// Counts one probe and its duration.
+    pub(crate) fn probed(&self, ok: bool, took: std::time::Duration) {
+        self.probes.get_or_create(&ProbeLabels { result: if ok { "ok" } else { "failed" } }).inc();
+        self.probe_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Sets the node's gauges (each scrape, before encoding).
+    pub(crate) fn set_node(&self, n: &AgentNode<'_>) {
+        self.postgres_up.set(i64::from(n.state == Some("running")));
+        let role = match n.in_recovery {
+            Some(false) => "primary",
+            Some(true) => "replica",
+            None => "unknown",
+        };
+        for r in AGENT_ROLES {
+            self.role.get_or_create(&RoleLabels { role: r }).set(i64::from(r == role));
+        }
+        for s in AGENT_STATES {
+            self.state.get_or_create(&StateLabels { state: s }).set(i64::from(Some(s) == n.state));
+        }
+        self.timeline.set(n.timeline.map_or(0, i64::from));
+        self.lag_bytes.set(n.lag_bytes.map_or(f64::NAN, |l| l as f64));
+        self.maintenance.set(i64::from(n.maintenance));
+        self.etcd_up.set(i64::from(n.etcd_up));
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_metrics_show_the_node_and_count_probes() {
+        let m = AgentMetrics::new();
+        m.probed(true, std::time::Duration::from_millis(2));
+        m.probed(false, std::time::Duration::from_secs(1));
+        m.set_node(&AgentNode {
+            state: Some("running"),
+            in_recovery: Some(true),
+            timeline: Some(3),
+            lag_bytes: Some(4096),
+            maintenance: true,
+            etcd_up: true,
+        });
+        let text = m.encode();
+        for line in [
+            "pgfront_agent_probes_total{result=\"ok\"} 1",
+            "pgfront_agent_probes_total{result=\"failed\"} 1",
+            "pgfront_agent_probe_duration_seconds_count 2",
+            "pgfront_agent_postgres_up 1",
+            "pgfront_agent_role{role=\"replica\"} 1",
+            "pgfront_agent_role{role=\"primary\"} 0",
+            "pgfront_agent_state{state=\"running\"} 1",
+            "pgfront_agent_state{state=\"stopped\"} 0",
+            "pgfront_agent_timeline 3",
+            "pgfront_agent_replication_lag_bytes 4096",
+            "pgfront_agent_maintenance 1",
+            "pgfront_agent_etcd_up 1",
+            "pgfront_build_info{",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+        m.set_node(&AgentNode {
+            state: Some("stopped"),
+            in_recovery: None,
+            timeline: None,
+            lag_bytes: None,
+            maintenance: false,
+            etcd_up: false,
+        });
+        let text = m.encode();
+        for line in [
+            "pgfront_agent_postgres_up 0",
+            "pgfront_agent_role{role=\"unknown\"} 1",
+            "pgfront_agent_state{state=\"stopped\"} 1",
+            "pgfront_agent_state{state=\"running\"} 0",
+            "pgfront_agent_replication_lag_bytes NaN",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
 
     #[test]
     fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {

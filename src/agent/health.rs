@@ -13,6 +13,7 @@
 //! | `/readiness` | 200 on a running primary, or a running node while etcd answers (GET only) | 503, as Patroni 3.0 |
 //! | `/patroni` | 200, the status body | 503, as Patroni 3.0 |
 //! | `/agent` | 200, this node's published key and etcd state (JSON) | — |
+//! | `/metrics` | 200, Prometheus text: `pgfront_agent_*`, build and process metrics (Patroni's `/metrics` has `patroni_*`) | — |
 //! | `POST /drain`, `POST /resume` | from loopback only: set or clear maintenance | — |
 //!
 //! The codes follow Patroni 3.0's `api.py` (`do_GET`), including its matching of paths by
@@ -46,8 +47,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::probe::{NodeState, Probe};
-use super::publish::NodeDoc;
+use super::publish::{lag, NodeDoc};
 use super::Shared;
+use crate::metrics::AgentNode;
 
 pub const MAX_CONNECTIONS: usize = 64;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -322,11 +324,23 @@ async fn route(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Res
         return reply(200, "application/json", Bytes::from(body.to_string()));
     }
     let now = Instant::now();
+    let etcd_up = etcd.last_ok.is_some_and(|t| now.saturating_duration_since(t) < shared.cfg.ttl);
+    if req.method() == Method::GET && path == "/metrics" {
+        shared.metrics.set_node(&AgentNode {
+            state: probe.as_ref().map(|p| p.state.as_str()),
+            in_recovery: probe.as_ref().and_then(|p| p.in_recovery),
+            timeline: probe.as_ref().and_then(|p| p.timeline),
+            lag_bytes: probe.as_ref().and_then(|p| lag(p, etcd.primary_lsn)),
+            maintenance,
+            etcd_up,
+        });
+        return reply(200, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(shared.metrics.encode()));
+    }
     let view = View {
         probe: probe.as_deref(),
         maintenance,
         primary_lsn: etcd.primary_lsn,
-        etcd_up: etcd.last_ok.is_some_and(|t| now.saturating_duration_since(t) < shared.cfg.ttl),
+        etcd_up,
         probe_age: shared.probe_done.borrow().map(|t| now.saturating_duration_since(t)),
         ttl: shared.cfg.ttl,
         scope: &shared.cfg.etcd.scope,

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub maintenance: watch::Sender<bool>,
     /// The publisher's view of etcd.
     pub etcd: watch::Sender<EtcdView>,
+    /// `GET /metrics` (the prober counts its probes; a scrape sets the rest).
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// The persisted maintenance flag.
@@ -119,6 +121,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, stop: CancellationToke
         probe_done: watch::Sender::new(None),
         maintenance: watch::Sender::new(maintenance),
         etcd: watch::Sender::new(EtcdView::default()),
+        metrics: crate::metrics::AgentMetrics::new(),
     });
     let tracker = tokio_util::task::TaskTracker::new();
     tracker.spawn(health::serve(listener, shared.clone(), stop.clone()));
@@ -140,6 +143,7 @@ async fn probe_loop(shared: Arc<Shared>, stop: CancellationToken) {
             p = prober.probe() => p,
             _ = stop.cancelled() => return,
         };
+        shared.metrics.probed(p.state == probe::NodeState::Running, started.elapsed());
         probe::log_transition(shared.probe.borrow().as_deref(), &p);
         let wait = pace.handle_probe(Instant::now(), &p);
         shared.probe.send_replace(Some(Arc::new(p)));
