@@ -25,7 +25,8 @@
 //!   no other figure is taken meanwhile).
 //!
 //! - `profile` (only when named in `--figures`): `perf record -g` of each proxy during a `c8`
-//!   run of `--strace-secs`, and the top of `perf report` by symbol and by DSO.
+//!   run of `--strace-secs`, and the top of `perf report` by symbol and by DSO (sampling at
+//!   `BENCH_PERF_FREQ`, 999 per second).
 //! - `syscalls-connect` and `profile-connect` (only when named): the same two during a
 //!   `pgbench -S -C -c 8` run instead (a new connection per transaction), so per connection.
 //!
@@ -670,7 +671,9 @@ fn profile(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, label:
     let perf = require("perf", "linux-perf");
     let data = dir.join(format!("perf-{pid}.data"));
     let mut cmd = Command::new(&perf);
-    cmd.args(["record", "-g", "-F", "999", "-o", data.to_str().unwrap(), "-p", &pid.to_string()]);
+    // More samples for a closer look: `BENCH_PERF_FREQ` (999 per second).
+    let freq = std::env::var("BENCH_PERF_FREQ").unwrap_or_else(|_| "999".to_owned());
+    cmd.args(["record", "-g", "-F", &freq, "-o", data.to_str().unwrap(), "-p", &pid.to_string()]);
     let mut rec = Proc::spawn("perf", cmd, &dir.join(format!("perf-{pid}.log")), false);
     // perf writes nothing before it is attached; a short pgbench warm-up covers its start.
     pgbench.run(port, 8, 1, connect);
