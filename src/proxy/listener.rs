@@ -269,6 +269,12 @@ pub fn drain_backlog(listener: &TcpListener, ctxs: &ArcSwap<SessionCtx>, tracker
             }
         };
         let (Some(peer), Ok(())) = (peer.as_socket(), conn.set_nonblocking(true)) else { continue };
+        // The accept loop may never have set the options on the listening socket: set them
+        // here (a rare path, one reload).
+        let ctx = ctxs.load();
+        if let Err(e) = set_tcp_options(SockRef::from(&conn), ctx.cfg.tcp_keepalive) {
+            debug!(listener = %ctx.cfg.name, error = %e, "TCP_NODELAY / keepalive");
+        }
         let Ok(stream) = tokio::net::TcpStream::from_std(conn.into()) else { continue };
         let (Ok(a), Ok(b)) = (extra.clone().try_acquire_owned(), extra.clone().try_acquire_owned()) else { break };
         tracker.spawn(session::run(stream, peer, ctxs.load_full(), (a, b)));
