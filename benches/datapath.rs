@@ -25,7 +25,10 @@
 //!   no other figure is taken meanwhile).
 //!
 //! - `profile` (only when named in `--figures`): `perf record -g` of each proxy during a `c8`
-//!   run of `--strace-secs`, and the top of `perf report` by symbol and by DSO.
+//!   run of `--strace-secs`, and the top of `perf report` by symbol and by DSO (sampling at
+//!   `BENCH_PERF_FREQ`, 999 per second).
+//! - `syscalls-connect` and `profile-connect` (only when named): the same two during a
+//!   `pgbench -S -C -c 8` run instead (a new connection per transaction), so per connection.
 //!
 //! For each figure: median, spread (min–max) and pgfront's median over HAProxy's.
 //!
@@ -92,7 +95,7 @@ impl Route {
 
 const FIGURES: [&str; 8] = ["c8", "c64", "idle", "connect", "tcp", "latency", "copy", "syscalls"];
 /// Figures run only when asked for by name in `--figures`.
-const OPT_IN: [&str; 1] = ["profile"];
+const OPT_IN: [&str; 3] = ["profile", "syscalls-connect", "profile-connect"];
 
 #[derive(Clone, Debug)]
 struct Params {
@@ -619,9 +622,9 @@ fn copy_in(rt: &tokio::runtime::Runtime, port: u16, mb: u64) -> u64 {
     })
 }
 
-/// System calls per transaction of `pid` (every thread) during a pgbench `c8` run: by call name,
-/// with "total" and "errors".
-fn syscalls(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path) -> BTreeMap<String, f64> {
+/// System calls per transaction of `pid` (every thread) during a pgbench `c8` run (`-C` with
+/// `connect`: a connection per transaction): by call name, with "total" and "errors".
+fn syscalls(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, connect: bool) -> BTreeMap<String, f64> {
     let out = dir.join(format!("strace-{pid}.txt"));
     let tids = threads(pid);
     let mut cmd = Command::new(require("strace", "strace"));
@@ -639,7 +642,7 @@ fn syscalls(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path) -> BT
             })
             .then_some(())
     });
-    let run = pgbench.run(port, 8, secs, false);
+    let run = pgbench.run(port, 8, secs, connect);
     strace.signal(libc::SIGINT);
     wait_for("strace to write its summary", Duration::from_secs(20), || (!strace.running()).then_some(()));
     let text = fs::read_to_string(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
@@ -662,17 +665,19 @@ fn syscalls(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path) -> BT
     per
 }
 
-/// `perf record -g` of `pid` during a pgbench `c8` run of `secs`; prints the top of `perf report`
-/// (self time by symbol, then by DSO: the kernel's share).
-fn profile(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, label: &str) {
+/// `perf record -g` of `pid` during a pgbench `c8` run of `secs` (`-C` with `connect`); prints
+/// the top of `perf report` (self time by symbol, then by DSO: the kernel's share).
+fn profile(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, label: &str, connect: bool) {
     let perf = require("perf", "linux-perf");
     let data = dir.join(format!("perf-{pid}.data"));
     let mut cmd = Command::new(&perf);
-    cmd.args(["record", "-g", "-F", "999", "-o", data.to_str().unwrap(), "-p", &pid.to_string()]);
+    // More samples for a closer look: `BENCH_PERF_FREQ` (999 per second).
+    let freq = std::env::var("BENCH_PERF_FREQ").unwrap_or_else(|_| "999".to_owned());
+    cmd.args(["record", "-g", "-F", &freq, "-o", data.to_str().unwrap(), "-p", &pid.to_string()]);
     let mut rec = Proc::spawn("perf", cmd, &dir.join(format!("perf-{pid}.log")), false);
     // perf writes nothing before it is attached; a short pgbench warm-up covers its start.
-    pgbench.run(port, 8, 1, false);
-    pgbench.run(port, 8, secs, false);
+    pgbench.run(port, 8, 1, connect);
+    pgbench.run(port, 8, secs, connect);
     rec.signal(libc::SIGINT);
     wait_for("perf record to finish", Duration::from_secs(60), || (!rec.running()).then_some(()));
     for sort in ["dso,sym", "dso"] {
@@ -690,7 +695,8 @@ fn profile(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, label:
             String::from_utf8_lossy(&out.stderr),
             rec.log_tail(20)
         );
-        println!("\n== perf profile of {label}, pgbench -S -c 8 for {secs} s, self time by {sort}");
+        let c = if connect { " -C" } else { "" };
+        println!("\n== perf profile of {label}, pgbench -S{c} -c 8 for {secs} s, self time by {sort}");
         for l in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(25) {
             println!("{l}");
         }
@@ -725,6 +731,8 @@ fn main() {
     let copy = format!("COPY of {} MB", p.bulk_mb);
     let sys =
         format!("system calls per transaction of the proxy, pgbench -S -c 8 -T {} under strace -c -f", p.strace_secs);
+    let sys_conn =
+        format!("system calls per connection of the proxy, pgbench -S -C -c 8 -T {} under strace -c -f", p.strace_secs);
     let work = temp_dir("pgfront-bench-strace-");
     for round in 0..p.rounds {
         let mut routes = p.routes.clone();
@@ -805,17 +813,23 @@ fn main() {
                 }
             }
         }
-        if p.wants("syscalls") {
-            for r in routes.iter().copied().filter(|r| *r != Route::Direct) {
-                let per = syscalls(&pgbench, fx.pid(r).unwrap(), fx.ports(r).0, p.strace_secs, work.path());
-                for (name, v) in per {
-                    res.add(&sys, &name, r, v);
+        for (figure, title, connect) in [("syscalls", &sys, false), ("syscalls-connect", &sys_conn, true)] {
+            if p.wants(figure) {
+                for r in routes.iter().copied().filter(|r| *r != Route::Direct) {
+                    let per =
+                        syscalls(&pgbench, fx.pid(r).unwrap(), fx.ports(r).0, p.strace_secs, work.path(), connect);
+                    for (name, v) in per {
+                        res.add(title, &name, r, v);
+                    }
                 }
             }
         }
-        if p.wants("profile") {
-            for r in routes.iter().copied().filter(|r| *r != Route::Direct) {
-                profile(&pgbench, fx.pid(r).unwrap(), fx.ports(r).0, p.strace_secs, work.path(), r.label());
+        for (figure, connect) in [("profile", false), ("profile-connect", true)] {
+            if p.wants(figure) {
+                for r in routes.iter().copied().filter(|r| *r != Route::Direct) {
+                    let (pid, port) = (fx.pid(r).unwrap(), fx.ports(r).0);
+                    profile(&pgbench, pid, port, p.strace_secs, work.path(), r.label(), connect);
+                }
             }
         }
         if round + 1 < p.rounds {

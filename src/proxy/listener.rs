@@ -12,16 +12,36 @@
 //! reserve keeps etcd, the promotion checks and the admin endpoint working. Should `accept` still
 //! fail for lack of descriptors (another part of the process used them), the loop pauses
 //! instead of spinning and says so once per episode.
+//!
+//! TCP_NODELAY and keepalive (`tcp_keepalive`) are set on the listening socket, not on each
+//! accepted one: Linux copies both to every connection it accepts from it (and starts the
+//! keepalive timer), which saves five `setsockopt` per connection (`Inherited`). The options
+//! apply to connections the kernel completes after they are set; so whenever the loop sets them
+//! (its first accept, a reload that changes `tcp_keepalive`, a socket handed over by an older
+//! process), the next `backlog + 1` accepted connections, which may have queued before, get
+//! them explicitly too.
+//!
+//! The kernel hands a connection to `accept` only once its client has spoken
+//! (TCP_DEFER_ACCEPT, up to `FIRST_PACKET_TIMEOUT`): a PostgreSQL client always speaks first,
+//! so the accept and the read of its first packet are one wake-up of the process instead of
+//! two. A client that stays mute is accepted when that time is up and then gets the session's
+//! own first-packet timeout. The price: a listener removed by a reload resets, when it closes,
+//! the connections whose handshake is complete but whose first packet has not arrived yet
+//! (`drain_backlog` takes only those in the accept queue); for a client that speaks at once
+//! that window is a round trip on its network.
+//!
+//! The loop itself costs no lock per accept: permits are taken without waiting when they are
+//! free, and the stop token's future is made once, polled only when `accept` would block.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
@@ -90,25 +110,35 @@ pub async fn run(
         info!(listener = %ctx.cfg.name, bind = %ctx.cfg.bind, role = ?ctx.cfg.role, cluster = %ctx.cfg.cluster, "listening");
         ctx.cfg.name.clone()
     };
+    if let Err(e) = defer_accept(&listener, session::FIRST_PACKET_TIMEOUT) {
+        warn!(listener = %name, error = %e, "TCP_DEFER_ACCEPT: connections are accepted before their client speaks");
+    }
     let mut starved = false;
+    let mut inherited = Inherited::default();
+    // Made once: a fresh `cancelled()` per accept would register with the token (a lock) and
+    // deregister again every time.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
-        let permits = tokio::select! {
-            p = async { Ok::<_, tokio::sync::AcquireError>((sem.clone().acquire_owned().await?, fds.clone().acquire_owned().await?)) } => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stop.cancelled() => break,
-        };
+        if stop.is_cancelled() {
+            break;
+        }
+        let Some(maxconn) = permit(&sem, stopped.as_mut()).await else { break };
+        let Some(fd) = permit(&fds, stopped.as_mut()).await else { break };
         let accepted = tokio::select! {
+            // `accept` first: when a connection is waiting, the stop future is not polled at all.
+            biased;
             r = listener.accept() => r,
-            _ = stop.cancelled() => break,
+            _ = stopped.as_mut() => break,
         };
         match accepted {
             Ok((sock, peer)) => {
                 if std::mem::take(&mut starved) {
                     info!(listener = %name, "accepting again");
                 }
-                tracker.spawn(session::run(sock, peer, ctxs.load_full(), permits));
+                let ctx = ctxs.load_full();
+                inherited.tune(&listener, &sock, &ctx.cfg);
+                tracker.spawn(session::run(sock, peer, ctx, (maxconn, fd)));
             }
             Err(e) if session::out_of_descriptors(&e) => {
                 // Out of descriptors or memory: back off instead of spinning; the kernel keeps
@@ -124,6 +154,99 @@ pub async fn run(
         }
     }
     info!(listener = %name, "stopped accepting");
+}
+
+/// A permit of `sem`: at once if one is free (no future, no lock), else waiting for one or for
+/// `stopped`. `None`: stop (or the semaphore is closed).
+async fn permit(
+    sem: &Arc<Semaphore>,
+    stopped: std::pin::Pin<&mut WaitForCancellationFuture<'_>>,
+) -> Option<OwnedSemaphorePermit> {
+    match sem.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(TryAcquireError::Closed) => None,
+        Err(TryAcquireError::NoPermits) => tokio::select! {
+            p = sem.clone().acquire_owned() => p.ok(),
+            _ = stopped => None,
+        },
+    }
+}
+
+/// Makes the kernel hand connections to `accept` only once their client has sent something,
+/// or `limit` has passed (TCP_DEFER_ACCEPT).
+fn defer_accept(listener: &TcpListener, limit: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let secs = libc::c_int::try_from(limit.as_secs()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `secs`, which lives across the
+    // call, on a descriptor `listener` keeps open for it.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&secs).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Interval between keepalive probes once `tcp_keepalive` has passed without traffic.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered keepalive probes after which the connection is closed.
+pub(crate) const KEEPALIVE_RETRIES: u32 = 3;
+
+/// TCP_NODELAY and keepalive (`tcp_keepalive` idle time, then `KEEPALIVE_INTERVAL` ×
+/// `KEEPALIVE_RETRIES` probes; off with `None`) on a proxied socket, or on a listening socket
+/// whose accepted connections inherit them.
+pub(crate) fn set_tcp_options(s: SockRef<'_>, keepalive: Option<Duration>) -> std::io::Result<()> {
+    s.set_tcp_nodelay(true)?;
+    match keepalive {
+        Some(idle) => s.set_tcp_keepalive(
+            &TcpKeepalive::new().with_time(idle).with_interval(KEEPALIVE_INTERVAL).with_retries(KEEPALIVE_RETRIES),
+        ),
+        None => s.set_keepalive(false),
+    }
+}
+
+/// What the listening socket passes on to the connections accepted from it (see the module
+/// doc): the keepalive it was last given, and how many accepted connections still get the
+/// options explicitly because they may have been completed before.
+#[derive(Default)]
+struct Inherited {
+    /// The listening socket carries TCP_NODELAY and this keepalive setting.
+    applied: Option<Option<Duration>>,
+    /// Accepted connections still to be tuned one by one.
+    explicit: u64,
+    /// Setting the options on the listening socket failed: every connection is tuned itself.
+    failed: bool,
+}
+
+impl Inherited {
+    /// Called with each accepted connection before its session starts.
+    fn tune(&mut self, listener: &TcpListener, sock: &TcpStream, cfg: &ListenerConfig) {
+        if self.applied != Some(cfg.tcp_keepalive) {
+            self.applied = Some(cfg.tcp_keepalive);
+            // Those already in the accept queue may predate the change (at most `backlog`,
+            // plus the one the kernel admits over it).
+            self.explicit = u64::from(cfg.backlog) + 1;
+            if let Err(e) = set_tcp_options(SockRef::from(listener), cfg.tcp_keepalive) {
+                if !std::mem::replace(&mut self.failed, true) {
+                    warn!(listener = %cfg.name, error = %e, "TCP_NODELAY / keepalive on the listening socket: set on each connection instead");
+                }
+            }
+        }
+        if self.failed || self.explicit > 0 {
+            self.explicit = self.explicit.saturating_sub(1);
+            if let Err(e) = set_tcp_options(SockRef::from(sock), cfg.tcp_keepalive) {
+                debug!(listener = %cfg.name, error = %e, "TCP_NODELAY / keepalive");
+            }
+        }
+    }
 }
 
 /// Takes every connection already waiting in the kernel backlog of a listener that stops for
@@ -146,6 +269,12 @@ pub fn drain_backlog(listener: &TcpListener, ctxs: &ArcSwap<SessionCtx>, tracker
             }
         };
         let (Some(peer), Ok(())) = (peer.as_socket(), conn.set_nonblocking(true)) else { continue };
+        // The accept loop may never have set the options on the listening socket: set them
+        // here (a rare path, one reload).
+        let ctx = ctxs.load();
+        if let Err(e) = set_tcp_options(SockRef::from(&conn), ctx.cfg.tcp_keepalive) {
+            debug!(listener = %ctx.cfg.name, error = %e, "TCP_NODELAY / keepalive");
+        }
         let Ok(stream) = tokio::net::TcpStream::from_std(conn.into()) else { continue };
         let (Ok(a), Ok(b)) = (extra.clone().try_acquire_owned(), extra.clone().try_acquire_owned()) else { break };
         tracker.spawn(session::run(stream, peer, ctxs.load_full(), (a, b)));
@@ -156,6 +285,101 @@ pub fn drain_backlog(listener: &TcpListener, ctxs: &ArcSwap<SessionCtx>, tracker
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::config::{Balance, Role};
+
+    fn cfg(keepalive: Option<Duration>) -> ListenerConfig {
+        ListenerConfig {
+            name: "t".into(),
+            cluster: "c".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            role: Role::Primary,
+            balance: Balance::Leastconn,
+            server_maxconn: 10,
+            maxconn: 100,
+            queue_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            tcp_keepalive: keepalive,
+            max_replica_lag: None,
+            drain_grace: Duration::ZERO,
+            backlog: 4,
+        }
+    }
+
+    /// (nodelay, keepalive on, idle, interval, probes) of a socket.
+    fn options(s: &TcpStream) -> (bool, bool, Duration, Duration, u32) {
+        let r = SockRef::from(s);
+        (
+            r.tcp_nodelay().unwrap(),
+            r.keepalive().unwrap(),
+            r.tcp_keepalive_time().unwrap(),
+            r.tcp_keepalive_interval().unwrap(),
+            r.tcp_keepalive_retries().unwrap(),
+        )
+    }
+
+    fn with(idle: u64) -> (bool, bool, Duration, Duration, u32) {
+        (true, true, Duration::from_secs(idle), KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES)
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_carry_the_listeners_options_even_those_queued_before_a_change() {
+        let l = TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap(), 4).unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut inherited = Inherited::default();
+        let (a, b) = (cfg(Some(Duration::from_secs(37))), cfg(Some(Duration::from_secs(91))));
+
+        // The first accept sets the options on the listening socket (and on itself).
+        let _c1 = TcpStream::connect(addr).await.unwrap();
+        let (s1, _) = l.accept().await.unwrap();
+        inherited.tune(&l, &s1, &a);
+        assert_eq!(options(&s1), with(37));
+        // Past the explicit budget (backlog 4 + 1), connections get them from the listener alone.
+        for _ in 0..6 {
+            let _c = TcpStream::connect(addr).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            assert_eq!(options(&s), with(37), "inherited from the listening socket");
+            inherited.tune(&l, &s, &a);
+        }
+        assert_eq!(inherited.explicit, 0);
+
+        // Queued under the old keepalive, accepted after a reload changed it: set explicitly.
+        let _c2 = TcpStream::connect(addr).await.unwrap();
+        let (s2, _) = l.accept().await.unwrap();
+        assert_eq!(options(&s2), with(37), "completed by the kernel before the change");
+        inherited.tune(&l, &s2, &b);
+        assert_eq!(options(&s2), with(91));
+        let _c3 = TcpStream::connect(addr).await.unwrap();
+        let (s3, _) = l.accept().await.unwrap();
+        assert_eq!(options(&s3), with(91), "inherited the new setting");
+
+        // Keepalive switched off by a reload: new connections have none.
+        let (off, _c4) = (cfg(None), TcpStream::connect(addr).await.unwrap());
+        let (s4, _) = l.accept().await.unwrap();
+        inherited.tune(&l, &s4, &off);
+        let _c5 = TcpStream::connect(addr).await.unwrap();
+        let (s5, _) = l.accept().await.unwrap();
+        assert_eq!((options(&s4).0, options(&s4).1), (true, false));
+        assert_eq!((options(&s5).0, options(&s5).1), (true, false));
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_accepted_once_its_client_has_spoken() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap(), 4).unwrap()).unwrap();
+        defer_accept(&l, Duration::from_secs(10)).unwrap();
+        let addr = l.local_addr().unwrap();
+        // The mute client completes its handshake first; the one that speaks is accepted first.
+        let _mute = TcpStream::connect(addr).await.unwrap();
+        let mut speaker = TcpStream::connect(addr).await.unwrap();
+        speaker.write_all(b"hello").await.unwrap();
+        let (mut s, peer) = tokio::time::timeout(Duration::from_secs(20), l.accept()).await.unwrap().unwrap();
+        assert_eq!(peer, speaker.local_addr().unwrap(), "the client that spoke, not the mute one");
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
     #[test]
     fn the_session_budget_keeps_a_reserve() {
         assert_eq!(super::sessions_for(256), 96);

@@ -15,7 +15,10 @@
 //! (and every `YIELD_EVERY` chunks of a long flow), not per read.
 //!
 //! Half-close is forwarded: EOF from one side shuts down writing to the other, and the other
-//! direction goes on until it too ends.
+//! direction goes on until it too ends. The direction that ends last does not shut its peer
+//! down: both sockets are closed when `pipe` returns, which sends the same FIN without a system
+//! call (one `shutdown` per connection instead of two, as HAProxy does). So the caller must
+//! close (drop) both sockets when `pipe` returns, which the session does.
 //!
 //! Fairness: a bulk flow (a large `COPY ... TO STDOUT`) whose source never runs dry and whose
 //! sink never fills would never see `WouldBlock`, so the loop below would never return to the
@@ -30,6 +33,7 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -67,7 +71,9 @@ pub async fn pipe_watching(
     down: &impl ByteCount,
     watch: Option<Watch<'_>>,
 ) -> io::Result<()> {
-    tokio::try_join!(one_way(client, server, up, None), one_way(server, client, down, watch))?;
+    // Set by the first direction to end; the second one sees it and leaves the FIN to `close`.
+    let ended = AtomicBool::new(false);
+    tokio::try_join!(one_way(client, server, up, None, &ended), one_way(server, client, down, watch, &ended))?;
     Ok(())
 }
 
@@ -76,6 +82,7 @@ async fn one_way<C: ByteCount>(
     dst: &TcpStream,
     count: &C,
     mut watch: Option<Watch<'_>>,
+    other_ended: &AtomicBool,
 ) -> io::Result<()> {
     // Counted once per wake-up, not per write: one atomic add on a shared counter instead of
     // many. What is written but not yet added is added when `moved` drops, so a session ended
@@ -113,8 +120,12 @@ async fn one_way<C: ByteCount>(
         };
         moved.flush();
         if ended {
-            // EOF: pass the half-close on. The peer may already be gone: not an error.
-            let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+            // EOF: pass the half-close on, unless the other direction has ended too: then
+            // `pipe` returns now and closing `dst` sends the FIN. The peer may already be
+            // gone: not an error.
+            if !other_ended.swap(true, Ordering::Relaxed) {
+                let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+            }
             return Ok(());
         }
         // `buf` is freed here: nothing is held while the connection is idle.

@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -100,9 +100,12 @@ pub async fn run(
     let _active = scopeguard(|| {
         m.active.dec();
     });
-    tune(&client, ctx.cfg.tcp_keepalive);
+    // TCP_NODELAY and keepalive: inherited from the listening socket (`listener::Inherited`).
 
     let first = tokio::select! {
+        // The packet is usually there already (the listener defers accepts until the client
+        // speaks): read it before polling, and so registering with, the stop token.
+        biased;
         r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(&mut client)) => r,
         _ = ctx.stop.cancelled() => return,
     };
@@ -544,14 +547,13 @@ fn refusal_message(cfg: &ListenerConfig, r: Refused) -> (&'static str, String) {
 /// TCP_NODELAY and keepalive on a proxied socket. Failures only cost latency, so they are
 /// logged, not fatal.
 fn tune(s: &TcpStream, keepalive: Option<Duration>) {
-    if let Err(e) = s.set_nodelay(true) {
-        debug!(error = %e, "TCP_NODELAY");
-    }
-    if let Some(idle) = keepalive {
-        let ka = TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10)).with_retries(3);
-        if let Err(e) = SockRef::from(s).set_tcp_keepalive(&ka) {
-            debug!(error = %e, "SO_KEEPALIVE");
-        }
+    // A new socket has no keepalive: nothing to switch off.
+    let set = match keepalive {
+        Some(_) => super::listener::set_tcp_options(SockRef::from(s), keepalive),
+        None => s.set_nodelay(true),
+    };
+    if let Err(e) = set {
+        debug!(error = %e, "TCP_NODELAY / keepalive");
     }
 }
 
