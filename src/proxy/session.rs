@@ -103,8 +103,8 @@ pub async fn run(
     // TCP_NODELAY and keepalive: inherited from the listening socket (`listener::Inherited`).
 
     let first = tokio::select! {
-        // The packet is usually there already (the listener defers accepts until the client
-        // speaks): read it before polling, and so registering with, the stop token.
+        // The packet is often there already: read it before polling, and so registering
+        // with, the stop token.
         biased;
         r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(&mut client)) => r,
         _ = ctx.stop.cancelled() => return,
