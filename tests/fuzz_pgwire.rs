@@ -20,9 +20,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use pgfront::proxy::pgwire::{
-    classify, has_message, read_first, refuse, startup_answer, KeyScanner, Kind, Scanned, StartupAnswer,
-    CANCEL_REQUEST, GSSENC_REQUEST, MAX_SCAN, MAX_SECRET_LEN, MAX_STARTUP_ANSWER, MAX_STARTUP_LEN, MAX_TLS_RECORD,
-    SSL_REQUEST,
+    classify, read_first, refuse, startup_answer, KeyScanner, Kind, Scanned, StartupAnswer, CANCEL_REQUEST,
+    GSSENC_REQUEST, MAX_SCAN, MAX_SECRET_LEN, MAX_STARTUP_ANSWER, MAX_STARTUP_LEN, MAX_TLS_RECORD, SSL_REQUEST,
 };
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -276,7 +275,7 @@ proptest! {
                 Some(d) => prop_assert_eq!(now, d, "a decision changed at {}", cut),
                 None if now != StartupAnswer::Incomplete => {
                     decided = Some(now);
-                    prop_assert!(has_message(&data[..cut]), "decided before a whole message at {}", cut);
+                    prop_assert!(cut >= 5, "decided before a message header at {}", cut);
                 }
                 None => prop_assert!(cut < MAX_STARTUP_ANSWER, "undecided at {} bytes", cut),
             }

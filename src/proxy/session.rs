@@ -460,8 +460,9 @@ async fn exchange(
                 }
             }
             Answer::Startup => {
+                // A message header: the server answers.
                 got.reserve(1024);
-                read_until(s, &mut got, pgwire::has_message).await?;
+                read_until(s, &mut got, |b| b.len() >= 5).await?;
             }
         }
         Ok(got)
