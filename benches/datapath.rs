@@ -341,7 +341,7 @@ impl Fixture {
     fn start(p: &Params) -> Fixture {
         raise_fd_limit();
         require("strace", "strace");
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = runtime();
         let etcd = Etcd::start();
         let pg = Postgres::start(&[("max_connections", "300"), ("shared_buffers", "128MB")]);
         let stop = CancellationToken::new();

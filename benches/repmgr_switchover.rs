@@ -263,24 +263,11 @@ fn setup() -> Fixture {
     let python = require("/usr/bin/python3", "python3 python3-psycopg2");
     let ok = Command::new(&python).args(["-c", "import psycopg2"]).status().is_ok_and(|s| s.success());
     assert!(ok, "python3 cannot import psycopg2: install it with `apt-get install python3-psycopg2`");
-    let etcd = Etcd::start();
-    let rm = Repmgr::start();
-    let agents: Vec<Agent> =
-        rm.nodes.iter().map(|n| Agent::start(&etcd.endpoint(), SCOPE, &n.name, n.port, 10)).collect();
+    let (etcd, rm, agents) = common::repmgr::with_agents(SCOPE, 10);
     let (rw, admin) = (free_port(), free_port());
-    let config = format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[[cluster]]\nname = \"{CLUSTER}\"\nscope = \"{SCOPE}\"\n\
-         source = \"agent\"\netcd_endpoints = [\"{etcd}\"]\netcd_timeout = \"1s\"\n\n\
-         [[listener]]\nname = \"rw\"\ncluster = \"{CLUSTER}\"\nbind = \"127.0.0.1:{rw}\"\nrole = \"primary\"\n\
-         queue_timeout = \"60s\"\n",
-        etcd = etcd.endpoint()
-    );
+    let config = cluster_config(admin, CLUSTER, SCOPE, &etcd.endpoint(), "source = \"agent\"")
+        + &listener_config(CLUSTER, "rw", rw, "primary", "60s");
     let pf = Pgfront::start(&config, admin);
-    let (ok, _, err) = psql(
-        rm.node("pg1").port,
-        "CREATE TABLE pgfront_probe (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())",
-    );
-    assert!(ok, "{err}");
     let haproxy = Haproxy::start(&rm);
     Fixture { rt, _etcd: etcd, rm, _agents: agents, pf, rw, haproxy, python }
 }
