@@ -61,6 +61,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::Agent;
 use common::repmgr::Repmgr;
+use common::stats::{spread, BenchArgs};
 use common::*;
 use tokio_util::sync::CancellationToken;
 
@@ -352,18 +353,6 @@ fn run_round(fx: &Fixture, round: usize, from: &str, to: &str) -> RoundResult {
     }
 }
 
-/// Median [min–max] of `v`, formatted with `prec` decimals.
-fn spread(v: &[f64], prec: usize) -> String {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return "—".into();
-    }
-    let n = s.len();
-    let med = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
-    format!("{med:.prec$} [{:.prec$}–{:.prec$}]", s[0], s[n - 1])
-}
-
 fn report(results: &[RoundResult]) {
     println!(
         "\nrepmgr standby switchover --siblings-follow, {} round(s), 3 writers at once (one write per 10 ms each)",
@@ -414,16 +403,10 @@ struct Params {
 
 impl Params {
     fn from_env() -> Params {
-        let args: Vec<String> = std::env::args().collect();
-        let quick = args.iter().any(|a| a == "--quick")
-            || std::env::var("PGFRONT_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-        let flag = args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)).cloned();
-        let rounds = flag
-            .or_else(|| std::env::var("BENCH_ROUNDS").ok())
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("--rounds / BENCH_ROUNDS: not a number: {v}")))
-            .unwrap_or(5);
-        let mode = args.iter().position(|a| a == "--mode").and_then(|i| args.get(i + 1)).cloned();
-        let modes = match mode.or_else(|| std::env::var("BENCH_MODE").ok()).as_deref() {
+        let args = BenchArgs::from_env();
+        let quick = args.quick;
+        let rounds = args.num("--rounds", "BENCH_ROUNDS", 5, 1) as usize;
+        let modes = match args.get("--mode", "BENCH_MODE").as_deref() {
             Some("repmgr") => vec![Mode::Repmgr],
             Some("fencing") => vec![Mode::Fencing],
             None | Some("all") => vec![Mode::Repmgr, Mode::Fencing],
@@ -435,7 +418,7 @@ impl Params {
 
 fn main() {
     let p = Params::from_env();
-    if !p.quick && !std::env::args().any(|a| a == "--bench") {
+    if !p.quick && !BenchArgs::from_env().bench_requested() {
         println!(
             "repmgr_switchover bench: skipped (run it with `cargo bench --bench repmgr_switchover`, or \
              `PGFRONT_BENCH_QUICK=1` for the one-round smoke run)"

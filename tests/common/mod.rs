@@ -30,6 +30,7 @@ pub mod agent;
 pub mod echo;
 pub mod netns;
 pub mod repmgr;
+pub mod stats;
 
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
