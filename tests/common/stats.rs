@@ -113,7 +113,7 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
-        assert_eq!(spread(&[0.25, 0.5, 0.125], 2), "0.25 [0.13–0.50]");
+        assert_eq!(spread(&[0.25, 0.5, 0.125], 2), "0.25 [0.12–0.50]");
         assert_eq!(spread(&[7.0], 0), "7 [7–7]");
         assert_eq!(spread(&[], 1), "—");
         assert_eq!((decimals(250.0), decimals(12.0), decimals(-3.0)), (0, 1, 2));
