@@ -57,6 +57,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::echo::*;
+use common::stats::{median, BenchArgs};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -113,27 +114,10 @@ struct Params {
 
 impl Params {
     fn from_env() -> Params {
-        let args: Vec<String> = std::env::args().collect();
-        let quick = args.iter().any(|a| a == "--quick")
-            || std::env::var("PGFRONT_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-        let get = |flag: &str, env: &str| -> Option<String> {
-            let eq = format!("{flag}=");
-            args.iter()
-                .position(|a| a == flag)
-                .and_then(|i| args.get(i + 1).cloned())
-                .or_else(|| args.iter().find_map(|a| a.strip_prefix(&eq).map(str::to_owned)))
-                .or_else(|| std::env::var(env).ok())
-        };
-        let num = |flag: &str, env: &str, full: u64, quick_default: u64| -> u64 {
-            match get(flag, env) {
-                Some(v) => v.parse().unwrap_or_else(|_| panic!("{flag} / {env}: not a number: {v}")),
-                None if quick => quick_default,
-                None => full,
-            }
-        };
-        let list = |flag: &str, env: &str| -> Option<Vec<String>> {
-            get(flag, env).map(|l| l.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
-        };
+        let args = BenchArgs::from_env();
+        let quick = args.quick;
+        let num = |flag: &str, env: &str, full: u64, quick_default: u64| args.num(flag, env, full, quick_default);
+        let list = |flag: &str, env: &str| args.list(flag, env);
         let figures = list("--figures", "BENCH_FIGURES").unwrap_or_else(|| FIGURES.map(str::to_owned).to_vec());
         for f in &figures {
             assert!(
@@ -295,33 +279,14 @@ impl Results {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-/// "median [min–max]", with as many decimals as the size of the numbers calls for.
+/// "median [min–max]", with as many decimals as the size of the numbers calls for; one round
+/// alone is its value.
 fn spread(v: &[f64]) -> String {
-    let (lo, hi) =
-        (v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
-    let m = median(v);
-    let d = if m.abs() >= 100.0 {
-        0
-    } else if m.abs() >= 10.0 {
-        1
-    } else {
-        2
-    };
+    let d = common::stats::decimals(median(v));
     if v.len() == 1 {
-        format!("{m:.d$}")
+        format!("{:.d$}", v[0])
     } else {
-        format!("{m:.d$} [{lo:.d$}–{hi:.d$}]")
+        common::stats::spread(v, d)
     }
 }
 
@@ -344,7 +309,7 @@ impl Fixture {
     fn start(p: &Params) -> Fixture {
         raise_fd_limit();
         require("strace", "strace");
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = runtime();
         let etcd = Etcd::start();
         let pg = Postgres::start(&[("max_connections", "300"), ("shared_buffers", "128MB")]);
         let stop = CancellationToken::new();
@@ -705,7 +670,7 @@ fn profile(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, label:
 
 fn main() {
     let p = Params::from_env();
-    if !p.quick && !std::env::args().any(|a| a == "--bench") {
+    if !p.quick && !BenchArgs::from_env().bench_requested() {
         println!(
             "datapath bench: skipped (run it with `cargo bench --bench datapath`, or `PGFRONT_BENCH_QUICK=1` for the smoke run)"
         );

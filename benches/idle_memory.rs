@@ -136,8 +136,8 @@ fn main() {
         println!("idle_memory bench: skipped (run it with `cargo bench --bench idle_memory`)");
         return;
     }
-    let n: usize = std::env::var("BENCH_CONNS").ok().and_then(|v| v.parse().ok()).unwrap_or(4000);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let n: usize = common::stats::env_or("BENCH_CONNS", 4000);
+    let rt = runtime();
     let backend = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let backend_port = backend.local_addr().unwrap().port();
     rt.spawn(echo_backend(backend));

@@ -52,6 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::echo::*;
+use common::stats::{spread, BenchArgs};
 use common::*;
 use tokio_util::sync::CancellationToken;
 
@@ -115,25 +116,10 @@ struct Params {
 
 impl Params {
     fn from_env() -> Params {
-        let args: Vec<String> = std::env::args().collect();
-        let quick = args.iter().any(|a| a == "--quick")
-            || std::env::var("PGFRONT_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-        let get = |flag: &str, env: &str| -> Option<String> {
-            let eq = format!("{flag}=");
-            args.iter()
-                .position(|a| a == flag)
-                .and_then(|i| args.get(i + 1).cloned())
-                .or_else(|| args.iter().find_map(|a| a.strip_prefix(&eq).map(str::to_owned)))
-                .or_else(|| std::env::var(env).ok())
-        };
-        let num = |flag: &str, env: &str, full: u64, quick_default: u64| -> u64 {
-            match get(flag, env) {
-                Some(v) => v.parse().unwrap_or_else(|_| panic!("{flag} / {env}: not a number: {v}")),
-                None if quick => quick_default,
-                None => full,
-            }
-        };
-        let modes = match get("--modes", "BENCH_MODES") {
+        let args = BenchArgs::from_env();
+        let quick = args.quick;
+        let num = |flag: &str, env: &str, full: u64, quick_default: u64| args.num(flag, env, full, quick_default);
+        let modes = match args.get("--modes", "BENCH_MODES") {
             Some(list) => list
                 .split(',')
                 .map(|k| {
@@ -729,39 +715,17 @@ fn load_and_reload(fx: &Fixture, p: &Params, mode: Mode, round: usize, front: &m
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// "median [min–max]" of `v`, with `prec` decimals; "—" when empty.
-fn spread(mut v: Vec<f64>, prec: usize) -> String {
-    if v.is_empty() {
-        return "—".into();
-    }
-    let m = median(&mut v);
-    let (lo, hi) = (v[0], v[v.len() - 1]);
-    format!("{m:.prec$} [{lo:.prec$}–{hi:.prec$}]")
-}
-
 fn report(p: &Params, results: &[RunResult]) {
     println!("\n== per mode: median [min–max] over the rounds");
     let mut rows = Vec::new();
     for mode in &p.modes {
         let runs: Vec<&RunResult> = results.iter().filter(|r| r.mode == *mode && r.aborted.is_none()).collect();
         let aborted = results.iter().filter(|r| r.mode == *mode && r.aborted.is_some()).count();
-        let failed = spread(runs.iter().map(|r| r.conns_failed as f64).collect(), 0);
-        let broken = spread(runs.iter().map(|r| r.broken as f64).collect(), 0);
-        let rate = spread(runs.iter().map(|r| r.rate()).collect(), 0);
-        let life = spread(runs.iter().filter_map(|r| r.old_max_life).collect(), 1);
-        let after = spread(runs.iter().filter_map(|r| r.old_max_after_end).collect(), 2);
+        let failed = spread(&runs.iter().map(|r| r.conns_failed as f64).collect::<Vec<_>>(), 0);
+        let broken = spread(&runs.iter().map(|r| r.broken as f64).collect::<Vec<_>>(), 0);
+        let rate = spread(&runs.iter().map(|r| r.rate()).collect::<Vec<_>>(), 0);
+        let life = spread(&runs.iter().filter_map(|r| r.old_max_life).collect::<Vec<_>>(), 1);
+        let after = spread(&runs.iter().filter_map(|r| r.old_max_after_end).collect::<Vec<_>>(), 2);
         let total_ok: u64 = runs.iter().map(|r| r.conns_ok).sum();
         let total_failed: u64 = runs.iter().map(|r| r.conns_failed).sum();
         let old: usize = runs.iter().map(|r| r.old).sum();
@@ -824,7 +788,7 @@ fn report(p: &Params, results: &[RunResult]) {
 
 fn main() {
     let p = Params::from_env();
-    if !p.quick && !std::env::args().any(|a| a == "--bench") {
+    if !p.quick && !BenchArgs::from_env().bench_requested() {
         println!(
             "reload bench: skipped (run it with `cargo bench --bench reload`, or `PGFRONT_BENCH_QUICK=1` for the smoke run)"
         );

@@ -61,6 +61,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::Agent;
 use common::repmgr::Repmgr;
+use common::stats::{spread, BenchArgs};
 use common::*;
 use tokio_util::sync::CancellationToken;
 
@@ -263,24 +264,11 @@ fn setup() -> Fixture {
     let python = require("/usr/bin/python3", "python3 python3-psycopg2");
     let ok = Command::new(&python).args(["-c", "import psycopg2"]).status().is_ok_and(|s| s.success());
     assert!(ok, "python3 cannot import psycopg2: install it with `apt-get install python3-psycopg2`");
-    let etcd = Etcd::start();
-    let rm = Repmgr::start();
-    let agents: Vec<Agent> =
-        rm.nodes.iter().map(|n| Agent::start(&etcd.endpoint(), SCOPE, &n.name, n.port, 10)).collect();
+    let (etcd, rm, agents) = common::repmgr::with_agents(SCOPE, 10);
     let (rw, admin) = (free_port(), free_port());
-    let config = format!(
-        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[[cluster]]\nname = \"{CLUSTER}\"\nscope = \"{SCOPE}\"\n\
-         source = \"agent\"\netcd_endpoints = [\"{etcd}\"]\netcd_timeout = \"1s\"\n\n\
-         [[listener]]\nname = \"rw\"\ncluster = \"{CLUSTER}\"\nbind = \"127.0.0.1:{rw}\"\nrole = \"primary\"\n\
-         queue_timeout = \"60s\"\n",
-        etcd = etcd.endpoint()
-    );
+    let config = cluster_config(admin, CLUSTER, SCOPE, &etcd.endpoint(), "source = \"agent\"")
+        + &listener_config(CLUSTER, "rw", rw, "primary", "60s");
     let pf = Pgfront::start(&config, admin);
-    let (ok, _, err) = psql(
-        rm.node("pg1").port,
-        "CREATE TABLE pgfront_probe (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())",
-    );
-    assert!(ok, "{err}");
     let haproxy = Haproxy::start(&rm);
     Fixture { rt, _etcd: etcd, rm, _agents: agents, pf, rw, haproxy, python }
 }
@@ -365,18 +353,6 @@ fn run_round(fx: &Fixture, round: usize, from: &str, to: &str) -> RoundResult {
     }
 }
 
-/// Median [min–max] of `v`, formatted with `prec` decimals.
-fn spread(v: &[f64], prec: usize) -> String {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return "—".into();
-    }
-    let n = s.len();
-    let med = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
-    format!("{med:.prec$} [{:.prec$}–{:.prec$}]", s[0], s[n - 1])
-}
-
 fn report(results: &[RoundResult]) {
     println!(
         "\nrepmgr standby switchover --siblings-follow, {} round(s), 3 writers at once (one write per 10 ms each)",
@@ -427,16 +403,10 @@ struct Params {
 
 impl Params {
     fn from_env() -> Params {
-        let args: Vec<String> = std::env::args().collect();
-        let quick = args.iter().any(|a| a == "--quick")
-            || std::env::var("PGFRONT_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-        let flag = args.iter().position(|a| a == "--rounds").and_then(|i| args.get(i + 1)).cloned();
-        let rounds = flag
-            .or_else(|| std::env::var("BENCH_ROUNDS").ok())
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("--rounds / BENCH_ROUNDS: not a number: {v}")))
-            .unwrap_or(5);
-        let mode = args.iter().position(|a| a == "--mode").and_then(|i| args.get(i + 1)).cloned();
-        let modes = match mode.or_else(|| std::env::var("BENCH_MODE").ok()).as_deref() {
+        let args = BenchArgs::from_env();
+        let quick = args.quick;
+        let rounds = args.num("--rounds", "BENCH_ROUNDS", 5, 1) as usize;
+        let modes = match args.get("--mode", "BENCH_MODE").as_deref() {
             Some("repmgr") => vec![Mode::Repmgr],
             Some("fencing") => vec![Mode::Fencing],
             None | Some("all") => vec![Mode::Repmgr, Mode::Fencing],
@@ -448,7 +418,7 @@ impl Params {
 
 fn main() {
     let p = Params::from_env();
-    if !p.quick && !std::env::args().any(|a| a == "--bench") {
+    if !p.quick && !BenchArgs::from_env().bench_requested() {
         println!(
             "repmgr_switchover bench: skipped (run it with `cargo bench --bench repmgr_switchover`, or \
              `PGFRONT_BENCH_QUICK=1` for the one-round smoke run)"

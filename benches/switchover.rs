@@ -19,12 +19,9 @@ use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::stats::{env_or, spread, BenchArgs};
 use common::*;
 use tokio_util::sync::CancellationToken;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn haproxy(port: u16, pg: &Patroni, tuned: bool, dir: &std::path::Path) -> Proc {
     let bin = require("haproxy", "haproxy");
@@ -60,11 +57,11 @@ struct Route {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    if !BenchArgs::from_env().bench_requested() {
         println!("switchover bench: skipped (run it with `cargo bench --bench switchover`)");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let pg = Patroni::start(&etcd, "pgfront-bench", Dcs::Etcd3);
     let work = tempfile::tempdir().unwrap();
@@ -98,7 +95,7 @@ fn main() {
         Route { name: "HAProxy production", conninfo: conninfo(hp_prod) },
         Route { name: "HAProxy tuned", conninfo: conninfo(hp_tuned) },
     ];
-    let rounds = env_u64("BENCH_ROUNDS", 5);
+    let rounds = env_or::<u64>("BENCH_ROUNDS", 5);
     let mut results: Vec<(&str, WriteStats)> = Vec::new();
     for round in 0..rounds as usize {
         for i in 0..routes.len() {
@@ -165,22 +162,4 @@ fn main() {
         );
     }
     drop(pf);
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-/// "median [min–max]" with `prec` decimals.
-fn spread(v: &[f64], prec: usize) -> String {
-    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    format!("{:.prec$} [{lo:.prec$}–{hi:.prec$}]", median(v))
 }

@@ -12,6 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::netns::*;
+use common::stats::{env_or, median, BenchArgs};
 use common::Proc;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -91,17 +92,12 @@ fn one_run(seg: &Segment, dir: &std::path::Path, pair: Pair, v3: bool, failure: 
     t
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    if !BenchArgs::from_env().bench_requested() {
         println!("vip_failover bench: skipped (run it with `cargo bench --bench vip_failover`)");
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let runs: usize = env_or("BENCH_RUNS", 5);
     let seg = Segment::new("bench");
     let dir = tempfile::tempdir().unwrap();
     let _etcd = start_etcd_in(&seg, dir.path());
@@ -110,11 +106,11 @@ fn main() {
     for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop].into_iter().filter(|_| !only_vrrp) {
         let times: Vec<Duration> =
             (0..runs).map(|_| one_run(&seg, dir.path(), Pair::EtcdLease, true, failure)).collect();
-        let m = median(times.clone());
+        let m = median(&times.iter().map(Duration::as_secs_f64).collect::<Vec<_>>());
         println!(
             "etcd-lease {:<10} median {:>7.3} s  runs {:?}",
             format!("{failure:?}"),
-            m.as_secs_f64(),
+            m,
             times.iter().map(|t| (t.as_secs_f64() * 1000.0).round() / 1000.0).collect::<Vec<_>>()
         );
         rows.push((true, Pair::EtcdLease, failure, m));
@@ -123,13 +119,13 @@ fn main() {
         for pair in [Pair::Keepalived, Pair::Pgfront, Pair::Mixed] {
             for failure in [Failure::Kill, Failure::LinkDown, Failure::CleanStop] {
                 let times: Vec<Duration> = (0..runs).map(|_| one_run(&seg, dir.path(), pair, v3, failure)).collect();
-                let m = median(times.clone());
+                let m = median(&times.iter().map(Duration::as_secs_f64).collect::<Vec<_>>());
                 println!(
                     "{:<4} {:<11} {:<10} median {:>7.3} s  runs {:?}",
                     if v3 { "v3" } else { "v2" },
                     format!("{pair:?}"),
                     format!("{failure:?}"),
-                    m.as_secs_f64(),
+                    m,
                     times.iter().map(|t| (t.as_secs_f64() * 1000.0).round() / 1000.0).collect::<Vec<_>>()
                 );
                 rows.push((v3, pair, failure, m));
@@ -147,9 +143,9 @@ fn main() {
                 "{:<22} {:<10} {:>10.3} s {:>10.3} s {:>10.3} s",
                 if v3 { "100 ms (VRRPv3)" } else { "1 s (VRRPv2)" },
                 format!("{failure:?}"),
-                get(Pair::Keepalived).as_secs_f64(),
-                get(Pair::Pgfront).as_secs_f64(),
-                get(Pair::Mixed).as_secs_f64()
+                get(Pair::Keepalived),
+                get(Pair::Pgfront),
+                get(Pair::Mixed)
             );
         }
     }
@@ -160,7 +156,7 @@ fn main() {
             "{:<22} {:<10} {:>10.3} s (pgfront, etcd lease, lease_ttl 3 s)",
             "etcd lease",
             format!("{failure:?}"),
-            m.as_secs_f64()
+            m
         );
     }
 }

@@ -1,6 +1,10 @@
 //! An etcd v3 client for one cluster's settings (credentials, TLS, timeouts), shared by the
 //! parts that talk to etcd: discovery (`discovery::etcd3`) and the VIP election by lease
-//! (`vip::lease`). It sits low in the module map so that neither imports the other.
+//! (`vip::lease`), the proxy's fencing registration (`discovery::fence`) and the node agent
+//! (`agent::publish`, `agent::fence`). It sits low in the module map so that none imports another.
+//!
+//! Invariant: every etcd request these parts make goes through [`timed`], so none can hang past
+//! its timeout whatever the state of the connection, and its error names the request.
 
 use std::time::Duration;
 
@@ -50,5 +54,29 @@ pub(crate) async fn connect(cfg: &ClusterConfig, endpoints: &[String]) -> Result
     match tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts))).await {
         Ok(r) => r.map_err(|source| ConnectError::Etcd { endpoints: named(), source }),
         Err(_) => Err(ConnectError::Timeout { endpoints: named(), timeout }),
+    }
+}
+
+/// One etcd request that failed or took too long, named by `what` ("lease grant", "put fence" …)
+/// so that a log line says which step of a session broke.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    #[error("etcd: {what}: {source}")]
+    Etcd { what: &'static str, source: etcd_client::Error },
+    #[error("etcd: {what}: no answer within {timeout:?}")]
+    Timeout { what: &'static str, timeout: Duration },
+}
+
+/// Runs the etcd request `f` under `timeout`: a request to a member that stopped answering
+/// (SIGSTOP, partition) otherwise waits on TCP for minutes, and the session holding it cannot
+/// notice that its lease is gone.
+pub(crate) async fn timed<T>(
+    what: &'static str,
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r.map_err(|source| CallError::Etcd { what, source }),
+        Err(_) => Err(CallError::Timeout { what, timeout }),
     }
 }

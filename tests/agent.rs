@@ -461,35 +461,14 @@ fn patroni_pre_promote(kv: &mut EtcdKv, cluster: &Patroni, endpoint: &str, leade
 /// during a migration): the keys carry repmgr's view, and the replica's upstream is repmgr's
 /// name of the primary.
 fn repmgr_view(kv: &mut EtcdKv, cluster: &Patroni, leader: &str, replica: &str) {
-    use std::os::unix::process::CommandExt;
-    let repmgr = common::require("repmgr", "repmgr");
+    common::require(&format!("{}/repmgr", common::PGBIN), "postgresql-15-repmgr repmgr");
     let register = |name: &str, id: u32, what: &[&str]| {
         let m = cluster.member(name);
         let conf = cluster.dir.path().join(format!("{name}-repmgr.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "node_id={id}\nnode_name='{name}'\nconninfo='host=127.0.0.1 port={} user=postgres dbname=postgres'\n\
-                 data_directory='{}'\npg_bindir='{}'\n",
-                m.pg_port,
-                m.data_dir.display(),
-                common::PGBIN
-            ),
-        )
-        .unwrap();
-        let (uid, gid) = common::postgres_ids();
-        let out = std::process::Command::new(&repmgr)
-            .arg("-f")
-            .arg(&conf)
-            .args(what)
-            .current_dir(cluster.dir.path())
-            .env("HOME", "/var/lib/postgresql")
-            .uid(uid)
-            .gid(gid)
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "repmgr {what:?} on {name}: {text}");
+        std::fs::write(&conf, common::repmgr::node_conf(id, name, m.pg_port, &m.data_dir)).unwrap();
+        if let Err(e) = common::repmgr::run_repmgr(&conf, what, cluster.dir.path(), None) {
+            panic!("repmgr {what:?} on {name}: {e}");
+        }
     };
     register(leader, 1, &["primary", "register"]);
     register(replica, 2, &["standby", "register", "--upstream-node-id", "1"]);

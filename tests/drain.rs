@@ -71,7 +71,7 @@ drain_grace = "30s"
 /// etcd, three echo members, pgfront routing them: `admin_extra` goes in `[admin]`, `extra` at
 /// the end of the file.
 fn setup(admin_extra: &str, extra: &str) -> Setup {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let backends = CancellationToken::new();
     let ports: Vec<u16> = rt.block_on(async {

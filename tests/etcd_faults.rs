@@ -65,7 +65,7 @@ queue_timeout = "40s"
 }
 
 fn setup() -> Env {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = EtcdCluster::start();
     let pg = Patroni::start_with_hosts(&etcd.hosts(), SCOPE, Dcs::Etcd3);
     let (pf, rw) = pgfront(&etcd, "");

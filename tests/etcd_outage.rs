@@ -49,31 +49,12 @@ impl Drop for Paused<'_> {
 }
 
 fn setup() -> Env {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let pg = Patroni::start(&etcd, SCOPE, Dcs::Etcd3);
     let (rw, admin) = (free_port(), free_port());
-    let config = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[cluster]]
-name = "{CLUSTER}"
-scope = "{SCOPE}"
-etcd_endpoints = ["{etcd}"]
-etcd_timeout = "1s"
-check_user = "postgres"
-
-[[listener]]
-name = "rw"
-cluster = "{CLUSTER}"
-bind = "127.0.0.1:{rw}"
-role = "primary"
-queue_timeout = "90s"
-"#,
-        etcd = etcd.endpoint()
-    );
+    let config = cluster_config(admin, CLUSTER, SCOPE, &etcd.endpoint(), "check_user = \"postgres\"")
+        + &listener_config(CLUSTER, "rw", rw, "primary", "90s");
     let pf = Pgfront::start(&config, admin);
     Env { rt, etcd, pg, pf, rw }
 }

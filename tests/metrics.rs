@@ -121,7 +121,7 @@ fn queries(dash: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn known_traffic_gives_exact_counters_and_every_dashboard_query_uses_exposed_metrics() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let backends = CancellationToken::new();
     let _stop_backends = backends.clone().drop_guard();

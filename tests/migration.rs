@@ -46,48 +46,16 @@ struct Env {
 }
 
 fn pgfront_config(admin: u16, rw: u16, ro: u16, etcd: &str, source: &str) -> String {
-    format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[cluster]]
-name = "{CLUSTER}"
-scope = "{SCOPE}"
-source = "{source}"
-etcd_endpoints = ["{etcd}"]
-etcd_timeout = "1s"
-
-[[listener]]
-name = "rw"
-cluster = "{CLUSTER}"
-bind = "127.0.0.1:{rw}"
-role = "primary"
-queue_timeout = "60s"
-
-[[listener]]
-name = "ro"
-cluster = "{CLUSTER}"
-bind = "127.0.0.1:{ro}"
-role = "replica"
-queue_timeout = "5s"
-"#
-    )
+    cluster_config(admin, CLUSTER, SCOPE, etcd, &format!("source = \"{source}\""))
+        + &listener_config(CLUSTER, "rw", rw, "primary", "60s")
+        + &listener_config(CLUSTER, "ro", ro, "replica", "5s")
 }
 
 fn setup() -> Env {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let etcd = Etcd::start();
-    let rm = Repmgr::start();
-    let agents: Vec<Agent> =
-        rm.nodes.iter().map(|n| Agent::start(&etcd.endpoint(), SCOPE, &n.name, n.port, 10)).collect();
+    let rt = runtime();
+    let (etcd, rm, agents) = common::repmgr::with_agents(SCOPE, 10);
     let (rw, ro, admin) = (free_port(), free_port(), free_port());
     let pf = Pgfront::start(&pgfront_config(admin, rw, ro, &etcd.endpoint(), "agent"), admin);
-    let (ok, _, err) = psql(
-        rm.node("pg1").port,
-        "CREATE TABLE pgfront_probe (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())",
-    );
-    assert!(ok, "{err}");
     Env { pf, agents, patroni: None, rm, etcd, rt, admin, rw, ro }
 }
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 #[test]
 fn pgfront_follows_patroni_over_etcd_v2() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let pg = Patroni::start(&etcd, "pgfront-v2", Dcs::Etcd2);
     let (rw, admin) = (free_port(), free_port());

@@ -31,7 +31,7 @@ struct Env {
 }
 
 fn setup() -> Env {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let pg = Patroni::start(&etcd, "pgfront-v3", Dcs::Etcd3);
     let (rw, ro, rw_short, admin) = (free_port(), free_port(), free_port(), free_port());

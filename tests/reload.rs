@@ -64,7 +64,7 @@ fn fifty_reloads_under_load_lose_nothing() {
     // Thousands of sockets in this process and in pgfront (which inherits the limit): the usual
     // soft limit of 1024 would make this a test of EMFILE instead.
     raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let stop = CancellationToken::new();
     // The backends outlive the load: they stop with the test, after every client has finished.

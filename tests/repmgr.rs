@@ -36,53 +36,14 @@ struct Env {
 }
 
 fn setup() -> Env {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let etcd = Etcd::start();
-    let rm = Repmgr::start();
-    let agents: Vec<Agent> =
-        rm.nodes.iter().map(|n| Agent::start(&etcd.endpoint(), SCOPE, &n.name, n.port, AGENT_TTL)).collect();
+    let rt = runtime();
+    let (etcd, rm, agents) = common::repmgr::with_agents(SCOPE, AGENT_TTL);
     let (rw, ro, rw_short, admin) = (free_port(), free_port(), free_port(), free_port());
-    let config = format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[cluster]]
-name = "{CLUSTER}"
-scope = "{SCOPE}"
-source = "agent"
-etcd_endpoints = ["{etcd}"]
-etcd_timeout = "1s"
-
-[[listener]]
-name = "rw"
-cluster = "{CLUSTER}"
-bind = "127.0.0.1:{rw}"
-role = "primary"
-queue_timeout = "60s"
-
-[[listener]]
-name = "ro"
-cluster = "{CLUSTER}"
-bind = "127.0.0.1:{ro}"
-role = "replica"
-queue_timeout = "5s"
-
-[[listener]]
-name = "rw_short"
-cluster = "{CLUSTER}"
-bind = "127.0.0.1:{rw_short}"
-role = "primary"
-queue_timeout = "2s"
-"#,
-        etcd = etcd.endpoint()
-    );
+    let config = cluster_config(admin, CLUSTER, SCOPE, &etcd.endpoint(), "source = \"agent\"")
+        + &listener_config(CLUSTER, "rw", rw, "primary", "60s")
+        + &listener_config(CLUSTER, "ro", ro, "replica", "5s")
+        + &listener_config(CLUSTER, "rw_short", rw_short, "primary", "2s");
     let pf = Pgfront::start(&config, admin);
-    let (ok, _, err) = psql(
-        rm.node("pg1").port,
-        "CREATE TABLE pgfront_probe (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())",
-    );
-    assert!(ok, "{err}");
     Env { rt, etcd, rm, agents, pf, rw, ro, rw_short }
 }
 

@@ -53,7 +53,7 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn ten_upgrades_under_load_lose_nothing() {
     raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = runtime();
     let etcd = Etcd::start();
     let backends = CancellationToken::new();
     let _stop_backends = backends.clone().drop_guard();

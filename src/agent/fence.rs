@@ -31,6 +31,7 @@ use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::agent::{AgentConfig, OnTimeout};
+use crate::etcd::{timed, CallError};
 
 /// The value of `<prefix>fence`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,23 +159,10 @@ pub struct PrePromoteArgs {
 enum FenceError {
     #[error(transparent)]
     Connect(#[from] crate::etcd::ConnectError),
-    #[error("etcd: {what}: {source}")]
-    Etcd { what: &'static str, source: etcd_client::Error },
-    #[error("etcd: {what}: no answer within {timeout:?}")]
-    Timeout { what: &'static str, timeout: Duration },
+    #[error(transparent)]
+    Call(#[from] crate::etcd::CallError),
     #[error("etcd watch ended")]
     WatchEnded,
-}
-
-async fn timed<T>(
-    what: &'static str,
-    timeout: Duration,
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, FenceError> {
-    match tokio::time::timeout(timeout, f).await {
-        Ok(r) => r.map_err(|source| FenceError::Etcd { what, source }),
-        Err(_) => Err(FenceError::Timeout { what, timeout }),
-    }
 }
 
 /// `pgfront agent pre-promote -c FILE [...]` (see the module doc for the exit status).
@@ -316,7 +304,7 @@ async fn wait_acks(
                     }
                 }
                 Ok(None) => return Err(FenceError::WatchEnded),
-                Err(source) => return Err(FenceError::Etcd { what: "watch", source }),
+                Err(source) => return Err(CallError::Etcd { what: "watch", source }.into()),
             },
             _ = tokio::time::sleep_until(wait.deadline().into()) => {}
         }
@@ -345,7 +333,7 @@ async fn not_acknowledged(
     match policy {
         OnTimeout::Refuse => {
             // Withdraw the fence: the promotion will not happen, the proxies route as before.
-            let _ = tokio::time::timeout(t, client.lease_revoke(lease)).await;
+            let _ = timed("lease revoke", t, client.lease_revoke(lease)).await;
             eprintln!(
                 "pre-promote: {} proxy(ies) did not acknowledge: promotion REFUSED (on_timeout = \"refuse\"); fence withdrawn",
                 missing.len()

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::probe::{NodeState, Probe, RepmgrNode};
 use super::Shared;
 use crate::config::agent::AgentConfig;
+use crate::etcd::{timed, CallError};
 
 /// The `version` of the key's JSON; it changes only when a reader must be changed too.
 pub const NODE_DOC_VERSION: u32 = 1;
@@ -157,10 +158,8 @@ pub(crate) fn primary_lsn(nodes: &[(String, Vec<u8>)], optime_leader: Option<&[u
 pub(crate) enum PublishError {
     #[error(transparent)]
     Connect(#[from] crate::etcd::ConnectError),
-    #[error("etcd: {what}: {source}")]
-    Etcd { what: &'static str, source: etcd_client::Error },
-    #[error("etcd: {what}: no answer within {timeout:?}")]
-    Timeout { what: &'static str, timeout: Duration },
+    #[error(transparent)]
+    Call(#[from] crate::etcd::CallError),
     #[error("etcd lease {lease:x}: {reason}")]
     Lease { lease: i64, reason: String },
 }
@@ -188,17 +187,6 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-}
-
-async fn timed<T>(
-    what: &'static str,
-    timeout: Duration,
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, PublishError> {
-    match tokio::time::timeout(timeout, f).await {
-        Ok(r) => r.map_err(|source| PublishError::Etcd { what, source }),
-        Err(_) => Err(PublishError::Timeout { what, timeout }),
     }
 }
 
@@ -244,7 +232,7 @@ async fn session(shared: &Shared, stop: &CancellationToken) -> Result<(), Publis
                 if let Err(e) =
                     timed("put", t, client.put(key.as_str(), body, Some(PutOptions::new().with_lease(lease)))).await
                 {
-                    break Err(e);
+                    break Err(e.into());
                 }
                 if first {
                     info!(key = %key, lease = format!("{lease:x}"), ttl = ?cfg.ttl, "etcd: node published");
@@ -264,7 +252,7 @@ async fn session(shared: &Shared, stop: &CancellationToken) -> Result<(), Publis
                     break Err(PublishError::Lease { lease, reason: format!("no keep-alive answered for {:?}", last_ack.elapsed()) });
                 }
                 if let Err(e) = keeper.keep_alive().await {
-                    break Err(PublishError::Etcd { what: "keep-alive", source: e });
+                    break Err(CallError::Etcd { what: "keep-alive", source: e }.into());
                 }
             }
             ack = acks.message() => match ack {
@@ -274,7 +262,7 @@ async fn session(shared: &Shared, stop: &CancellationToken) -> Result<(), Publis
                 }
                 Ok(Some(_)) => break Err(PublishError::Lease { lease, reason: "expired".into() }),
                 Ok(None) => break Err(PublishError::Lease { lease, reason: "keep-alive stream closed".into() }),
-                Err(e) => break Err(PublishError::Etcd { what: "keep-alive", source: e }),
+                Err(e) => break Err(CallError::Etcd { what: "keep-alive", source: e }.into()),
             },
             r = probe_rx.changed() => if r.is_err() { break Ok(()) },
             r = maint_rx.changed() => if r.is_err() { break Ok(()) },
@@ -283,10 +271,14 @@ async fn session(shared: &Shared, stop: &CancellationToken) -> Result<(), Publis
         }
     };
     if stop.is_cancelled() {
-        match tokio::time::timeout(t, client.lease_revoke(lease)).await {
-            Ok(Ok(_)) => info!(key = %key, "etcd: lease revoked, node key removed"),
-            Ok(Err(e)) => warn!(error = %e, "etcd: cannot revoke the lease; the key goes within its TTL"),
-            Err(_) => warn!("etcd: no answer to the lease revocation; the key goes within its TTL"),
+        match timed("lease revoke", t, client.lease_revoke(lease)).await {
+            Ok(_) => info!(key = %key, "etcd: lease revoked, node key removed"),
+            Err(CallError::Etcd { source: e, .. }) => {
+                warn!(error = %e, "etcd: cannot revoke the lease; the key goes within its TTL")
+            }
+            Err(CallError::Timeout { .. }) => {
+                warn!("etcd: no answer to the lease revocation; the key goes within its TTL")
+            }
         }
         return Ok(());
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::file::{FileCluster, HumanDuration};
+use super::file::{etcd_section, FileCluster, HumanDuration};
 use super::{parse_error, read_bounded, valid_name, ClusterConfig, ConfigError, Resolver, Secret, MAX_CONFIG_SIZE};
 
 pub const DEFAULT_AGENT_PG_HOST: &str = "/var/run/postgresql";
@@ -76,6 +76,7 @@ pub struct FilePostgres {
     pub repmgr_node_name: Option<String>,
 }
 
+etcd_section! {
 /// `[cluster]`: the etcd settings of a proxy's `[[cluster]]` (same names, same meaning) and the
 /// lease of the published key.
 #[derive(Debug, Deserialize)]
@@ -83,16 +84,11 @@ pub struct FilePostgres {
 pub struct FileAgentCluster {
     pub scope: String,
     pub namespace: Option<String>,
-    pub etcd_endpoints: Vec<String>,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub password_file: Option<PathBuf>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub etcd_timeout: Option<HumanDuration>,
+    @endpoints,
+    @access,
     pub ttl: Option<HumanDuration>,
     pub lsn_interval: Option<HumanDuration>,
+}
 }
 
 /// `[api]`: the Patroni-compatible health endpoint.
@@ -221,35 +217,14 @@ fn resolve(r: &Resolver<'_>, f: FileAgentConfig) -> Result<AgentConfig, ConfigEr
     }
 
     let cspan = f.cluster.span();
-    let c = f.cluster.into_inner();
+    let mut c = f.cluster.into_inner();
+    // A proxy's cluster with this node's name and every proxy-only setting at its default.
+    let etcd = c.take_etcd();
+    let mut as_proxy =
+        FileCluster { name: node.name.clone(), scope: c.scope, namespace: c.namespace, ..Default::default() };
+    as_proxy.put_etcd(etcd);
+    let etcd = r.cluster("cluster", cspan.clone(), as_proxy)?;
     let (ttl, lsn_interval) = (c.ttl, c.lsn_interval);
-    let as_proxy = FileCluster {
-        name: node.name.clone(),
-        scope: c.scope,
-        namespace: c.namespace,
-        etcd_endpoints: c.etcd_endpoints,
-        etcd_api: None,
-        source: None,
-        username: c.username,
-        password: c.password,
-        password_file: c.password_file,
-        tls_ca: c.tls_ca,
-        tls_cert: c.tls_cert,
-        tls_key: c.tls_key,
-        etcd_timeout: c.etcd_timeout,
-        resync_interval: None,
-        confirm_interval: None,
-        check_user: None,
-        check_password: None,
-        check_password_file: None,
-        check_database: None,
-    };
-    let etcd = r.cluster(0, cspan.clone(), as_proxy).map_err(|e| match e {
-        ConfigError::Invalid { path, line, field, reason } => {
-            ConfigError::Invalid { path, line, field: field.replacen("cluster[0].", "cluster.", 1), reason }
-        }
-        e => e,
-    })?;
     let ttl = ttl.map_or(DEFAULT_AGENT_TTL, |d| d.0);
     if ttl.subsec_nanos() != 0 || ttl.as_secs() < 2 {
         return Err(r.err(cspan.clone(), "cluster.ttl", "whole seconds, at least 2s (an etcd lease's unit)"));
@@ -419,6 +394,19 @@ etcd_endpoints = ["http://10.0.0.1:2379"]
         assert!(e.starts_with("agent.toml:") && e.contains("postgres.fast_interval"), "{e}");
         let e = parse(&MINIMAL.replace("10.0.0.11", "u:pw@10.0.0.11")).unwrap_err().to_string();
         assert!(e.contains("node.conn_url") && !e.contains("pw@"), "{e}");
+    }
+
+    /// The shared etcd fields (`etcd_section!`) keep toml's line and the section's own field
+    /// list; validation names them `cluster.<field>`; proxy-only settings stay unknown here.
+    #[test]
+    fn etcd_fields_keep_lines_and_names() {
+        let e = parse(&format!("{MINIMAL}etcd_timeout = \"soon\"\n")).unwrap_err().to_string();
+        assert!(e.starts_with("agent.toml:9:") && e.contains("cluster.etcd_timeout: invalid duration"), "{e}");
+        let e = parse(&format!("{MINIMAL}etcd_api = \"v3\"\n")).unwrap_err().to_string();
+        assert!(e.starts_with("agent.toml:9:") && e.contains("cluster.etcd_api: unknown field `etcd_api`"), "{e}");
+        assert!(e.contains("`scope`, `namespace`, `etcd_endpoints`, `username`"), "{e}");
+        let e = parse(&format!("{MINIMAL}username = \"pgfront\"\n")).unwrap_err().to_string();
+        assert_eq!(e, "agent.toml:6: cluster.password: username is set but no password or password_file");
     }
 
     #[test]

@@ -85,16 +85,12 @@ pub struct FileProcess {
     pub upgrade_timeout: Option<HumanDuration>,
 }
 
-/// `[[cluster]]`: one Patroni cluster and the etcd that holds its keys.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileCluster {
-    pub name: String,
-    pub scope: String,
-    pub namespace: Option<String>,
+/// The etcd connection settings as written, shared by a proxy's `[[cluster]]` and an agent's
+/// `[cluster]` (same names, same meaning, one validation: `Resolver::cluster`). Not a TOML table
+/// of its own: [`etcd_section!`] writes these fields into each section's struct.
+#[derive(Debug, Default)]
+pub struct FileEtcd {
     pub etcd_endpoints: Vec<String>,
-    pub etcd_api: Option<FileEtcdApi>,
-    pub source: Option<FileSource>,
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
@@ -102,12 +98,92 @@ pub struct FileCluster {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub etcd_timeout: Option<HumanDuration>,
+}
+
+/// Declares a section struct holding the [`FileEtcd`] fields inline, where the markers
+/// `@endpoints` (`etcd_endpoints`) and `@access` (credentials, TLS files, `etcd_timeout`) stand,
+/// with `take_etcd`/`put_etcd` to move them as one [`FileEtcd`].
+///
+/// Why a macro and not `#[serde(flatten)] etcd: FileEtcd`: serde buffers a flattened struct,
+/// so toml's errors lose their line (they point at the section header), `deny_unknown_fields`
+/// no longer lists the expected fields, and `config check` would get worse. The markers keep
+/// each section's field order, which is the order toml lists the expected fields in.
+macro_rules! etcd_section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(pub $a:ident: $at:ty,)*
+            @endpoints,
+            $(pub $b:ident: $bt:ty,)*
+            @access,
+            $(pub $c:ident: $ct:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $(pub $a: $at,)*
+            pub etcd_endpoints: Vec<String>,
+            $(pub $b: $bt,)*
+            pub username: Option<String>,
+            pub password: Option<$crate::config::Secret>,
+            pub password_file: Option<std::path::PathBuf>,
+            pub tls_ca: Option<std::path::PathBuf>,
+            pub tls_cert: Option<std::path::PathBuf>,
+            pub tls_key: Option<std::path::PathBuf>,
+            pub etcd_timeout: Option<$crate::config::file::HumanDuration>,
+            $(pub $c: $ct,)*
+        }
+
+        impl $name {
+            /// Moves the etcd settings out (left empty here).
+            pub fn take_etcd(&mut self) -> $crate::config::file::FileEtcd {
+                $crate::config::file::FileEtcd {
+                    etcd_endpoints: std::mem::take(&mut self.etcd_endpoints),
+                    username: self.username.take(),
+                    password: self.password.take(),
+                    password_file: self.password_file.take(),
+                    tls_ca: self.tls_ca.take(),
+                    tls_cert: self.tls_cert.take(),
+                    tls_key: self.tls_key.take(),
+                    etcd_timeout: self.etcd_timeout.take(),
+                }
+            }
+
+            /// Sets the etcd settings from `e`.
+            pub fn put_etcd(&mut self, e: $crate::config::file::FileEtcd) {
+                self.etcd_endpoints = e.etcd_endpoints;
+                self.username = e.username;
+                self.password = e.password;
+                self.password_file = e.password_file;
+                self.tls_ca = e.tls_ca;
+                self.tls_cert = e.tls_cert;
+                self.tls_key = e.tls_key;
+                self.etcd_timeout = e.etcd_timeout;
+            }
+        }
+    };
+}
+pub(crate) use etcd_section;
+
+etcd_section! {
+/// `[[cluster]]`: one Patroni cluster and the etcd that holds its keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    pub name: String,
+    pub scope: String,
+    pub namespace: Option<String>,
+    @endpoints,
+    pub etcd_api: Option<FileEtcdApi>,
+    pub source: Option<FileSource>,
+    @access,
     pub resync_interval: Option<HumanDuration>,
     pub confirm_interval: Option<HumanDuration>,
     pub check_user: Option<String>,
     pub check_password: Option<Secret>,
     pub check_password_file: Option<PathBuf>,
     pub check_database: Option<String>,
+}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -432,7 +432,7 @@ impl Resolver<'_> {
         let mut names = HashSet::new();
         for (i, c) in file.clusters.into_iter().enumerate() {
             let span = c.span();
-            let c = self.cluster(i, span.clone(), c.into_inner())?;
+            let c = self.cluster(&format!("cluster[{i}]"), span.clone(), c.into_inner())?;
             if !names.insert(c.name.clone()) {
                 return Err(self.err(
                     span,
@@ -534,8 +534,15 @@ impl Resolver<'_> {
         Ok(Config { admin, admin_auth, process, clusters, listeners, vips })
     }
 
-    fn cluster(&self, i: usize, span: std::ops::Range<usize>, c: FileCluster) -> Result<ClusterConfig, ConfigError> {
-        let f = |name: &str| format!("cluster[{i}].{name}");
+    /// Validates a proxy's `[[cluster]]`, and an agent's `[cluster]` made into one (so both accept
+    /// the same etcd settings); errors name `<section>.<field>` (`cluster[0].tls_ca`, `cluster.tls_ca`).
+    fn cluster(
+        &self,
+        section: &str,
+        span: std::ops::Range<usize>,
+        c: FileCluster,
+    ) -> Result<ClusterConfig, ConfigError> {
+        let f = |name: &str| format!("{section}.{name}");
         let bad = |name: &str, reason: String| self.err(span.clone(), f(name), reason);
         if !valid_name(&c.name) {
             return Err(bad("name", format!("{:?}: use letters, digits, '-', '_' or '.'", c.name)));

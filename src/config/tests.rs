@@ -214,6 +214,10 @@ fn config_errors_do_not_echo_secrets() {
     // A password under a key of the user's own, in a section without any other secret.
     let e = parse(&MINIMAL.replace("scope = ", "pwd = \"etcdpw-Zq81\"\nscope = ")).unwrap_err().to_string();
     assert!(e.contains("unknown field `pwd`") && e.starts_with("test.toml:4: cluster[0].pwd: "), "{e}");
+    // The fields written by `etcd_section!` stand where they always stood in the list.
+    let fields = "`name`, `scope`, `namespace`, `etcd_endpoints`, `etcd_api`, `source`, `username`, `password`, \
+                  `password_file`, `tls_ca`, `tls_cert`, `tls_key`, `etcd_timeout`, `resync_interval`";
+    assert!(e.contains(fields), "{e}");
     assert_no_secret("config error", &e);
     // A syntax error names its line and key like any other error, on one line.
     let e = parse(&MINIMAL.replace("bind = \"0.0.0.0:5432\"", "bind = 0.0.0.0:5432")).unwrap_err().to_string();

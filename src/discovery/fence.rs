@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::pool::PoolStatus;
 use crate::balancer::select::ServerState;
 use crate::config::{ClusterConfig, Role};
+use crate::etcd::{timed, CallError, ConnectError};
 use crate::metrics::ClusterMetrics;
 use crate::topology::ClusterView;
 
@@ -159,6 +160,23 @@ pub(crate) async fn run(
     }
 }
 
+/// Why a registration session ended (logged; the next session registers again).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("cannot encode the {what}: {source}")]
+    Encode { what: &'static str, source: serde_json::Error },
+    #[error("no keep-alive acknowledged for {0:?}")]
+    Unanswered(Duration),
+    #[error("lease expired")]
+    Expired,
+    #[error("keep-alive stream closed")]
+    StreamClosed,
+}
+
 /// What outlives a session.
 #[derive(Default)]
 struct Memory {
@@ -175,15 +193,17 @@ async fn session(
     metrics: &ClusterMetrics,
     (registration, stop): (&watch::Sender<Instant>, &CancellationToken),
     memory: &mut Memory,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let prefix = cfg.prefix();
-    let mut client = crate::etcd::connect(cfg, &cfg.endpoints).await.map_err(|e| e.to_string())?;
+    let t = cfg.etcd_timeout;
+    let mut client = crate::etcd::connect(cfg, &cfg.endpoints).await?;
     let granting = Instant::now();
-    let lease = client.lease_grant(REGISTRATION_TTL, None).await.map_err(|e| e.to_string())?.id();
-    let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
-    let value = serde_json::to_string(me).map_err(|e| e.to_string())?;
+    let lease = timed("lease grant", t, client.lease_grant(REGISTRATION_TTL, None)).await?.id();
+    let (mut keeper, mut acks) = timed("lease keep-alive", t, client.lease_keep_alive(lease)).await?;
+    let value = serde_json::to_string(me).map_err(|source| SessionError::Encode { what: "registration", source })?;
     let reg_key = format!("{prefix}proxies/{}", me.id);
-    client.put(reg_key.as_str(), value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| e.to_string())?;
+    timed("put registration", t, client.put(reg_key.as_str(), value, Some(PutOptions::new().with_lease(lease))))
+        .await?;
     let ttl = registration_ttl();
     registration.send_replace(granting + ttl);
     if !memory.registered_once {
@@ -214,11 +234,9 @@ async fn session(
                 if left == 0 {
                     let closed = memory.seen.as_ref().map_or(0, |(_, n)| *n);
                     let ack = serde_json::to_string(&Ack { id, closed_sessions: closed, at_ms: unix_ms() })
-                        .map_err(|e| e.to_string())?;
-                    client
-                        .put(ack_key.as_str(), ack, Some(PutOptions::new().with_lease(lease)))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|source| SessionError::Encode { what: "acknowledgement", source })?;
+                    let opts = Some(PutOptions::new().with_lease(lease));
+                    timed("put acknowledgement", t, client.put(ack_key.as_str(), ack, opts)).await?;
                     metrics.fence_acks.inc();
                     let took = waiting_since.take().map_or(Duration::ZERO, |t| t.elapsed());
                     info!(cluster = %cfg.name, fence = %id, closed_sessions = closed, took_ms = took.as_secs_f64() * 1000.0, "fencing request acknowledged");
@@ -235,21 +253,21 @@ async fn session(
             None => {
                 if acked.take().is_some() {
                     // The fence is lifted: the acknowledgement has served.
-                    let _ = client.delete(ack_key.as_str(), None).await;
+                    let _ = timed("delete acknowledgement", t, client.delete(ack_key.as_str(), None)).await;
                     debug!(cluster = %cfg.name, "fence lifted: acknowledgement removed");
                 }
             }
         }
         let now = Instant::now();
         if now >= last_ack + ttl - ttl / 4 {
-            return Err(format!("no keep-alive acknowledged for {:?}", now - last_ack));
+            return Err(SessionError::Unanswered(now - last_ack));
         }
         tokio::select! {
             r = view.changed() => if r.is_err() { return Ok(()) },
             _ = tokio::time::sleep(POLL), if poll => {}
             _ = tokio::time::sleep_until(next_keepalive) => {
                 unanswered_since.get_or_insert_with(Instant::now);
-                keeper.keep_alive().await.map_err(|e| e.to_string())?;
+                timed("keep-alive", t, keeper.keep_alive()).await?;
                 next_keepalive = Instant::now() + ttl / 3;
             }
             a = acks.message() => match a {
@@ -265,17 +283,17 @@ async fn session(
                         });
                     }
                 }
-                Ok(Some(_)) => return Err("lease expired".into()),
-                Ok(None) => return Err("keep-alive stream closed".into()),
-                Err(e) => return Err(e.to_string()),
+                Ok(Some(_)) => return Err(SessionError::Expired),
+                Ok(None) => return Err(SessionError::StreamClosed),
+                Err(source) => return Err(CallError::Etcd { what: "keep-alive", source }.into()),
             },
             _ = stop.cancelled() => {
                 // Registration and acknowledgement go at once: a pre-promote does not wait for
                 // a proxy that is gone (its id may even be taken again by a restarted process).
-                match tokio::time::timeout(REVOKE_TIMEOUT, client.lease_revoke(lease)).await {
-                    Ok(Ok(_)) => info!(cluster = %cfg.name, key = %reg_key, "fencing registration revoked"),
-                    Ok(Err(e)) => warn!(cluster = %cfg.name, error = %e, "cannot revoke the fencing registration; it goes within its TTL"),
-                    Err(_) => warn!(cluster = %cfg.name, "no answer to the revocation of the fencing registration; it goes within its TTL"),
+                match timed("lease revoke", REVOKE_TIMEOUT, client.lease_revoke(lease)).await {
+                    Ok(_) => info!(cluster = %cfg.name, key = %reg_key, "fencing registration revoked"),
+                    Err(CallError::Etcd { source: e, .. }) => warn!(cluster = %cfg.name, error = %e, "cannot revoke the fencing registration; it goes within its TTL"),
+                    Err(CallError::Timeout { .. }) => warn!(cluster = %cfg.name, "no answer to the revocation of the fencing registration; it goes within its TTL"),
                 }
                 return Ok(());
             }

@@ -30,6 +30,7 @@ pub mod agent;
 pub mod echo;
 pub mod netns;
 pub mod repmgr;
+pub mod stats;
 
 pub const PGBIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -909,6 +910,46 @@ impl Postgres {
         });
         pg
     }
+}
+
+/// The tokio runtime the tests drive their clients with (2 workers: the machine has 2 cores).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A proxy config's head: `[admin]` on `admin` and one `[[cluster]]` `name` for the Patroni
+/// (or agent) keys of `scope` on the etcd v3 `endpoint`, `etcd_timeout = "1s"`, plus `extra`
+/// lines of that cluster (`check_user = "postgres"`, `source = "agent"` …). Listeners follow
+/// with [`listener_config`].
+pub fn cluster_config(admin: u16, name: &str, scope: &str, endpoint: &str, extra: &str) -> String {
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[[cluster]]
+name = "{name}"
+scope = "{scope}"
+etcd_endpoints = ["{endpoint}"]
+etcd_timeout = "1s"
+{extra}
+"#
+    )
+}
+
+/// One `[[listener]]` of `cluster` on 127.0.0.1:`port` for `role`, clients queued up to
+/// `queue_timeout`.
+pub fn listener_config(cluster: &str, name: &str, port: u16, role: &str, queue_timeout: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "{name}"
+cluster = "{cluster}"
+bind = "127.0.0.1:{port}"
+role = "{role}"
+queue_timeout = "{queue_timeout}"
+"#
+    )
 }
 
 /// pgfront started from the binary under test.

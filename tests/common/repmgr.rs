@@ -17,11 +17,27 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use super::{free_port, is_root, leftovers, pg_tempdir, postgres_ids, psql, require, wait_for, PGBIN};
+use super::agent::Agent;
+use super::{free_port, is_root, leftovers, pg_tempdir, postgres_ids, psql, require, wait_for, Etcd, PGBIN};
+
+/// The table the switchover tests and benches write to (`write_loop`), made on the primary.
+pub const PROBE_TABLE: &str = "CREATE TABLE pgfront_probe (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())";
+
+/// The stack of the repmgr tests and benches: etcd, the repmgr cluster, an agent beside each
+/// node publishing under `scope` with a lease of `agent_ttl` seconds, and [`PROBE_TABLE`] on
+/// pg1. Returned apart so that each caller keeps its own drop order.
+pub fn with_agents(scope: &str, agent_ttl: u64) -> (Etcd, Repmgr, Vec<Agent>) {
+    let etcd = Etcd::start();
+    let rm = Repmgr::start();
+    let agents = rm.nodes.iter().map(|n| Agent::start(&etcd.endpoint(), scope, &n.name, n.port, agent_ttl)).collect();
+    let (ok, _, err) = psql(rm.node("pg1").port, PROBE_TABLE);
+    assert!(ok, "{err}");
+    (etcd, rm, agents)
+}
 
 pub struct RepmgrNode {
     pub id: u32,
@@ -77,10 +93,9 @@ impl Repmgr {
                 name,
             };
             let ctl = format!("{PGBIN}/pg_ctl");
-            let conf = format!(
-                "node_id={id}\nnode_name='{name}'\n\
-                 conninfo='host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2'\n\
-                 data_directory='{data}'\npg_bindir='{PGBIN}'\nrepmgr_bindir='{PGBIN}'\n\
+            let conf = node_conf(id, &node.name, node.port, &node.data)
+                + &format!(
+                    "repmgr_bindir='{PGBIN}'\n\
                  use_replication_slots=yes\nssh_options='-q'\nlog_level='INFO'\n\
                  service_start_command='{ctl} -w -t 60 -D {data} -l {log} start'\n\
                  service_stop_command='{ctl} -w -t 60 -D {data} -m fast stop'\n\
@@ -89,11 +104,9 @@ impl Repmgr {
                  service_promote_command='{ctl} -w -D {data} promote'\n\
                  shutdown_check_timeout=30\nstandby_reconnect_timeout=30\nnode_rejoin_timeout=30\n\
                  promote_check_timeout=30\n",
-                port = node.port,
-                data = node.data.display(),
-                log = node.log.display(),
-                name = node.name,
-            );
+                    data = node.data.display(),
+                    log = node.log.display(),
+                );
             fs::write(&node.conf, conf).unwrap();
             nodes.push(node);
         }
@@ -164,12 +177,7 @@ impl Repmgr {
 
     /// A command run as postgres, with the `ssh` stand-in first in its PATH.
     fn postgres_cmd(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
-        let (uid, gid) = postgres_ids();
-        let path = format!("{}:{PGBIN}:/usr/local/bin:/usr/bin:/bin", self.bin.display());
-        c.uid(uid).gid(gid).env("HOME", self.dir.path()).env("USER", "postgres").env("PATH", path);
-        c.env_remove("PGPORT").env_remove("PGHOST").current_dir(self.dir.path());
-        c
+        postgres_command(program, self.dir.path(), Some(&self.bin))
     }
 
     fn must(&self, cmd: &mut Command) -> Output {
@@ -201,18 +209,7 @@ impl Repmgr {
     }
 
     pub fn try_repmgr(&self, n: &RepmgrNode, args: &[&str]) -> Result<String, String> {
-        let out = self
-            .postgres_cmd(&format!("{PGBIN}/repmgr"))
-            .args(["-f", n.conf.to_str().unwrap()])
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        if out.status.success() {
-            Ok(text)
-        } else {
-            Err(format!("exit {}:\n{text}", out.status))
-        }
+        run_repmgr(&n.conf, args, self.dir.path(), Some(&self.bin))
     }
 
     /// `pg_is_in_recovery()` of a node; None when it does not answer.
@@ -246,6 +243,45 @@ impl Repmgr {
             ));
         }
         out
+    }
+}
+
+/// The lines of a `repmgr.conf` that name a node (`id`, `name`), its PostgreSQL on loopback
+/// `port` and its data directory; a cluster run by repmgr adds its service commands.
+pub fn node_conf(id: u32, name: &str, port: u16, data: &Path) -> String {
+    format!(
+        "node_id={id}\nnode_name='{name}'\n\
+         conninfo='host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2'\n\
+         data_directory='{}'\npg_bindir='{PGBIN}'\n",
+        data.display()
+    )
+}
+
+/// `program` to run as postgres in `dir` (also its HOME, so postgres must be able to enter
+/// it), PostgreSQL's binaries in its PATH after `bin_first`, libpq's PGPORT/PGHOST removed.
+pub fn postgres_command(program: &str, dir: &Path, bin_first: Option<&Path>) -> Command {
+    let mut c = Command::new(program);
+    let (uid, gid) = postgres_ids();
+    let first = bin_first.map(|b| format!("{}:", b.display())).unwrap_or_default();
+    let path = format!("{first}{PGBIN}:/usr/local/bin:/usr/bin:/bin");
+    c.uid(uid).gid(gid).env("HOME", dir).env("USER", "postgres").env("PATH", path);
+    c.env_remove("PGPORT").env_remove("PGHOST").current_dir(dir);
+    c
+}
+
+/// `repmgr -f conf args` as postgres (see [`postgres_command`]): its output, or its exit
+/// status and output.
+pub fn run_repmgr(conf: &Path, args: &[&str], dir: &Path, bin_first: Option<&Path>) -> Result<String, String> {
+    let out = postgres_command(&format!("{PGBIN}/repmgr"), dir, bin_first)
+        .args(["-f", conf.to_str().unwrap()])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("exit {}:\n{text}", out.status))
     }
 }
 
