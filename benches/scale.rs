@@ -22,17 +22,21 @@
 //! The echo backends answer the startup packet with itself, then echo, except `WHO?`, which
 //! they answer with their own port (2 bytes): that names the member a session reached.
 //!
-//! Descriptors: this process holds both ends' sockets (clients and echo backends), pgfront one
-//! client and one backend socket per session: the bench raises RLIMIT_NOFILE (soft and hard;
-//! it runs as root in CI) to 2 x conns + 8192, which pgfront inherits (its session budget is
-//! (RLIMIT_NOFILE - 64) / 2, see `proxy::listener::fd_budget`). Ephemeral ports: the clients'
-//! connections are spread over the listeners and pgfront's over the echo backends, a few
-//! thousand 4-tuples per destination at most.
+//! Descriptors: pgfront holds a client and a backend socket per session, so it needs
+//! RLIMIT_NOFILE >= 2 x conns + 1024 (its session budget is (RLIMIT_NOFILE - 64) / 2, see
+//! `proxy::listener::fd_budget`); the bench raises its own limit, which pgfront inherits (the
+//! hard limit too when it may: root with CAP_SYS_RESOURCE), and says which `--conns` fits when
+//! it cannot. The clients' ends stay in this process, the echo backends' in a child process, so
+//! neither needs more than conns descriptors. Ephemeral ports: the clients' connections are
+//! spread over the listeners and pgfront's over the echo backends, a few thousand 4-tuples per
+//! destination at most.
 //!
-//! Run: `cargo bench --bench scale` (about 4 minutes), flags `--clusters N --conns N --rounds N
-//! --rest-secs S --backends N --resync-interval D` (every cluster's, default pgfront's), `--print-log` (pgfront's log at the end); `--quick` (or `PGFRONT_BENCH_QUICK=1 cargo test --bench scale`):
-//! 4 clusters, 300 sessions, 1 round of 2 s. Fails on a broken run (a session not opened, a leader
-//! change not applied within 30 s), never on a slow one. Needs etcd-server.
+//! Run: `cargo bench --bench scale` (about 4 minutes). Flags: `--clusters N`, `--conns N`,
+//! `--rounds N`, `--rest-secs S`, `--backends N`, `--resync-interval D` (every cluster's;
+//! default pgfront's), `--print-log` (pgfront's log at the end). `--quick` (or
+//! `PGFRONT_BENCH_QUICK=1 cargo test --bench scale`, as `scripts/test.sh` runs it): 4 clusters,
+//! 300 sessions, 1 round of 2 s. Fails on a broken run (a session not opened, a leader change
+//! not applied within 30 s), never on a slow one. Needs etcd-server.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
