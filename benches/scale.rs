@@ -44,6 +44,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::stats::{spread, BenchArgs};
 use common::*;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,30 +64,16 @@ struct Params {
 
 impl Params {
     fn from_env() -> Params {
-        let args: Vec<String> = std::env::args().collect();
-        let quick = args.iter().any(|a| a == "--quick")
-            || std::env::var("PGFRONT_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-        let num = |flag: &str, full: u64, quick_default: u64| -> u64 {
-            let eq = format!("{flag}=");
-            let v = args
-                .iter()
-                .position(|a| a == flag)
-                .and_then(|i| args.get(i + 1).cloned())
-                .or_else(|| args.iter().find_map(|a| a.strip_prefix(&eq).map(str::to_owned)));
-            match v {
-                Some(v) => v.parse().unwrap_or_else(|_| panic!("{flag}: not a number: {v}")),
-                None if quick => quick_default,
-                None => full,
-            }
-        };
+        let args = BenchArgs::from_env();
+        let num = |flag: &str, env: &str, full: u64, quick_default: u64| args.num(flag, env, full, quick_default);
         let p = Params {
-            quick,
-            clusters: num("--clusters", 100, 4) as usize,
-            conns: num("--conns", 20_000, 300) as usize,
-            rounds: num("--rounds", 5, 1) as usize,
-            rest_secs: num("--rest-secs", 10, 2),
-            backends: num("--backends", 8, 3) as usize,
-            resync: args.iter().position(|a| a == "--resync-interval").and_then(|i| args.get(i + 1).cloned()),
+            quick: args.quick,
+            clusters: num("--clusters", "BENCH_CLUSTERS", 100, 4) as usize,
+            conns: num("--conns", "BENCH_CONNS", 20_000, 300) as usize,
+            rounds: num("--rounds", "BENCH_ROUNDS", 5, 1) as usize,
+            rest_secs: num("--rest-secs", "BENCH_REST_SECS", 10, 2),
+            backends: num("--backends", "BENCH_BACKENDS", 8, 3) as usize,
+            resync: args.get("--resync-interval", "BENCH_RESYNC_INTERVAL"),
         };
         assert!(p.clusters >= 1 && p.rounds >= 1 && p.rest_secs >= 1, "--clusters, --rounds, --rest-secs: at least 1");
         assert!(p.backends >= 3, "--backends: at least 3 (a scope's three members sit on three backends)");
@@ -339,27 +326,6 @@ fn rest_window(pids: &[i32], secs: u64) -> Vec<(f64, f64)> {
         .zip(before)
         .map(|(p, (c, x))| ((cpu_secs(*p) - c) / el * 100.0, (ctx_switches(*p).saturating_sub(x)) as f64 / el))
         .collect()
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-/// "median [min–max]" with `prec` decimals.
-fn spread(v: &[f64], prec: usize) -> String {
-    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    format!("{:.prec$} [{lo:.prec$}–{hi:.prec$}]", median(v))
 }
 
 /// At-rest windows over `pids` (named by `names`), printed with `what`.

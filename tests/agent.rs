@@ -31,6 +31,7 @@ fn agent_beside_patroni() {
         repmgr_view(&mut kv, &cluster, &leader, &replica);
         health_matches_patroni(&primary, lm.api_port, "primary");
         health_matches_patroni(&standby, rm.api_port, "replica");
+        metrics_of_the_nodes(&primary, &standby);
         drain_and_resume(&mut kv, &mut standby);
         lease_ends_with_the_agent(&mut kv, &mut standby);
         hung_server_is_a_failed_probe(&mut kv, &standby, rm.pg_port);
@@ -177,6 +178,35 @@ fn health_matches_patroni(agent: &Agent, patroni_api: u16, role: &str) {
 
 /// `drain` sets maintenance in the key (and `/replica` answers 503), `resume` clears it; a node
 /// drained when its agent stops is drained when it starts again.
+/// A sample's value in the agent's `/metrics`.
+fn agent_metric(agent: &Agent, sample: &str) -> Option<f64> {
+    let (_, text) = common::http_get(&format!("http://127.0.0.1:{}/metrics", agent.api_port))?;
+    text.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `GET /metrics`: each node's role, state, timeline and etcd link as its probe and publisher
+/// see them; the replica's lag once the primary's position is published.
+fn metrics_of_the_nodes(primary: &Agent, standby: &Agent) {
+    for (agent, role) in [(primary, "primary"), (standby, "replica")] {
+        let m = |s: &str| agent_metric(agent, s);
+        assert_eq!(m(&format!("pgfront_agent_role{{role=\"{role}\"}}")), Some(1.0), "{}", agent.name);
+        assert_eq!(m("pgfront_agent_role{role=\"unknown\"}"), Some(0.0));
+        assert_eq!(m("pgfront_agent_postgres_up"), Some(1.0));
+        assert_eq!(m("pgfront_agent_state{state=\"running\"}"), Some(1.0));
+        assert_eq!(m("pgfront_agent_etcd_up"), Some(1.0));
+        assert_eq!(m("pgfront_agent_maintenance"), Some(0.0));
+        assert!(m("pgfront_agent_timeline").is_some_and(|t| t >= 1.0), "a timeline");
+        assert!(m("pgfront_agent_probes_total{result=\"ok\"}").is_some_and(|n| n >= 1.0), "probes counted");
+        assert!(m("pgfront_agent_probe_duration_seconds_count").is_some_and(|n| n >= 1.0), "probes timed");
+        assert!(m("process_resident_memory_bytes").is_some_and(|b| b > 0.0));
+    }
+    assert!(agent_metric(primary, "pgfront_agent_replication_lag_bytes").is_some_and(f64::is_nan), "no lag on a primary");
+    let lag = wait_for("the replica's lag in its metrics", Duration::from_secs(10), || {
+        agent_metric(standby, "pgfront_agent_replication_lag_bytes").filter(|l| !l.is_nan())
+    });
+    assert!(lag >= 0.0, "{lag}");
+}
+
 fn drain_and_resume(kv: &mut EtcdKv, agent: &mut Agent) {
     let out = agent.cli(&["drain"]);
     assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
@@ -184,6 +214,7 @@ fn drain_and_resume(kv: &mut EtcdKv, agent: &mut Agent) {
     // `drain` returns once etcd has it: no polling needed.
     assert_eq!(kv.get_json(&key(&agent.name)).unwrap()["maintenance"], true);
     assert_eq!(http_status("GET", agent.api_port, "/replica"), Some(503));
+    assert_eq!(agent_metric(agent, "pgfront_agent_maintenance"), Some(1.0));
     wait_for("/health 200 on a drained node", Duration::from_secs(10), || {
         (http_status("GET", agent.api_port, "/health") == Some(200)).then_some(())
     });
