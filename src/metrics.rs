@@ -152,6 +152,7 @@ struct ServerFamilies {
     active: Family<ServerLabels, Gauge>,
     connections: Family<ServerLabels, Counter>,
     connect_errors: Family<ServerLabels, Counter>,
+    closed: Family<ServerLabels, Counter>,
     sent_bytes: Family<ServerLabels, Counter>,
     received_bytes: Family<ServerLabels, Counter>,
     connect_time: HistFamily<ServerLabels>,
@@ -164,6 +165,7 @@ impl ServerFamilies {
             active: Family::default(),
             connections: Family::default(),
             connect_errors: Family::default(),
+            closed: Family::default(),
             sent_bytes: Family::default(),
             received_bytes: Family::default(),
             connect_time: Family::new_with_constructor(connect_buckets),
@@ -253,6 +255,11 @@ impl Metrics {
             "pgfront_server_connect_errors",
             "Connects to each server that failed or were not answered in time",
             f.connect_errors.clone(),
+        );
+        r.register(
+            "pgfront_server_closed_sessions",
+            "Sessions pgfront closed on each server: its role lost, a drain with --kill, a fence, a split brain",
+            f.closed.clone(),
         );
         r.register(
             "pgfront_server_sent_bytes",
@@ -479,6 +486,7 @@ impl ListenerMetrics {
         // One statement each: a family's guard holds its lock until the end of the statement.
         let connections = self.servers.connections.get_or_create(&l).clone();
         let connect_errors = self.servers.connect_errors.get_or_create(&l).clone();
+        let closed = self.servers.closed.get_or_create(&l).clone();
         let sent_bytes = self.servers.sent_bytes.get_or_create(&l).clone();
         let received_bytes = self.servers.received_bytes.get_or_create(&l).clone();
         let connect_time = self.servers.connect_time.get_or_create(&l).clone();
@@ -486,6 +494,7 @@ impl ListenerMetrics {
         Arc::new(ServerMetrics {
             connections,
             connect_errors,
+            closed,
             sent_bytes,
             received_bytes,
             connect_time,
@@ -499,6 +508,8 @@ impl ListenerMetrics {
 pub struct ServerMetrics {
     pub connections: Counter,
     pub connect_errors: Counter,
+    /// Sessions closed by pgfront (drained, killed, fenced), not by either end.
+    pub closed: Counter,
     /// Client to server.
     pub sent_bytes: Counter,
     /// Server to client.

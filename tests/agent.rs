@@ -200,7 +200,10 @@ fn metrics_of_the_nodes(primary: &Agent, standby: &Agent) {
         assert!(m("pgfront_agent_probe_duration_seconds_count").is_some_and(|n| n >= 1.0), "probes timed");
         assert!(m("process_resident_memory_bytes").is_some_and(|b| b > 0.0));
     }
-    assert!(agent_metric(primary, "pgfront_agent_replication_lag_bytes").is_some_and(f64::is_nan), "no lag on a primary");
+    assert!(
+        agent_metric(primary, "pgfront_agent_replication_lag_bytes").is_some_and(f64::is_nan),
+        "no lag on a primary"
+    );
     let lag = wait_for("the replica's lag in its metrics", Duration::from_secs(10), || {
         agent_metric(standby, "pgfront_agent_replication_lag_bytes").filter(|l| !l.is_nan())
     });

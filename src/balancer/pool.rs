@@ -248,6 +248,9 @@ pub struct ServerStatus {
     pub addr: std::net::SocketAddr,
     pub active: u32,
     pub state: ServerState,
+    /// Sessions pgfront has closed on this server (drained, killed, fenced) since it started:
+    /// `pgfront_server_closed_sessions_total`, kept per listener, member and address.
+    pub closed: u64,
 }
 
 impl Pool {
@@ -412,6 +415,7 @@ impl Pool {
                     addr: s.backend.addr,
                     active: s.active,
                     state: s.state,
+                    closed: g.servers.get(&s.backend).map_or(0, |h| h.server.closed.get()),
                 })
                 .collect(),
         }

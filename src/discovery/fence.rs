@@ -24,6 +24,7 @@
 //! and acknowledges the fence in force again, so a pre-promote waiting meanwhile still gets
 //! its answer.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,15 +109,19 @@ pub(crate) fn pending(view: &ClusterView, pools: &[(Role, Option<u64>, PoolStatu
     n
 }
 
-/// Connections open to fenced servers the fence closes (what the acknowledgement reports).
-fn open_fenced(view: &ClusterView, pools: &[(Role, Option<u64>, PoolStatus)]) -> u32 {
-    pools
-        .iter()
-        .filter(|(r, _, _)| *r != Role::Replica)
-        .flat_map(|(_, _, p)| &p.servers)
-        .filter(|s| view.fenced(&s.member))
-        .map(|s| s.active)
-        .sum()
+/// Sessions pgfront has closed so far on each member's servers, over the listeners a fence
+/// concerns (primary and read-only).
+fn closed_by_member(pools: &[(Role, Option<u64>, PoolStatus)]) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for s in pools.iter().filter(|(r, _, _)| *r != Role::Replica).flat_map(|(_, _, p)| &p.servers) {
+        *out.entry(s.member.clone()).or_insert(0) += s.closed;
+    }
+    out
+}
+
+/// The part of `closed` (per member) that falls on the members `view`'s fence names.
+fn fenced_total(view: &ClusterView, closed: &HashMap<String, u64>) -> u64 {
+    closed.iter().filter(|(m, _)| view.fenced(m)).map(|(_, n)| n).sum()
 }
 
 #[derive(Serialize)]
@@ -180,8 +185,12 @@ enum SessionError {
 /// What outlives a session.
 #[derive(Default)]
 struct Memory {
-    /// Connections open to the fenced nodes when the request was first seen, per fence id.
-    seen: Option<(String, u32)>,
+    /// The fence being acknowledged, and the sessions pgfront had closed on its nodes before it.
+    seen: Option<(String, u64)>,
+    /// Sessions closed per member, as of the last look without a fence to acknowledge: the
+    /// count before a fence arrives, which its own closings are measured from (they may be
+    /// done before this task first sees the fence).
+    closed_before: HashMap<String, u64>,
     registered_once: bool,
 }
 
@@ -223,16 +232,18 @@ async fn session(
         let v = view.borrow_and_update().clone();
         let fence_id = v.state.fence.as_ref().map(|f| f.id.clone());
         let mut poll = false;
+        let now_pools = pools();
         match &fence_id {
             Some(id) if acked.as_ref() != Some(id) => {
-                let now_pools = pools();
                 if memory.seen.as_ref().is_none_or(|(s, _)| s != id) {
-                    memory.seen = Some((id.clone(), open_fenced(&v, &now_pools)));
+                    memory.seen = Some((id.clone(), fenced_total(&v, &memory.closed_before)));
                     waiting_since = Some(Instant::now());
                 }
                 let left = pending(&v, &now_pools);
                 if left == 0 {
-                    let closed = memory.seen.as_ref().map_or(0, |(_, n)| *n);
+                    let before = memory.seen.as_ref().map_or(0, |(_, n)| *n);
+                    let closed = fenced_total(&v, &closed_by_member(&now_pools)).saturating_sub(before);
+                    let closed = u32::try_from(closed).unwrap_or(u32::MAX);
                     let ack = serde_json::to_string(&Ack { id, closed_sessions: closed, at_ms: unix_ms() })
                         .map_err(|source| SessionError::Encode { what: "acknowledgement", source })?;
                     let opts = Some(PutOptions::new().with_lease(lease));
@@ -249,8 +260,9 @@ async fn session(
                     poll = true;
                 }
             }
-            Some(_) => {}
+            Some(_) => memory.closed_before = closed_by_member(&now_pools),
             None => {
+                memory.closed_before = closed_by_member(&now_pools);
                 if acked.take().is_some() {
                     // The fence is lifted: the acknowledgement has served.
                     let _ = timed("delete acknowledgement", t, client.delete(ack_key.as_str(), None)).await;
@@ -351,6 +363,7 @@ mod tests {
                     addr: ([127, 0, 0, 1], *p).into(),
                     active: *active,
                     state: *state,
+                    closed: 0,
                 })
                 .collect(),
         }
@@ -362,7 +375,7 @@ mod tests {
         let v = view(Some(("pg2", Some("pg1"))));
         // Before the follower applied the fence: still eligible, 3 sessions.
         let before = vec![(Role::Primary, None, pool(&[("pg1", 1, 3, Eligible)]))];
-        assert_eq!((pending(&v, &before), open_fenced(&v, &before)), (4, 3));
+        assert_eq!(pending(&v, &before), 4);
         // Drained, one session not closed yet.
         let closing = vec![(Role::Primary, None, pool(&[("pg1", 1, 1, Draining)]))];
         assert_eq!(pending(&v, &closing), 1);
@@ -378,5 +391,32 @@ mod tests {
         assert_eq!(pending(&v, &done), 0);
         // No fence: nothing pending whatever the pools hold.
         assert_eq!(pending(&view(None), &before), 0);
+    }
+
+    #[test]
+    fn closed_sessions_count_from_before_the_fence_on_the_fenced_nodes_only() {
+        use ServerState::*;
+        let with_closed = |p: PoolStatus, closed: &[u64]| PoolStatus {
+            servers: p.servers.into_iter().zip(closed).map(|(s, c)| ServerStatus { closed: *c, ..s }).collect(),
+            ..p
+        };
+        // Before the fence: pg1 had 2 sessions closed earlier (a drain), pg2 1; replica
+        // listeners do not count.
+        let before = vec![
+            (Role::Primary, None, with_closed(pool(&[("pg1", 1, 3, Eligible), ("pg2", 2, 0, Eligible)]), &[2, 1])),
+            (Role::Replica, None, with_closed(pool(&[("pg1", 1, 0, Eligible)]), &[7])),
+        ];
+        let v = view(Some(("pg2", Some("pg1"))));
+        let baseline = fenced_total(&v, &closed_by_member(&before));
+        assert_eq!(baseline, 2);
+        // The fence closed pg1's 3 sessions (on two listeners), whenever this task looks.
+        let after = vec![
+            (Role::Primary, None, with_closed(pool(&[("pg1", 1, 0, Draining)]), &[4])),
+            (Role::ReadOnly, None, with_closed(pool(&[("pg1", 1, 0, Draining)]), &[1])),
+            (Role::Replica, None, with_closed(pool(&[("pg1", 1, 0, Eligible)]), &[9])),
+        ];
+        assert_eq!(fenced_total(&v, &closed_by_member(&after)) - baseline, 3);
+        // Nothing is counted without a fence.
+        assert_eq!(fenced_total(&view(None), &closed_by_member(&after)), 0);
     }
 }

@@ -203,6 +203,7 @@ pub async fn run(
         }
         _ = lease.drain.cancelled() => {
             m.drained.inc();
+            lease.server.closed.inc();
             debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, "closed: server drained");
         }
         _ = ctx.kill.cancelled() => {}
