@@ -982,6 +982,9 @@ impl Supervisor {
             }
             Err(e) => {
                 error!("upgrade failed: {e}; this process keeps serving");
+                // The successor may have tuned the shared listening sockets with its own
+                // configuration before it failed.
+                crate::proxy::listener::reapply_socket_options();
                 false
             }
         }

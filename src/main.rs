@@ -550,7 +550,8 @@ fn render_status(v: &serde_json::Value, events: &[serde_json::Value], now: std::
     if !events.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(out, "recent events (newest last; all: /events):");
-        for e in events.iter().rev().take(STATUS_EVENTS).rev() {
+        // `/events` lists the newest first.
+        for e in events.iter().take(STATUS_EVENTS).rev() {
             let at = e["at_ms"].as_u64().map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
             let ago = at.and_then(|t| now.duration_since(t).ok()).map_or_else(
                 || "-".into(),
@@ -590,9 +591,17 @@ mod tests {
                            "oldest_queued_wait_seconds": 1.96, "servers": [{"member": "pg1", "active": 0}]}]
         });
         let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let events =
+        // Newest first, as `/events` lists them: ten, of which the 8 newest are shown, oldest first.
+        let mut events =
             vec![serde_json::json!({"at_ms": 1_799_999_940_000u64, "count": 12, "detail": "refused: no primary"})];
+        for i in 1..10u64 {
+            events.push(
+                serde_json::json!({"at_ms": 1_799_999_000_000u64 - i, "count": 1, "detail": format!("older {i}")}),
+            );
+        }
         let text = render_status(&v, &events, t0);
+        assert!(text.contains("older 7") && !text.contains("older 8"), "the 8 newest: {text}");
+        assert!(text.find("older 7") < text.find("refused: no primary"), "newest last: {text}");
         for want in [
             "last reload REFUSED (the previous configuration runs): line 4: bad",
             "cluster main (scope pg, source agent): etcd UNREACHABLE",

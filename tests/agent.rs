@@ -176,8 +176,6 @@ fn health_matches_patroni(agent: &Agent, patroni_api: u16, role: &str) {
     );
 }
 
-/// `drain` sets maintenance in the key (and `/replica` answers 503), `resume` clears it; a node
-/// drained when its agent stops is drained when it starts again.
 /// A sample's value in the agent's `/metrics`.
 fn agent_metric(agent: &Agent, sample: &str) -> Option<f64> {
     let (_, text) = common::http_get(&format!("http://127.0.0.1:{}/metrics", agent.api_port))?;
@@ -210,6 +208,8 @@ fn metrics_of_the_nodes(primary: &Agent, standby: &Agent) {
     assert!(lag >= 0.0, "{lag}");
 }
 
+/// `drain` sets maintenance in the key (and `/replica` answers 503), `resume` clears it; a node
+/// drained when its agent stops is drained when it starts again.
 fn drain_and_resume(kv: &mut EtcdKv, agent: &mut Agent) {
     let out = agent.cli(&["drain"]);
     assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
@@ -505,6 +505,12 @@ fn repmgr_view(kv: &mut EtcdKv, cluster: &Patroni, leader: &str, replica: &str) 
         }
     };
     register(leader, 1, &["primary", "register"]);
+    // `standby register` finds the primary through the standby's own copy of repmgr.nodes:
+    // wait until the standby has replayed the primary's registration.
+    let replica_port = cluster.member(replica).pg_port;
+    wait_for("the primary's repmgr registration replayed on the standby", Duration::from_secs(30), || {
+        common::psql(replica_port, "SELECT count(*) FROM repmgr.nodes").1.eq("1").then_some(())
+    });
     register(replica, 2, &["standby", "register", "--upstream-node-id", "1"]);
     let p = wait_for("repmgr's view in the primary's key", Duration::from_secs(15), || {
         kv.get_json(&key(leader)).filter(|v| v["repmgr"].is_object())

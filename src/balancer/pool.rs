@@ -58,6 +58,9 @@ struct Inner {
     waiters: HashMap<WaiterId, Waiter>,
     /// One handle per server the selector lists.
     servers: HashMap<Backend, ServerHandle>,
+    /// Sessions pgfront closed per member (`Lease::closed_by_pgfront`), kept after its servers
+    /// leave the selector: a fenced primary is gone from it once its last session is closed.
+    closed: HashMap<Arc<str>, u64>,
 }
 
 enum Waiter {
@@ -196,6 +199,15 @@ pub struct Lease {
     pub server: Arc<ServerMetrics>,
 }
 
+impl Lease {
+    /// Counts this session as closed by pgfront (its server drained, killed or fenced), per
+    /// server (`pgfront_server_closed_sessions_total`) and per member (`PoolStatus::closed`).
+    pub fn closed_by_pgfront(&self) {
+        self.server.closed.inc();
+        *self.pool.lock().closed.entry(self.backend.member.clone()).or_insert(0) += 1;
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut g = self.pool.lock();
@@ -239,6 +251,10 @@ pub struct PoolStatus {
     /// Seconds the oldest queued client has waited (0 when nobody waits).
     pub oldest_queued_wait_seconds: f64,
     pub servers: Vec<ServerStatus>,
+    /// Sessions pgfront has closed per member since it started (drained, killed, fenced),
+    /// members that left the pool included.
+    #[serde(rename = "closed_sessions")]
+    pub closed: std::collections::BTreeMap<String, u64>,
 }
 
 /// One server of a pool as the status endpoint shows it.
@@ -248,9 +264,6 @@ pub struct ServerStatus {
     pub addr: std::net::SocketAddr,
     pub active: u32,
     pub state: ServerState,
-    /// Sessions pgfront has closed on this server (drained, killed, fenced) since it started:
-    /// `pgfront_server_closed_sessions_total`, kept per listener, member and address.
-    pub closed: u64,
 }
 
 impl Pool {
@@ -262,6 +275,7 @@ impl Pool {
                 sel: Selector::new(cfg.balance, cfg.server_maxconn),
                 waiters: HashMap::new(),
                 servers: HashMap::new(),
+                closed: HashMap::new(),
             }),
             generation: watch::channel(0).0,
             metrics,
@@ -415,9 +429,9 @@ impl Pool {
                     addr: s.backend.addr,
                     active: s.active,
                     state: s.state,
-                    closed: g.servers.get(&s.backend).map_or(0, |h| h.server.closed.get()),
                 })
                 .collect(),
+            closed: g.closed.iter().map(|(m, n)| (m.to_string(), *n)).collect(),
         }
     }
 

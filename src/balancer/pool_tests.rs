@@ -560,3 +560,20 @@ proptest! {
         run_model(maxconn, if rr { Balance::Roundrobin } else { Balance::Leastconn }, &ops)?;
     }
 }
+
+#[tokio::test]
+async fn sessions_closed_by_pgfront_are_counted_after_their_server_left_the_pool() {
+    // A fenced primary: its sessions are killed, and once the last one ends the server leaves
+    // the selector; what the fence acknowledgement reports must not leave with it.
+    let p = pool(10, Balance::Leastconn);
+    p.apply(&targets(&[b(1)], &[]), Duration::ZERO);
+    let lease = p.acquire(&[], Instant::now() + QUEUE_TIMEOUT).await.unwrap();
+    p.apply(&targets(&[b(2)], &[]), Duration::ZERO);
+    assert!(lease.drain.is_cancelled(), "killed");
+    lease.closed_by_pgfront();
+    drop(lease);
+    let st = p.status();
+    assert!(st.servers.iter().all(|s| *s.member != *"pg1"), "pg1 left the pool: {:?}", st.servers);
+    assert_eq!(st.closed.get("pg1"), Some(&1));
+    assert_eq!(st.closed.get("pg2"), None);
+}

@@ -113,8 +113,8 @@ pub(crate) fn pending(view: &ClusterView, pools: &[(Role, Option<u64>, PoolStatu
 /// concerns (primary and read-only).
 fn closed_by_member(pools: &[(Role, Option<u64>, PoolStatus)]) -> HashMap<String, u64> {
     let mut out = HashMap::new();
-    for s in pools.iter().filter(|(r, _, _)| *r != Role::Replica).flat_map(|(_, _, p)| &p.servers) {
-        *out.entry(s.member.clone()).or_insert(0) += s.closed;
+    for (member, n) in pools.iter().filter(|(r, _, _)| *r != Role::Replica).flat_map(|(_, _, p)| &p.closed) {
+        *out.entry(member.clone()).or_insert(0) += n;
     }
     out
 }
@@ -363,9 +363,9 @@ mod tests {
                     addr: ([127, 0, 0, 1], *p).into(),
                     active: *active,
                     state: *state,
-                    closed: 0,
                 })
                 .collect(),
+            closed: Default::default(),
         }
     }
 
@@ -396,24 +396,25 @@ mod tests {
     #[test]
     fn closed_sessions_count_from_before_the_fence_on_the_fenced_nodes_only() {
         use ServerState::*;
-        let with_closed = |p: PoolStatus, closed: &[u64]| PoolStatus {
-            servers: p.servers.into_iter().zip(closed).map(|(s, c)| ServerStatus { closed: *c, ..s }).collect(),
+        let with_closed = |p: PoolStatus, closed: &[(&str, u64)]| PoolStatus {
+            closed: closed.iter().map(|(m, n)| (m.to_string(), *n)).collect(),
             ..p
         };
         // Before the fence: pg1 had 2 sessions closed earlier (a drain), pg2 1; replica
         // listeners do not count.
         let before = vec![
-            (Role::Primary, None, with_closed(pool(&[("pg1", 1, 3, Eligible), ("pg2", 2, 0, Eligible)]), &[2, 1])),
-            (Role::Replica, None, with_closed(pool(&[("pg1", 1, 0, Eligible)]), &[7])),
+            (Role::Primary, None, with_closed(pool(&[("pg1", 1, 3, Eligible)]), &[("pg1", 2), ("pg2", 1)])),
+            (Role::Replica, None, with_closed(pool(&[("pg1", 1, 0, Eligible)]), &[("pg1", 7)])),
         ];
         let v = view(Some(("pg2", Some("pg1"))));
         let baseline = fenced_total(&v, &closed_by_member(&before));
         assert_eq!(baseline, 2);
-        // The fence closed pg1's 3 sessions (on two listeners), whenever this task looks.
+        // The fence closed pg1's 3 sessions on two listeners; pg1 has left both pools (its
+        // last session closed), its count has not.
         let after = vec![
-            (Role::Primary, None, with_closed(pool(&[("pg1", 1, 0, Draining)]), &[4])),
-            (Role::ReadOnly, None, with_closed(pool(&[("pg1", 1, 0, Draining)]), &[1])),
-            (Role::Replica, None, with_closed(pool(&[("pg1", 1, 0, Eligible)]), &[9])),
+            (Role::Primary, None, with_closed(pool(&[]), &[("pg1", 4), ("pg2", 1)])),
+            (Role::ReadOnly, None, with_closed(pool(&[]), &[("pg1", 1)])),
+            (Role::Replica, None, with_closed(pool(&[("pg1", 1, 0, Eligible)]), &[("pg1", 9)])),
         ];
         assert_eq!(fenced_total(&v, &closed_by_member(&after)) - baseline, 3);
         // Nothing is counted without a fence.

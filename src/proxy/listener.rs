@@ -183,6 +183,16 @@ pub(crate) fn set_tcp_options(s: SockRef<'_>, keepalive: Option<Duration>) -> st
     }
 }
 
+/// Bumped when another process may have set its own options on the listening sockets this
+/// one shares with it: a successor that failed its binary upgrade had begun to accept (and
+/// so to tune the sockets) before it gave up. Each accept loop then sets its options again.
+static SHARED_SOCKETS_TOUCHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// After a failed handover: the listening sockets may carry the failed successor's options.
+pub(crate) fn reapply_socket_options() {
+    SHARED_SOCKETS_TOUCHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// What the listening socket passes on to the connections accepted from it (see the module
 /// doc): the keepalive it was last given, and how many accepted connections still get the
 /// options explicitly because they may have been completed before.
@@ -190,6 +200,8 @@ pub(crate) fn set_tcp_options(s: SockRef<'_>, keepalive: Option<Duration>) -> st
 struct Inherited {
     /// The listening socket carries TCP_NODELAY and this keepalive setting.
     applied: Option<Option<Duration>>,
+    /// `SHARED_SOCKETS_TOUCHED` when `applied` was set.
+    epoch: u64,
     /// Accepted connections still to be tuned one by one.
     explicit: u64,
     /// Setting the options on the listening socket failed: every connection is tuned itself.
@@ -199,8 +211,10 @@ struct Inherited {
 impl Inherited {
     /// Called with each accepted connection before its session starts.
     fn tune(&mut self, listener: &TcpListener, sock: &TcpStream, cfg: &ListenerConfig) {
-        if self.applied != Some(cfg.tcp_keepalive) {
+        let epoch = SHARED_SOCKETS_TOUCHED.load(std::sync::atomic::Ordering::Relaxed);
+        if self.applied != Some(cfg.tcp_keepalive) || self.epoch != epoch {
             self.applied = Some(cfg.tcp_keepalive);
+            self.epoch = epoch;
             // Those already in the accept queue may predate the change (at most `backlog`,
             // plus the one the kernel admits over it).
             self.explicit = u64::from(cfg.backlog) + 1;
@@ -331,6 +345,28 @@ mod tests {
         let (s5, _) = l.accept().await.unwrap();
         assert_eq!((options(&s4).0, options(&s4).1), (true, false));
         assert_eq!((options(&s5).0, options(&s5).1), (true, false));
+    }
+
+    #[tokio::test]
+    async fn a_failed_upgrade_makes_the_loop_set_its_options_again() {
+        let l = TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap(), 4).unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut inherited = Inherited::default();
+        let mine = cfg(Some(Duration::from_secs(37)));
+        let _c1 = TcpStream::connect(addr).await.unwrap();
+        let (s1, _) = l.accept().await.unwrap();
+        inherited.tune(&l, &s1, &mine);
+        // A successor shares the socket, sets its own options, then fails its upgrade.
+        set_tcp_options(SockRef::from(&l), None).unwrap();
+        reapply_socket_options();
+        let _c2 = TcpStream::connect(addr).await.unwrap();
+        let (s2, _) = l.accept().await.unwrap();
+        assert!(!SockRef::from(&l).keepalive().unwrap(), "the successor's options");
+        inherited.tune(&l, &s2, &mine);
+        let r = SockRef::from(&l);
+        assert!(r.keepalive().unwrap(), "the listening socket carries this process's options again");
+        assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(37));
+        assert_eq!(options(&s2), with(37));
     }
 
     #[test]

@@ -23,6 +23,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const SSL_REQUEST: u32 = 80877103;
 pub const GSSENC_REQUEST: u32 = 80877104;
 pub const CANCEL_REQUEST: u32 = 80877102;
+/// Protocol 3.0's version code in a StartupMessage.
+pub const PROTOCOL_3: u32 = 3 << 16;
 /// Startup packets are small; PostgreSQL itself caps them at 10000 bytes.
 pub const MAX_STARTUP_LEN: usize = 10_000;
 /// Longest secret key of a `BackendKeyData`/`CancelRequest`: 4 bytes in protocol 3.0, up to

@@ -54,6 +54,7 @@ use crate::balancer::pool::{Lease, Pool, Refusal};
 use crate::config::{ListenerConfig, Role};
 use crate::events::Events;
 use crate::metrics::Both;
+use crate::topology::Backend;
 
 /// How long a refused client gets to read its ErrorResponse.
 const REFUSE_LIMIT: Duration = Duration::from_secs(5);
@@ -141,13 +142,15 @@ pub async fn run(
     }
 
     let deadline = Instant::now() + ctx.cfg.queue_timeout;
-    let mut prelude = Prelude { refused: Vec::new(), last: bytes, kind };
+    let mut prelude = Prelude { refused: Vec::new(), last: bytes, kind, answered: 0 };
     let (lease, server, prefix) = match place(&ctx, &mut client, deadline, &mut prelude).await {
         Ok(p) => {
             // What the client sent went to this server: it counts as the session's first bytes.
             let sent = prelude.len() as u64;
             m.bytes_from_clients.inc_by(sent);
             p.0.server.sent_bytes.inc_by(sent);
+            m.bytes_to_clients.inc_by(prelude.answered as u64);
+            p.0.server.received_bytes.inc_by(prelude.answered as u64);
             p
         }
         Err(Placing::Gone(why)) => {
@@ -203,7 +206,7 @@ pub async fn run(
         }
         _ = lease.drain.cancelled() => {
             m.drained.inc();
-            lease.server.closed.inc();
+            lease.closed_by_pgfront();
             debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, "closed: server drained");
         }
         _ = ctx.kill.cancelled() => {}
@@ -218,6 +221,8 @@ struct Prelude {
     /// The packet whose answer the client waits for, and its kind.
     last: Vec<u8>,
     kind: Kind,
+    /// Bytes pgfront answered the client on the servers' behalf (the `N`s).
+    answered: usize,
 }
 
 impl Prelude {
@@ -254,22 +259,29 @@ async fn place(
     deadline: Instant,
     prelude: &mut Prelude,
 ) -> Result<(Lease, TcpStream, Vec<u8>), Placing> {
-    let mut placed = watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?;
+    let (mut lease, mut server, mut prefix, mut took) =
+        watched(ctx, client, connect_backend(ctx, deadline, prelude, Vec::new())).await?.map_err(Placing::Refused)?;
     // At most a GSSENCRequest, then an SSLRequest, then the startup.
     for _ in 0..2 {
-        if prelude.expect() != Answer::FirstByte || !declined(&mut placed.1).await {
+        if prelude.expect() != Answer::FirstByte || !declined(&mut server).await {
             break;
         }
         client
             .write_all(b"N")
             .await
             .map_err(|e| Placing::Gone(format!("client gone after its encryption request: {e}")))?;
+        prelude.answered += 1;
         let next = tokio::select! {
             r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(client)) => r,
-            _ = ctx.stop.cancelled() => return Err(Placing::Refused(Refused::Pool(Refusal::Closed))),
+            _ = ctx.stop.cancelled() => {
+                // The client was answered `N` and sends its startup next: the refusal is the
+                // ErrorResponse, not a second `N`.
+                prelude.kind = Kind::Startup { version: pgwire::PROTOCOL_3 };
+                return Err(Placing::Refused(Refused::Pool(Refusal::Closed)));
+            }
         };
         let next = match next {
-            Ok(Ok(p)) if matches!(p.kind, Kind::Startup { .. } | Kind::SslRequest) => p,
+            Ok(Ok(p)) if p.kind != Kind::Invalid => p,
             Ok(Ok(_)) => return Err(Placing::BadPacket),
             Ok(Err(e)) => return Err(Placing::Gone(format!("closed after the encryption answer: {e}"))),
             Err(_) => {
@@ -278,24 +290,68 @@ async fn place(
                 )))
             }
         };
+        match next.kind {
+            Kind::Cancel => return Err(cancel_after_n(ctx, &lease, &mut server, &next.bytes).await),
+            Kind::DirectTls | Kind::GssEncRequest => {
+                // TLS begun by the client after a declined GSSENCRequest: pgfront does not
+                // terminate it, so the session is piped from here as it is.
+                server.write_all(&next.bytes).await.map_err(|e| Placing::Gone(format!("server gone: {e}")))?;
+                prelude.refused.push(std::mem::replace(&mut prelude.last, next.bytes));
+                prelude.kind = Kind::DirectTls;
+                break;
+            }
+            _ => {}
+        }
         prelude.refused.push(std::mem::replace(&mut prelude.last, next.bytes));
         prelude.kind = next.kind;
-        let (lease, mut server, _) = placed;
-        let first_by = (Instant::now() + ctx.cfg.connect_timeout).min(deadline);
-        placed =
-            match watched(ctx, client, exchange(ctx, &mut server, &prelude.last, prelude.expect(), first_by)).await? {
-                Ok((prefix, took)) => {
-                    lease.server.connect_time.observe(took.as_secs_f64());
-                    (lease, server, prefix)
-                }
-                Err(e) => {
-                    connect_failed(ctx, &lease, &e);
-                    drop((lease, server));
-                    watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?
-                }
-            };
+        // The client has waited in the queue already: its next packet gets a whole
+        // connect_timeout, even past the queue deadline.
+        let first_by = Instant::now() + ctx.cfg.connect_timeout;
+        match watched(ctx, client, exchange(ctx, &mut server, &prelude.last, prelude.expect(), first_by)).await? {
+            Ok((p, _)) => prefix = p,
+            Err(e) => {
+                connect_failed(ctx, &lease, &e);
+                let avoid = vec![lease.backend.clone()];
+                drop((lease, server));
+                // One more try at least, however long the queue took.
+                let deadline = deadline.max(Instant::now() + ctx.cfg.connect_timeout);
+                (lease, server, prefix, took) = watched(ctx, client, connect_backend(ctx, deadline, prelude, avoid))
+                    .await?
+                    .map_err(Placing::Refused)?;
+            }
+        }
     }
-    Ok(placed)
+    // Counted once, for the server that got the session: its first answer's time.
+    lease.server.connect_time.observe(took.as_secs_f64());
+    lease.server.connections.inc();
+    Ok((lease, server, prefix))
+}
+
+/// A `CancelRequest` sent after pgfront declined its encryption request (libpq's cancel API
+/// with `sslmode=prefer`): forwarded to the server of the session it names, or sent on to the
+/// server already connected (as a first-packet cancel with an unknown key is routed). The
+/// client is then closed, as a server closes a cancel connection.
+async fn cancel_after_n(ctx: &SessionCtx, lease: &Lease, server: &mut TcpStream, bytes: &[u8]) -> Placing {
+    let m = ctx.pool.metrics();
+    match bytes.get(8..).and_then(|key| ctx.cancels.lookup(key)) {
+        Some(addr) if addr != lease.backend.addr => {
+            m.cancels_routed.inc();
+            if let Err(e) = cancel::forward(addr, bytes, ctx.cfg.connect_timeout).await {
+                return Placing::Gone(format!("cancel request to {addr} not delivered: {e}"));
+            }
+        }
+        known => {
+            if known.is_some() {
+                m.cancels_routed.inc();
+            } else {
+                m.cancels_unrouted.inc();
+            }
+            if let Err(e) = server.write_all(bytes).await {
+                return Placing::Gone(format!("cancel request not delivered: {e}"));
+            }
+        }
+    }
+    Placing::Gone("cancel request after the encryption answer: delivered".into())
 }
 
 /// Runs `work` while the waiting client is watched: a client that leaves, or a stopping
@@ -325,19 +381,15 @@ async fn connect_backend(
     ctx: &SessionCtx,
     deadline: Instant,
     prelude: &Prelude,
-) -> Result<(Lease, TcpStream, Vec<u8>), Refused> {
-    let mut avoid = Vec::new();
+    mut avoid: Vec<Backend>,
+) -> Result<(Lease, TcpStream, Vec<u8>, Duration), Refused> {
     let mut backoff = RETRY_MIN;
     let mut changes = ctx.pool.changes();
     loop {
         let lease = ctx.pool.acquire(&avoid, deadline).await.map_err(Refused::Pool)?;
         changes.borrow_and_update();
         let err = match open(ctx, lease.backend.addr, prelude, deadline).await {
-            Ok((s, prefix, took)) => {
-                lease.server.connect_time.observe(took.as_secs_f64());
-                lease.server.connections.inc();
-                return Ok((lease, s, prefix));
-            }
+            Ok((s, prefix, took)) => return Ok((lease, s, prefix, took)),
             Err(e) => e,
         };
         if out_of_descriptors(&err) {
@@ -864,6 +916,50 @@ mod tests {
         assert_eq!(*seen_new.lock().unwrap(), vec![Kind::SslRequest, startup_kind], "the SSLRequest was replayed");
         assert_eq!(seen_old.lock().unwrap()[..2], [Kind::SslRequest, startup_kind]);
         assert!(!ctx.cancels.is_empty(), "the key is learnt after a declined SSLRequest too");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_after_a_declined_ssl_request_reaches_the_server_of_its_session() {
+        // libpq's cancel API with sslmode=prefer: SSLRequest, N, then the CancelRequest.
+        let (a, seen_a) = scripted_server(b'N', login(100)).await;
+        let (b, seen_b) = scripted_server(b'N', login(200)).await;
+        let cfg = listener_cfg(Role::Replica, Duration::from_secs(1), Duration::from_secs(5));
+        let (front, ctx) = front(cfg, &[a, b]).await;
+        let (_held, hello) = session(front).await;
+        let pid = u32::from_be_bytes(hello[14..18].try_into().unwrap());
+        let (sessions, other) = if pid == 100 { (&seen_a, &seen_b) } else { (&seen_b, &seen_a) };
+        let mut cancel = 16u32.to_be_bytes().to_vec();
+        cancel.extend_from_slice(&pgwire::CANCEL_REQUEST.to_be_bytes());
+        cancel.extend_from_slice(&hello[14..22]);
+        // Leastconn places the SSLRequest on the other server; the cancel goes to the session's.
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        assert_eq!(read_n(&mut c, 1).await, b"N");
+        c.write_all(&cancel).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sessions.lock().unwrap().contains(&Kind::Cancel) {
+            assert!(Instant::now() < deadline, "the cancel reached the session's server");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*other.lock().unwrap(), vec![Kind::SslRequest], "only the SSLRequest went to the other one");
+        assert_eq!(ctx.pool.metrics().cancels_routed.get(), 1);
+        assert_eq!(ctx.pool.metrics().bad_startup.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_answered_n_and_refused_at_shutdown_gets_the_error_not_a_second_n() {
+        let (server, _) = scripted_server(b'N', login(1)).await;
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
+        let (front, ctx) = front(cfg, &[server]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        assert_eq!(read_n(&mut c, 1).await, b"N");
+        ctx.stop.cancel();
+        c.write_all(&startup()).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest)).await;
+        assert_eq!(rest.first(), Some(&b'E'), "an ErrorResponse: {rest:?}");
+        assert!(String::from_utf8_lossy(&rest).contains("57P01"), "{rest:?}");
     }
 
     #[tokio::test]
