@@ -371,7 +371,10 @@ fn etcd_outage(name: &str, pg_port: u16) {
         kv.get_json(&key(name)).filter(|v| v["maintenance"] == true)
     });
     assert_eq!(v["state"], "running", "{v}");
-    assert!(agent.log().matches("etcd: node published").count() >= 2, "a new session after the outage");
+    // The agent logs the publication after etcd answered it: the line may trail the key.
+    wait_for("a new session after the outage", Duration::from_secs(10), || {
+        (agent.log().matches("etcd: node published").count() >= 2).then_some(())
+    });
     agent.signal_and_wait(libc::SIGTERM);
     assert_eq!(kv.get(&key(name)), None);
 }
