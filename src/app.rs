@@ -226,7 +226,7 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), AppError> {
     let successor = sockets.successor.take();
-    let mut sup = Supervisor::new(path, sockets.admin.map(|s| (config.admin, s)));
+    let mut sup = Supervisor::new(path, config.admin_auth.clone(), sockets.admin.map(|s| (config.admin, s)));
     match vip::lifecycle::decode_handover_state(&sockets.state) {
         Ok(roles) => sup.takeover = roles,
         Err(e) => warn!("upgrade: the VIP roles handed over cannot be read ({e}): VIPs start as backup"),
@@ -361,8 +361,14 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    /// `admin`: the configured address and its socket, bound before start.
-    fn new(path: PathBuf, admin: Option<(Option<SocketAddr>, std::net::TcpListener)>) -> Supervisor {
+    /// `admin`: the configured address and its socket, bound before start; `auth`: its access
+    /// rules from the first configuration, in force from its first request (the rest of the
+    /// configuration is published once applied).
+    fn new(
+        path: PathBuf,
+        auth: crate::config::AdminAuth,
+        admin: Option<(Option<SocketAddr>, std::net::TcpListener)>,
+    ) -> Supervisor {
         let vip_statuses = Arc::new(Mutex::new(Vec::new()));
         let maintenance = Arc::new(Maintenance::default());
         let cluster_list: Arc<Mutex<Vec<ClusterHandle>>> = Arc::new(Mutex::new(Vec::new()));
@@ -387,7 +393,7 @@ impl Supervisor {
             vips: Vec::new(),
             config: config_status.clone(),
             maintenance: maintenance.clone(),
-            auth: Default::default(),
+            auth,
         }));
         let mut sup = Supervisor {
             path,
@@ -1453,6 +1459,24 @@ mod tests {
         retiring.remove(&pool);
         assert!(fence_pools(&running, &retiring, "c").is_empty());
     }
+
+    #[tokio::test]
+    async fn the_admin_endpoint_enforces_the_token_from_its_first_request() {
+        // The admin socket serves before the first configuration is applied: its access rules
+        // must be those of that configuration already, not an open default.
+        let sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let auth = crate::config::AdminAuth { token: Some(crate::config::Secret::new(SECRET)), require_token: true };
+        let _sup = Supervisor::new(PathBuf::from("/nonexistent.toml"), auth, Some((Some(addr), sock)));
+        let client = crate::http::client();
+        let url = format!("http://{addr}/members/pg1/drain");
+        let r = crate::http::post(&client, &url, None, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+        assert!(String::from_utf8_lossy(&r.body).contains("require_token"), "{}", String::from_utf8_lossy(&r.body));
+    }
+
+    const SECRET: &str = "admin-test-token-0123456789";
 
     fn cluster(extra: &str) -> Arc<ClusterConfig> {
         let text = format!(
