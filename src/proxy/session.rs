@@ -260,7 +260,7 @@ async fn place(
     prelude: &mut Prelude,
 ) -> Result<(Lease, TcpStream, Vec<u8>), Placing> {
     let (mut lease, mut server, mut prefix, mut took) =
-        watched(ctx, client, connect_backend(ctx, deadline, prelude, Vec::new())).await?.map_err(Placing::Refused)?;
+        watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?;
     // At most a GSSENCRequest, then an SSLRequest, then the startup.
     for _ in 0..2 {
         if prelude.expect() != Answer::FirstByte || !declined(&mut server).await {
@@ -311,13 +311,11 @@ async fn place(
             Ok((p, _)) => prefix = p,
             Err(e) => {
                 connect_failed(ctx, &lease, &e);
-                let avoid = vec![lease.backend.clone()];
                 drop((lease, server));
                 // One more try at least, however long the queue took.
                 let deadline = deadline.max(Instant::now() + ctx.cfg.connect_timeout);
-                (lease, server, prefix, took) = watched(ctx, client, connect_backend(ctx, deadline, prelude, avoid))
-                    .await?
-                    .map_err(Placing::Refused)?;
+                (lease, server, prefix, took) =
+                    watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?;
             }
         }
     }
@@ -381,8 +379,8 @@ async fn connect_backend(
     ctx: &SessionCtx,
     deadline: Instant,
     prelude: &Prelude,
-    mut avoid: Vec<Backend>,
 ) -> Result<(Lease, TcpStream, Vec<u8>, Duration), Refused> {
+    let mut avoid = Vec::new();
     let mut backoff = RETRY_MIN;
     let mut changes = ctx.pool.changes();
     loop {
