@@ -54,7 +54,6 @@ use crate::balancer::pool::{Lease, Pool, Refusal};
 use crate::config::{ListenerConfig, Role};
 use crate::events::Events;
 use crate::metrics::Both;
-use crate::topology::Backend;
 
 /// How long a refused client gets to read its ErrorResponse.
 const REFUSE_LIMIT: Duration = Duration::from_secs(5);
