@@ -469,11 +469,7 @@ fn repmgr_bench(p: &Params) -> bool {
                 results.push(r);
             }
             Err(e) => {
-                let why = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic".into());
+                let why = panic_message(&e);
                 println!("round {round} {from} -> {to}: ABORTED: {why}");
                 println!("--- pgfront log (last 30 lines) ---\n{}", fx.pf.proc.log_tail(30));
                 println!("{}", fx.rm.log_tails(20));
@@ -691,11 +687,7 @@ mod fencing {
                         results[i].push(x);
                     }
                     Err(e) => {
-                        let why = e
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "panic".into());
+                        let why = super::panic_message(&e);
                         println!("round {r} {}: ABORTED: {why}", v.label);
                         println!("--- pgfront log (last 30 lines) ---\n{}", pf.proc.log_tail(30));
                         println!("{}", v.pg.log_tails(20));
@@ -729,4 +721,12 @@ mod fencing {
         drop(agents);
         !aborted
     }
+}
+
+/// The message of a caught panic (a round that aborted).
+fn panic_message(e: &Box<dyn std::any::Any + Send>) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }

@@ -29,26 +29,10 @@ use common::*;
 const SCOPE: &str = "startup";
 
 fn config(admin: u16, etcd: &str, rw: u16) -> String {
-    format!(
-        r#"
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[[cluster]]
-name = "main"
-scope = "{SCOPE}"
-etcd_endpoints = ["{etcd}"]
-
-[[listener]]
-name = "rw"
-cluster = "main"
-bind = "127.0.0.1:{rw}"
-role = "primary"
-queue_timeout = "30s"
-# Placed again, a client waits for the lock before its server's first answer.
-connect_timeout = "10s"
-"#
-    )
+    // connect_timeout: placed again, a client waits for the lock before its server's first answer.
+    cluster_config(admin, "main", SCOPE, etcd, "")
+        + &listener_config("main", "rw", rw, "primary", "30s")
+        + "connect_timeout = \"10s\"\n"
 }
 
 /// Client backends of the postmaster `postmaster`: children whose title names a TCP client
