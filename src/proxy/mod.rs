@@ -2,6 +2,7 @@
 //! listener's pool and move bytes both ways until either side closes or the server is drained.
 
 pub mod cancel;
+mod interrupt;
 pub mod listener;
 pub mod pgwire;
 pub mod pipe;

@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::cancel::{self, CancelMap, KeyWatch};
+use super::interrupt::interruptible;
 use super::pgwire::{self, sqlstate, FirstPacket, Kind, StartupAnswer};
 use super::pipe;
 use crate::balancer::pool::{Lease, Pool, Refusal};
@@ -197,18 +198,26 @@ pub async fn run(
     let mut watch = |chunk: &[u8]| keys.feed(chunk);
     let up = Both(&m.bytes_from_clients, &lease.server.sent_bytes);
     let down = Both(&m.bytes_to_clients, &lease.server.received_bytes);
-    tokio::select! {
-        r = pipe::pipe_watching(&client, &server, &up, &down, scanning.then_some(&mut watch)) => {
-            if let Err(e) = r {
-                debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, error = %e, "session ended");
-            }
+    // Drain and kill end a session from outside: polled only when they fire, not on every
+    // wake-up of the pipe (`interrupt`).
+    let ended = async {
+        tokio::select! {
+            biased;
+            _ = lease.drain.cancelled() => true,
+            _ = ctx.kill.cancelled() => false,
         }
-        _ = lease.drain.cancelled() => {
+    };
+    match interruptible(pipe::pipe_watching(&client, &server, &up, &down, scanning.then_some(&mut watch)), ended).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, error = %e, "session ended");
+        }
+        Err(true) => {
             m.drained.inc();
             lease.closed_by_pgfront();
             debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, "closed: server drained");
         }
-        _ = ctx.kill.cancelled() => {}
+        Err(false) => {}
     }
 }
 
