@@ -61,6 +61,7 @@ use crate::metrics::Metrics;
 use crate::proxy::cancel::CancelMap;
 use crate::proxy::listener;
 use crate::proxy::session::SessionCtx;
+use crate::proxy::workers::{self, Workers};
 use crate::sysd;
 use crate::topology::{Backend, ClusterView};
 use crate::vip;
@@ -241,14 +242,9 @@ pub async fn run(
         Err(e) => error!("upgrade: the members in maintenance handed over cannot be read ({e}): none is drained"),
     }
     let mut pending = sockets.listeners;
-    let mut bound: HashMap<SocketAddr, Arc<TcpListener>> = HashMap::new();
+    let mut bound: HashMap<SocketAddr, Arc<std::net::TcpListener>> = HashMap::new();
     for l in &config.listeners {
         let Some(sock) = pending.remove(&l.bind) else { continue };
-        let sock = TcpListener::from_std(sock).map_err(|source| AppError::Bind {
-            listener: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?;
         bound.insert(l.bind, Arc::new(sock));
     }
     let d = diff::diff(&Config::empty(), &config);
@@ -295,16 +291,18 @@ struct ClusterPart {
     fencing: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// A listener: its socket (shared with any listener that takes it over in a reload), the
+/// A listener: its socket (shared with any listener that takes it over in a reload; registered
+/// with no runtime here, each data-path thread accepts from a duplicate of it), the
 /// per-connection context new sessions take, its pool, and its tasks.
 struct ListenerPart {
     cfg: Arc<ListenerConfig>,
-    sock: Arc<TcpListener>,
+    sock: Arc<std::net::TcpListener>,
     ctx: Arc<ArcSwap<SessionCtx>>,
     pool: Arc<Pool>,
     /// The listener's `maxconn`: a permit per open client connection, taken before `accept`.
     sem: Arc<Semaphore>,
     accept_stop: CancellationToken,
+    /// Ends when the accept loops of every data-path thread have.
     accept: JoinHandle<()>,
     follow_stop: CancellationToken,
     /// Closes this listener's sessions (child of the process-wide kill).
@@ -354,6 +352,8 @@ struct Supervisor {
     cluster_list: Arc<Mutex<Vec<ClusterHandle>>>,
     /// The process's descriptor budget, a permit per session (`listener::fd_budget`).
     fds: Option<Arc<Semaphore>>,
+    /// The data path's threads, started with the first configuration (`[process] threads`).
+    workers: Option<Workers>,
     /// The process is stopping: queued clients are refused.
     stop: CancellationToken,
     /// Close every session now.
@@ -415,6 +415,7 @@ impl Supervisor {
             maintenance,
             cluster_list,
             fds: None,
+            workers: None,
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
         };
@@ -515,7 +516,7 @@ impl Supervisor {
 
     /// Binds the addresses of `new` that no running listener holds yet: the only step of a
     /// reload that can fail, so it runs before anything changes.
-    fn bind_new(&self, new: &Config) -> Result<HashMap<SocketAddr, Arc<TcpListener>>, AppError> {
+    fn bind_new(&self, new: &Config) -> Result<HashMap<SocketAddr, Arc<std::net::TcpListener>>, AppError> {
         let mut bound = HashMap::new();
         for l in &new.listeners {
             if let Some(sock) = self.socket_for(l.bind) {
@@ -523,7 +524,6 @@ impl Supervisor {
                 continue;
             }
             let sock = listener::bind(l.bind, l.backlog)
-                .and_then(TcpListener::from_std)
                 .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
             bound.insert(l.bind, Arc::new(sock));
         }
@@ -538,7 +538,7 @@ impl Supervisor {
     }
 
     /// The socket of a running listener bound to `addr`, if any.
-    fn socket_for(&self, addr: SocketAddr) -> Option<Arc<TcpListener>> {
+    fn socket_for(&self, addr: SocketAddr) -> Option<Arc<std::net::TcpListener>> {
         self.listeners.values().find(|p| p.cfg.bind == addr).map(|p| p.sock.clone())
     }
 
@@ -549,11 +549,25 @@ impl Supervisor {
         &mut self,
         new: Config,
         d: ConfigDiff,
-        mut bound: HashMap<SocketAddr, Arc<TcpListener>>,
+        mut bound: HashMap<SocketAddr, Arc<std::net::TcpListener>>,
     ) -> Vec<oneshot::Receiver<()>> {
         if self.fds.is_none() {
             // Once per process: the limit does not change with the configuration.
             self.fds = Some(listener::fd_budget(&new.listeners));
+        }
+        let threads = new.process.threads.unwrap_or_else(workers::default_threads);
+        match &self.workers {
+            None => match Workers::start(threads) {
+                Ok(w) => {
+                    info!(threads, "data path threads started");
+                    self.workers = Some(w);
+                }
+                Err(e) => error!(threads, error = %e, "cannot start the data path threads: no listener accepts"),
+            },
+            Some(w) if w.len() != threads => {
+                warn!(running = w.len(), configured = threads, "process.threads changed: applied by the next restart or binary upgrade")
+            }
+            Some(_) => {}
         }
         // Clusters first: listeners that move follow the new ones.
         for c in &d.clusters.added {
@@ -742,7 +756,7 @@ impl Supervisor {
         }
     }
 
-    fn start_listener(&mut self, cfg: Arc<ListenerConfig>, sock: Arc<TcpListener>) {
+    fn start_listener(&mut self, cfg: Arc<ListenerConfig>, sock: Arc<std::net::TcpListener>) {
         let pool = Pool::new(&cfg, self.metrics.listener(&cfg.name));
         let kill = self.kill.child_token();
         let ctx = Arc::new(ArcSwap::from_pointee(SessionCtx {
@@ -766,14 +780,27 @@ impl Supervisor {
         ));
         let accept_stop = CancellationToken::new();
         let sessions = TaskTracker::new();
-        let accept = tokio::spawn(listener::run(
-            sock.clone(),
-            ctx.clone(),
-            sem.clone(),
-            fds,
-            accept_stop.clone(),
-            sessions.clone(),
-        ));
+        // An accept loop per data-path thread, each on its own duplicate of the socket (see
+        // `proxy::workers`), registered with that thread's runtime.
+        let loops = self.workers.as_ref().map_or_else(Vec::new, |w| {
+            w.spawn_each(|_| {
+                let dup = sock.try_clone();
+                let (ctx, sem, fds, stop, sessions) =
+                    (ctx.clone(), sem.clone(), fds.clone(), accept_stop.clone(), sessions.clone());
+                let name = cfg.name.clone();
+                async move {
+                    match dup.and_then(TcpListener::from_std) {
+                        Ok(l) => listener::run(Arc::new(l), ctx, sem, fds, stop, sessions).await,
+                        Err(e) => error!(listener = %name, error = %e, "cannot accept on this data path thread"),
+                    }
+                }
+            })
+        });
+        let accept = tokio::spawn(async move {
+            for l in loops {
+                let _ = l.await;
+            }
+        });
         self.listeners.insert(
             cfg.name.clone(),
             ListenerPart { cfg, sock, ctx, pool, sem, accept_stop, accept, follow_stop, kill, sessions },

@@ -65,7 +65,7 @@ pub(crate) struct ConfigDiff {
     pub admin: Option<Option<SocketAddr>>,
     /// `Some(new)` when the admin token or `require_token` changed.
     pub admin_auth: Option<AdminAuth>,
-    /// `Some(new)` when a `[process]` deadline changed.
+    /// `Some(new)` when a `[process]` setting changed.
     pub process: Option<ProcessConfig>,
     /// Clusters whose source only changed are in `resourced`, not in `clusters.changed`.
     pub clusters: Changes<ClusterConfig>,
@@ -126,7 +126,7 @@ impl ConfigDiff {
             parts.push(format!("listeners rebound: {}", r.join(", ")));
         }
         if self.process.is_some() {
-            parts.push("process deadlines changed".to_owned());
+            parts.push("[process] changed".to_owned());
         }
         if let Some(a) = &self.admin {
             parts.push(format!("admin: {}", a.map_or("off".to_owned(), |a| a.to_string())));

@@ -76,13 +76,14 @@ pub struct FileAdmin {
     pub require_token: Option<bool>,
 }
 
-/// `[process]`: how long sessions may outlive what served them.
+/// `[process]`: how long sessions may outlive what served them; the data path's threads.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileProcess {
     pub shutdown_timeout: Option<HumanDuration>,
     pub drain_timeout: Option<HumanDuration>,
     pub upgrade_timeout: Option<HumanDuration>,
+    pub threads: Option<u32>,
 }
 
 /// The etcd connection settings as written, shared by a proxy's `[[cluster]]` and an agent's

@@ -98,7 +98,12 @@ pub struct ProcessConfig {
     /// A binary upgrade: how long the new process has to report ready before the old one
     /// gives up on it and keeps serving.
     pub upgrade_timeout: Duration,
+    /// Threads of the data path (`proxy::workers`); `None`: one per CPU. Read at start only.
+    pub threads: Option<usize>,
 }
+
+/// The most data-path threads `[process] threads` may ask for.
+pub const MAX_THREADS: u32 = 256;
 
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -110,6 +115,7 @@ impl Default for ProcessConfig {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+            threads: None,
         }
     }
 }
@@ -498,9 +504,13 @@ impl Resolver<'_> {
                     shutdown_timeout: d(p.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT),
                     drain_timeout: d(p.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
                     upgrade_timeout: d(p.upgrade_timeout, DEFAULT_UPGRADE_TIMEOUT),
+                    threads: p.threads.map(|n| n as usize),
                 };
                 if process.upgrade_timeout.is_zero() {
                     return Err(self.err(span, "process.upgrade_timeout", "must be greater than 0"));
+                }
+                if p.threads.is_some_and(|n| n == 0 || n > MAX_THREADS) {
+                    return Err(self.err(span, "process.threads", format!("must be between 1 and {MAX_THREADS}")));
                 }
                 process
             }

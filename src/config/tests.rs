@@ -82,6 +82,17 @@ fn bad_duration_and_size_are_explained() {
 }
 
 #[test]
+fn process_threads_default_to_none_and_are_bounded() {
+    assert_eq!(parse(MINIMAL).unwrap().process.threads, None);
+    let c = parse(&format!("[process]\nthreads = 3\n{MINIMAL}")).unwrap();
+    assert_eq!(c.process.threads, Some(3));
+    for bad in ["0", "257"] {
+        let (line, field, reason) = invalid(&format!("[process]\nthreads = {bad}\n{MINIMAL}"));
+        assert_eq!((line, field.as_str(), reason.as_str()), (2, "process.threads", "must be between 1 and 256"));
+    }
+}
+
+#[test]
 fn cross_references_are_checked_with_lines() {
     let (line, field, reason) = invalid(&MINIMAL.replace("cluster = \"main\"", "cluster = \"other\""));
     assert_eq!((line, field.as_str()), (8, "listener[0].cluster"));

@@ -236,8 +236,8 @@ impl Inherited {
 /// Takes every connection already waiting in the kernel backlog of a listener that stops for
 /// good (removed by a reload), so that closing the socket resets nobody who was already
 /// connected. Returns how many were taken. They are served over the listener's `maxconn`: they
-/// were accepted by the kernel before the listener went away.
-pub fn drain_backlog(listener: &TcpListener, ctxs: &ArcSwap<SessionCtx>, tracker: &TaskTracker) -> usize {
+/// were accepted by the kernel before the listener went away. They run on the caller's runtime.
+pub fn drain_backlog(listener: &std::net::TcpListener, ctxs: &ArcSwap<SessionCtx>, tracker: &TaskTracker) -> usize {
     let mut taken = 0;
     let extra = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
     // Straight to accept(2): tokio's cached readiness may say "not ready" for a backlog that

@@ -7,3 +7,4 @@ pub mod listener;
 pub mod pgwire;
 pub mod pipe;
 pub mod session;
+pub(crate) mod workers;
