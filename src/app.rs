@@ -76,6 +76,8 @@ pub enum AppError {
     Signal(std::io::Error),
     #[error("upgrade: {0}")]
     Upgrade(String),
+    #[error("cannot start the data path threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// What the process is asked to do (by a signal, or by a test).
@@ -228,6 +230,9 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let successor = sockets.successor.take();
     let mut sup = Supervisor::new(path, config.admin_auth.clone(), sockets.admin.map(|s| (config.admin, s)));
+    let threads = config.process.threads.unwrap_or_else(workers::default_threads);
+    sup.workers = Some(Workers::start(threads).map_err(AppError::Threads)?);
+    info!(threads, "data path threads started");
     match vip::lifecycle::decode_handover_state(&sockets.state) {
         Ok(roles) => sup.takeover = roles,
         Err(e) => warn!("upgrade: the VIP roles handed over cannot be read ({e}): VIPs start as backup"),
@@ -551,23 +556,14 @@ impl Supervisor {
         d: ConfigDiff,
         mut bound: HashMap<SocketAddr, Arc<std::net::TcpListener>>,
     ) -> Vec<oneshot::Receiver<()>> {
+        let threads = self.workers.as_ref().map_or(0, Workers::len);
         if self.fds.is_none() {
             // Once per process: the limit does not change with the configuration.
-            self.fds = Some(listener::fd_budget(&new.listeners));
+            self.fds = Some(listener::fd_budget(&new.listeners, threads));
         }
-        let threads = new.process.threads.unwrap_or_else(workers::default_threads);
-        match &self.workers {
-            None => match Workers::start(threads) {
-                Ok(w) => {
-                    info!(threads, "data path threads started");
-                    self.workers = Some(w);
-                }
-                Err(e) => error!(threads, error = %e, "cannot start the data path threads: no listener accepts"),
-            },
-            Some(w) if w.len() != threads => {
-                warn!(running = w.len(), configured = threads, "process.threads changed: applied by the next restart or binary upgrade")
-            }
-            Some(_) => {}
+        let configured = new.process.threads.unwrap_or_else(workers::default_threads);
+        if new.process.threads != self.config.process.threads && configured != threads {
+            warn!(running = threads, configured, "process.threads changed: applied by the next restart or binary upgrade");
         }
         // Clusters first: listeners that move follow the new ones.
         for c in &d.clusters.added {
@@ -767,7 +763,8 @@ impl Supervisor {
             kill: kill.clone(),
             events: self.events.clone(),
         }));
-        let fds = self.fds.get_or_insert_with(|| listener::fd_budget(&[])).clone();
+        let threads = self.workers.as_ref().map_or(0, Workers::len);
+        let fds = self.fds.get_or_insert_with(|| listener::fd_budget(&[], threads)).clone();
         let sem = Arc::new(Semaphore::new(cfg.maxconn as usize));
         let follow_stop = CancellationToken::new();
         tokio::spawn(follow(
@@ -782,19 +779,20 @@ impl Supervisor {
         let sessions = TaskTracker::new();
         // An accept loop per data-path thread, each on its own duplicate of the socket (see
         // `proxy::workers`), registered with that thread's runtime.
-        let loops = self.workers.as_ref().map_or_else(Vec::new, |w| {
-            w.spawn_each(|_| {
-                let dup = sock.try_clone();
-                let (ctx, sem, fds, stop, sessions) =
-                    (ctx.clone(), sem.clone(), fds.clone(), accept_stop.clone(), sessions.clone());
-                let name = cfg.name.clone();
-                async move {
-                    match dup.and_then(TcpListener::from_std) {
-                        Ok(l) => listener::run(Arc::new(l), ctx, sem, fds, stop, sessions).await,
-                        Err(e) => error!(listener = %name, error = %e, "cannot accept on this data path thread"),
-                    }
+        let Some(workers) = &self.workers else {
+            unreachable!("the data path threads start before the first configuration is applied")
+        };
+        let loops = workers.spawn_each(|thread| {
+            let dup = sock.try_clone();
+            let (ctx, sem, fds, stop, sessions) = (ctx.clone(), sem.clone(), fds.clone(), accept_stop.clone(), sessions.clone());
+            let name = cfg.name.clone();
+            async move {
+                let index = thread.index();
+                match dup.and_then(TcpListener::from_std) {
+                    Ok(l) => listener::run(Arc::new(l), ctx, sem, fds, stop, sessions, thread).await,
+                    Err(e) => error!(listener = %name, thread = index, error = %e, "cannot accept on this data path thread"),
                 }
-            })
+            }
         });
         let accept = tokio::spawn(async move {
             for l in loops {

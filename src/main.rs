@@ -244,7 +244,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // The control plane (etcd, admin, VIPs, reloads): the data path has its own threads
+            // (`proxy::workers`).
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!("cannot start the runtime: {e}");

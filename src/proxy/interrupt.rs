@@ -143,13 +143,12 @@ mod tests {
             let token = CancellationToken::new();
             let t = token.clone();
             let fire = std::thread::spawn(move || t.cancel());
-            let woken = Arc::new(Recorder::default());
-            let waker = Waker::from(woken.clone());
-            let mut cx = Context::from_waker(&waker);
             let mut run = pin!(interruptible(std::future::pending::<()>(), token.cancelled()));
             loop {
-                woken.0.store(false, Ordering::SeqCst);
-                if let Poll::Ready(r) = run.as_mut().poll(&mut cx) {
+                // A new waker for each poll: only the registration of this poll can wake it.
+                let woken = Arc::new(Recorder::default());
+                let waker = Waker::from(woken.clone());
+                if let Poll::Ready(r) = run.as_mut().poll(&mut Context::from_waker(&waker)) {
                     assert_eq!(r, Err(()));
                     break;
                 }

@@ -42,28 +42,39 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::session::{self, SessionCtx};
+use super::workers::Thread;
 use crate::config::ListenerConfig;
 
-/// Descriptors kept out of the session budget: stdio, the runtime, listening sockets, etcd
+/// Descriptors kept out of the session budget: stdio, the runtimes, listening sockets, etcd
 /// connections, promotion checks, the admin endpoint, a cancel being forwarded.
-pub const RESERVED_FDS: u64 = 64;
+pub const RESERVED_FDS: u64 = 128;
 /// How long the accept loop pauses when `accept` fails for lack of descriptors or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// How many sessions a descriptor limit of `nofile` allows.
-pub fn sessions_for(nofile: u64) -> usize {
-    let n = nofile.saturating_sub(RESERVED_FDS) / 2;
+/// Descriptors each data-path thread keeps out of the session budget: its runtime's epoll,
+/// eventfd and signal pipe.
+pub const RESERVED_FDS_PER_THREAD: u64 = 3;
+
+/// How many sessions a descriptor limit of `nofile` allows with `threads` data-path threads
+/// accepting on `listeners` listeners: besides `RESERVED_FDS`, each thread's runtime, and per
+/// thread and listener a duplicate of the listening socket and the connection an accept loop
+/// may hold while it waits for a permit.
+pub fn sessions_for(nofile: u64, threads: usize, listeners: usize) -> usize {
+    let per_thread = RESERVED_FDS_PER_THREAD + 2 * listeners as u64;
+    let reserved = RESERVED_FDS.saturating_add((threads as u64).saturating_mul(per_thread));
+    let n = nofile.saturating_sub(reserved) / 2;
     usize::try_from(n).unwrap_or(usize::MAX).clamp(1, Semaphore::MAX_PERMITS)
 }
 
-/// The process-wide session budget from the soft RLIMIT_NOFILE, shared by every listener;
-/// warns when it is below the listeners' total `maxconn`.
-pub fn fd_budget(listeners: &[Arc<ListenerConfig>]) -> Arc<Semaphore> {
+/// The process-wide session budget from the soft RLIMIT_NOFILE, shared by every listener of
+/// the first configuration and those a reload adds; warns when it is below the listeners'
+/// total `maxconn`.
+pub fn fd_budget(listeners: &[Arc<ListenerConfig>], threads: usize) -> Arc<Semaphore> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the struct it is given, nothing else.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
     let nofile = if ok && lim.rlim_cur != libc::RLIM_INFINITY { lim.rlim_cur } else { u64::MAX };
-    let sessions = sessions_for(nofile);
+    let sessions = sessions_for(nofile, threads, listeners.len());
     let wanted: u64 = listeners.iter().map(|l| u64::from(l.maxconn)).sum();
     if (sessions as u64) < wanted {
         warn!(
@@ -89,21 +100,29 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpList
     Ok(s.into())
 }
 
-/// Accepts until `stop` is cancelled; every connection runs as a task of `tracker`, with the
-/// session context current at its accept (a reload swaps it for new connections only), a permit
-/// of `sem` (the listener's `maxconn`, resized by reloads) and one of the process's descriptor
-/// budget `fds`.
-pub async fn run(
+/// Accepts until `stop` is cancelled, on data-path thread `thread` (`workers`); every
+/// connection runs as a task of `tracker`, with the session context current at its accept (a
+/// reload swaps it for new connections only), a permit of `sem` (the listener's `maxconn`,
+/// resized by reloads) and one of the process's descriptor budget `fds`.
+///
+/// The `maxconn` permit is taken before `accept` (see the module doc); the descriptor permit
+/// after it, so that the idle loops of every thread and listener hold none of the budget they
+/// share. Waiting for a descriptor permit, the loop holds the one connection it accepted (the
+/// reserve counts it) and accepts no more: the next clients wait in the backlog.
+pub(crate) async fn run(
     listener: Arc<TcpListener>,
     ctxs: Arc<ArcSwap<SessionCtx>>,
     sem: Arc<Semaphore>,
     fds: Arc<Semaphore>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    thread: Thread,
 ) {
     let name = {
         let ctx = ctxs.load();
-        info!(listener = %ctx.cfg.name, bind = %ctx.cfg.bind, role = ?ctx.cfg.role, cluster = %ctx.cfg.cluster, "listening");
+        if thread.index() == 0 {
+            info!(listener = %ctx.cfg.name, bind = %ctx.cfg.bind, role = ?ctx.cfg.role, cluster = %ctx.cfg.cluster, "listening");
+        }
         ctx.cfg.name.clone()
     };
     let mut starved = false;
@@ -117,7 +136,6 @@ pub async fn run(
             break;
         }
         let Some(maxconn) = permit(&sem, stopped.as_mut()).await else { break };
-        let Some(fd) = permit(&fds, stopped.as_mut()).await else { break };
         let accepted = tokio::select! {
             // `accept` first: when a connection is waiting, the stop future is not polled at all.
             biased;
@@ -131,7 +149,17 @@ pub async fn run(
                 }
                 let ctx = ctxs.load_full();
                 inherited.tune(&listener, &sock, &ctx.cfg);
-                tracker.spawn(session::run(sock, peer, ctx, (maxconn, fd)));
+                let fd = match permit(&fds, stopped.as_mut()).await {
+                    Some(fd) => fd,
+                    // Stopping: this client was accepted, it is served all the same.
+                    None => unbudgeted(),
+                };
+                match thread.elsewhere() {
+                    None => {
+                        tracker.spawn(thread.run(session::run(sock, peer, ctx, (maxconn, fd))));
+                    }
+                    Some(other) => hand_over(sock, peer, ctx, (maxconn, fd), &other, &tracker),
+                }
             }
             Err(e) if session::out_of_descriptors(&e) => {
                 // Out of descriptors or memory: back off instead of spinning; the kernel keeps
@@ -146,7 +174,40 @@ pub async fn run(
             Err(e) => warn!(listener = %name, error = %e, "accept failed"),
         }
     }
-    info!(listener = %name, "stopped accepting");
+    if thread.index() == 0 {
+        info!(listener = %name, "stopped accepting");
+    }
+}
+
+/// Runs the session of a connection accepted on this thread on `other` (`workers`: this one
+/// runs too many): the socket leaves this thread's epoll for the other's.
+fn hand_over(
+    sock: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<SessionCtx>,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    other: &Thread,
+    tracker: &TaskTracker,
+) {
+    let sock = match sock.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(listener = %ctx.cfg.name, %peer, error = %e, "closed: could not hand the connection to another thread");
+            return;
+        }
+    };
+    let session = other.run(async move {
+        match TcpStream::from_std(sock) {
+            Ok(sock) => session::run(sock, peer, ctx, permits).await,
+            Err(e) => debug!(listener = %ctx.cfg.name, %peer, error = %e, "closed: could not hand the connection to another thread"),
+        }
+    });
+    tracker.spawn_on(session, other.handle());
+}
+
+/// A permit of no budget: for a client accepted while its loop stops.
+fn unbudgeted() -> OwnedSemaphorePermit {
+    Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a new semaphore has its permit")
 }
 
 /// A permit of `sem`: at once if one is free (no future, no lock), else waiting for one or for
@@ -371,9 +432,9 @@ mod tests {
 
     #[test]
     fn the_session_budget_keeps_a_reserve() {
-        assert_eq!(super::sessions_for(256), 96);
-        assert_eq!(super::sessions_for(1_048_576), (1_048_576 - 64) / 2);
-        assert_eq!(super::sessions_for(10), 1, "never zero: one session at a time still works");
-        assert_eq!(super::sessions_for(u64::MAX), tokio::sync::Semaphore::MAX_PERMITS);
+        assert_eq!(super::sessions_for(256, 1, 1), (256 - 128 - 5) / 2);
+        assert_eq!(super::sessions_for(1_048_576, 2, 3), (1_048_576 - 128 - 2 * 9) / 2);
+        assert_eq!(super::sessions_for(10, 1, 1), 1, "never zero: one session at a time still works");
+        assert_eq!(super::sessions_for(u64::MAX, 64, 4), tokio::sync::Semaphore::MAX_PERMITS);
     }
 }
