@@ -46,8 +46,9 @@ use super::workers::Thread;
 use crate::config::ListenerConfig;
 
 /// Descriptors kept out of the session budget: stdio, the runtimes, listening sockets, etcd
-/// connections, promotion checks, the admin endpoint, a cancel being forwarded.
-pub const RESERVED_FDS: u64 = 128;
+/// connections, promotion checks, the admin endpoint, a cancel being forwarded (64), and the
+/// kernel pipes of bulk flows (`pipe::MAX_PIPES`, two each).
+pub const RESERVED_FDS: u64 = 64 + 2 * super::pipe::MAX_PIPES as u64;
 /// How long the accept loop pauses when `accept` fails for lack of descriptors or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
