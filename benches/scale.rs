@@ -23,7 +23,7 @@
 //! they answer with their own port (2 bytes): that names the member a session reached.
 //!
 //! Descriptors: pgfront holds a client and a backend socket per session, so it needs
-//! RLIMIT_NOFILE >= 2 x conns + 1024 (its session budget is (RLIMIT_NOFILE - 64) / 2, see
+//! RLIMIT_NOFILE >= 2 x conns + 1024 (its session budget is (RLIMIT_NOFILE - the reserve of `listener::sessions_for`) / 2, see
 //! `proxy::listener::fd_budget`); the bench raises its own limit, which pgfront inherits (the
 //! hard limit too when it may: root with CAP_SYS_RESOURCE), and says which `--conns` fits when
 //! it cannot. The clients' ends stay in this process, the echo backends' in a child process, so

@@ -1122,6 +1122,13 @@ impl Supervisor {
         let mut trackers: Vec<TaskTracker> = self.retiring.iter().map(|(_, t, _)| t.clone()).collect();
         for p in self.listeners.values() {
             p.accept_stop.cancel();
+        }
+        // Every accept loop has ended (a client it accepted meanwhile is in its tracker) before
+        // the trackers are closed.
+        for p in self.listeners.values_mut() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut p.accept).await;
+        }
+        for p in self.listeners.values() {
             p.sessions.close();
             trackers.push(p.sessions.clone());
         }

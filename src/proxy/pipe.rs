@@ -16,12 +16,14 @@
 //!
 //! Bulk flows (a `COPY ... TO STDOUT`, a `pg_dump`) go through a kernel pipe with `splice(2)`
 //! instead: socket to pipe, pipe to socket, the bytes never copied into pgfront. A direction
-//! switches when a read fills its buffer (the kernel held more than 16 KiB) once the cancel-key
-//! scanner is done, keeps splicing while its bursts stay bulk, and goes back to copying (and
-//! closes the pipe) after a burst of small messages. At most `MAX_PIPES` pipes are open in the
-//! process (their descriptors are reserved, `listener::RESERVED_FDS`); a flow that finds none
-//! is copied. What a burst spliced is counted as it is written, like a copied one. HAProxy's
-//! `option splice-auto` does the same.
+//! switches when two reads in a row fill its buffer (the kernel held more than 32 KiB) once the
+//! cancel-key scanner is done, keeps splicing while its bursts stay bulk, and goes back to
+//! copying after a burst under 32 KiB. A direction holds a pipe during a burst only (an idle
+//! pooled connection holds none); each data-path thread keeps a few empty ones for its next
+//! bulk burst. At most `MAX_PIPES` pipes are open in the process (their descriptors are
+//! reserved, `listener::RESERVED_FDS`); a flow that finds none, or only a pipe shrunk by the
+//! user's pipe memory limit, is copied. What a burst spliced is counted as it is written, like
+//! a copied one. HAProxy's `option splice-auto` does the same.
 //!
 //! Half-close is forwarded: EOF from one side shuts down writing to the other, and the other
 //! direction goes on until it too ends. The direction that ends last does not shut its peer
@@ -100,31 +102,27 @@ async fn one_way<C: ByteCount>(
     // many. What is written but not yet added is added when `moved` drops, so a session ended
     // from outside (a drain, a kill, a fence drop this future mid-flow) loses no byte.
     let mut moved = Pending { count, n: 0 };
-    // This direction's kernel pipe while it carries a bulk flow (`splice`).
-    let mut kernel: Option<splice::Pipe> = None;
+    // The last burst was bulk: splice this one from its start (`splice`).
+    let mut bulk = false;
     loop {
         src.readable().await?;
-        let mut burst = match kernel {
-            // The last burst was bulk: splice this one from its start.
-            Some(_) => Burst::Bulk,
-            None => copy_burst(src, dst, &mut watch, &mut moved, true).await?,
-        };
+        let mut burst = if bulk { Burst::Bulk } else { copy_burst(src, dst, &mut watch, &mut moved, true).await? };
         if let Burst::Bulk = burst {
-            if kernel.is_none() {
-                kernel = splice::Pipe::open();
-            }
-            burst = match &kernel {
+            // A pipe for the burst only: between bursts (an idle pooled connection) the
+            // direction holds none.
+            burst = match splice::Pipe::take() {
                 Some(k) => {
-                    let (b, bulk) = splice_burst(src, dst, k, &mut moved).await?;
-                    if !bulk {
-                        // Small messages again: copying is cheaper, and the pipe goes back to
-                        // the process's budget.
-                        kernel = None;
-                    }
+                    let (b, was_bulk) = splice_burst(src, dst, &k, &mut moved).await?;
+                    k.give_back();
+                    // Small messages again: copying is cheaper.
+                    bulk = was_bulk;
                     b
                 }
                 // No pipe to be had: copy on.
-                None => copy_burst(src, dst, &mut watch, &mut moved, false).await?,
+                None => {
+                    bulk = false;
+                    copy_burst(src, dst, &mut watch, &mut moved, false).await?
+                }
             };
         }
         moved.flush();
@@ -151,7 +149,8 @@ enum Burst {
 }
 
 /// Reads and forwards through a buffer taken for the burst and freed after it. With
-/// `may_splice`, returns `Bulk` after the first read that filled the buffer.
+/// `may_splice`, returns `Bulk` after two reads in a row filled the buffer (the kernel held
+/// more than 32 KiB: a message of a few tens of KiB, a large `Bind`, is not worth a pipe).
 async fn copy_burst<C: ByteCount>(
     src: &TcpStream,
     dst: &TcpStream,
@@ -161,6 +160,7 @@ async fn copy_burst<C: ByteCount>(
 ) -> io::Result<Burst> {
     let mut buf = Vec::with_capacity(CHUNK);
     let mut chunks = 0u32;
+    let mut full = 0u32;
     loop {
         match read_some(src, &mut buf) {
             Ok(Read::Eof) => return Ok(Burst::Eof),
@@ -174,10 +174,11 @@ async fn copy_burst<C: ByteCount>(
                 if !more {
                     return Ok(Burst::Dry);
                 }
-                if may_splice && watch.is_none() {
+                full += 1;
+                if may_splice && full >= 2 && watch.is_none() {
                     return Ok(Burst::Bulk);
                 }
-                fair_turn(&mut chunks, moved).await;
+                fair_turn(&mut chunks, 1, moved).await;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Dry),
             Err(e) => return Err(e),
@@ -188,7 +189,7 @@ async fn copy_burst<C: ByteCount>(
 /// Moves a burst with splice(2), socket to pipe to socket: the bytes never enter pgfront's
 /// memory. Reads until the source would block: a splice that moved less than the pipe holds
 /// does not mean the socket ran dry (the pipe has 16 slots, one per packet fragment). Returns
-/// how the burst ended and whether it was still bulk (a splice moved at least `CHUNK`).
+/// how the burst ended and whether it was still bulk (it moved at least `2 * CHUNK`).
 async fn splice_burst<C: ByteCount>(
     src: &TcpStream,
     dst: &TcpStream,
@@ -196,16 +197,17 @@ async fn splice_burst<C: ByteCount>(
     moved: &mut Pending<'_, C>,
 ) -> io::Result<(Burst, bool)> {
     let (from, to) = (src.as_raw_fd(), dst.as_raw_fd());
-    let mut bulk = false;
+    let mut total = 0usize;
     let mut chunks = 0u32;
     loop {
+        let bulk = total >= 2 * CHUNK;
         let got = match src.try_io(Interest::READABLE, || k.fill(from)) {
             Ok(0) => return Ok((Burst::Eof, bulk)),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Burst::Dry, bulk)),
             Err(e) => return Err(e),
         };
-        bulk |= got >= CHUNK;
+        total += got;
         let mut left = got;
         while left > 0 {
             match dst.try_io(Interest::WRITABLE, || k.drain(to, left)) {
@@ -220,15 +222,18 @@ async fn splice_burst<C: ByteCount>(
                 Err(e) => return Err(e),
             }
         }
-        fair_turn(&mut chunks, moved).await;
+        // Charged per `CHUNK` moved, as the copy path is.
+        fair_turn(&mut chunks, (got / CHUNK).max(1) as u32, moved).await;
     }
 }
 
-/// Fairness (see the module doc): a long flow never runs unboundedly without a yield.
-async fn fair_turn<C: ByteCount>(chunks: &mut u32, moved: &mut Pending<'_, C>) {
+/// Fairness (see the module doc): a long flow never runs unboundedly without a yield. `n`: the
+/// chunks just moved.
+async fn fair_turn<C: ByteCount>(chunks: &mut u32, n: u32, moved: &mut Pending<'_, C>) {
     tokio::task::consume_budget().await;
-    *chunks += 1;
-    if *chunks % YIELD_EVERY == 0 {
+    let before = *chunks;
+    *chunks += n;
+    if *chunks / YIELD_EVERY != before / YIELD_EVERY {
         // A long flow shows in the counters as it goes, not only when it pauses.
         moved.flush();
         tokio::task::yield_now().await;
@@ -245,6 +250,15 @@ mod splice {
     /// descriptor budget by `listener::RESERVED_FDS`). A flow that finds none left is copied.
     pub(crate) const MAX_PIPES: usize = 32;
     static OPEN: AtomicUsize = AtomicUsize::new(0);
+    /// Empty pipes kept by each thread between bursts, for its next bulk burst.
+    const KEPT_PER_THREAD: usize = 4;
+    /// A pipe smaller than this (the user's pipe memory is over `pipe-user-pages-soft`: the
+    /// kernel gives one page) is not worth splicing through.
+    const MIN_SIZE: usize = 4 * super::CHUNK;
+
+    thread_local! {
+        static KEPT: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
 
     /// A pipe, empty between two bursts.
     pub(super) struct Pipe {
@@ -255,8 +269,23 @@ mod splice {
     }
 
     impl Pipe {
-        /// `None` when `MAX_PIPES` are open or the kernel refuses one.
-        pub(super) fn open() -> Option<Pipe> {
+        /// An empty pipe: one this thread kept, else a new one; `None` when `MAX_PIPES` are
+        /// open or the kernel refuses one (or gives a small one).
+        pub(super) fn take() -> Option<Pipe> {
+            KEPT.with(|k| k.borrow_mut().pop()).or_else(Pipe::open)
+        }
+
+        /// Gives an empty pipe back: kept for the thread's next bulk burst, or closed.
+        pub(super) fn give_back(self) {
+            KEPT.with(|k| {
+                let mut k = k.borrow_mut();
+                if k.len() < KEPT_PER_THREAD {
+                    k.push(self);
+                }
+            });
+        }
+
+        fn open() -> Option<Pipe> {
             if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
                 OPEN.fetch_sub(1, Ordering::Relaxed);
                 return None;
@@ -271,9 +300,10 @@ mod splice {
             let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
             // SAFETY: F_GETPIPE_SZ reads the pipe's capacity; the descriptor is open.
             let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-            // A pipe over the user's pipe memory limit has one page: still correct.
-            let size = usize::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096);
-            Some(Pipe { read, write, size })
+            let size = usize::try_from(size).unwrap_or(0);
+            // Dropped (and counted out) if too small.
+            let pipe = Pipe { read, write, size };
+            (size >= MIN_SIZE).then_some(pipe)
         }
 
         /// Moves what socket `from` holds into the pipe, up to its capacity (it is empty).
@@ -425,10 +455,14 @@ mod tests {
         assert_eq!((up.get(), down.get()), (1_000_000, 3));
     }
 
+    /// The splice tests share the process's pipe budget: one at a time.
+    static PIPE_BUDGET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// A bulk flow is spliced (and every byte of it arrives, counted), small messages after it
-    /// are copied, and the pipe is given back.
+    /// are copied.
     #[tokio::test]
     async fn a_bulk_flow_is_spliced_and_small_messages_after_it_are_not() {
+        let _budget = PIPE_BUDGET.lock().unwrap_or_else(|e| e.into_inner());
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
         let (up, down) = (Counter::default(), Counter::default());
@@ -461,7 +495,8 @@ mod tests {
             assert_eq!(r, [i; 5]);
         }
         let after_small = splice::SPLICED.with(|c| c.get()) - before;
-        assert!(after_small - spliced <= 50, "small messages were spliced");
+        // At most the first small message, right after the bulk flow, goes through a pipe.
+        assert!(after_small - spliced <= 5, "small messages were spliced: {}", after_small - spliced);
         drop(writer.await.unwrap());
         drop(client);
         task.await.unwrap().unwrap();
@@ -471,8 +506,10 @@ mod tests {
     /// With every pipe of the budget taken, a bulk flow is copied, whole.
     #[tokio::test]
     async fn a_bulk_flow_without_a_pipe_left_is_copied() {
-        let held: Vec<splice::Pipe> = std::iter::from_fn(splice::Pipe::open).take(MAX_PIPES + 1).collect();
+        let _budget = PIPE_BUDGET.lock().unwrap_or_else(|e| e.into_inner());
+        let held: Vec<splice::Pipe> = std::iter::from_fn(splice::Pipe::take).take(MAX_PIPES + 1).collect();
         assert!(held.len() <= MAX_PIPES, "more pipes than the budget");
+        let before = splice::SPLICED.with(|c| c.get());
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
         let (up, down) = (Counter::default(), Counter::default());
@@ -489,6 +526,7 @@ mod tests {
         drop(client);
         task.await.unwrap().unwrap();
         assert_eq!(down.get(), 4 << 20);
+        assert_eq!(splice::SPLICED.with(|c| c.get()), before, "spliced without a pipe");
         drop(held);
     }
 
