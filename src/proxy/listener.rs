@@ -45,10 +45,10 @@ use super::session::{self, SessionCtx};
 use super::workers::Thread;
 use crate::config::ListenerConfig;
 
-/// Descriptors kept out of the session budget: stdio, the runtimes, listening sockets, etcd
-/// connections, promotion checks, the admin endpoint, a cancel being forwarded (64), and the
-/// kernel pipes of bulk flows (`pipe::MAX_PIPES`, two each).
-pub const RESERVED_FDS: u64 = 64 + 2 * super::pipe::MAX_PIPES as u64;
+/// Descriptors kept out of the session budget: stdio, the control plane's runtime, listening
+/// sockets, etcd connections, promotion checks, the admin endpoint, a cancel being forwarded
+/// (the data-path threads' own are counted by `sessions_for`).
+pub const RESERVED_FDS: u64 = 64;
 /// How long the accept loop pauses when `accept` fails for lack of descriptors or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -352,6 +352,115 @@ mod tests {
         }
     }
 
+    /// Thread 1 is blocked while 40 clients connect, so thread 0 accepts them all: past
+    /// `BALANCE_SLACK` sessions ahead, it hands them to thread 1, whose sessions are served
+    /// once it runs again.
+    #[test]
+    fn a_thread_ahead_by_the_slack_hands_its_connections_to_the_least_loaded_one() {
+        use super::super::workers::{Workers, BALANCE_SLACK};
+        use crate::metrics::Metrics;
+        use crate::topology::{Backend, Targets};
+        use std::io::{Read, Write};
+        const CLIENTS: usize = 40;
+
+        // A server that answers any startup with AuthenticationOk and ReadyForQuery, then holds
+        // the session.
+        let bg = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let server = bg.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut first = [0u8; 256];
+                        if s.read(&mut first).await.is_err() {
+                            return;
+                        }
+                        let hello = [b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'];
+                        if s.write_all(&hello).await.is_ok() {
+                            let _ = s.read(&mut first).await;
+                        }
+                    });
+                }
+            });
+            addr
+        });
+        let cfg = Arc::new(ListenerConfig { backlog: 128, server_maxconn: 100, ..cfg(None) });
+        let pool = crate::balancer::pool::Pool::new(&cfg, Metrics::new().listener("t"));
+        pool.apply(&Targets { eligible: vec![Backend { member: "m0".into(), addr: server }], keep: vec![] }, Duration::ZERO);
+        let ctx = Arc::new(ArcSwap::from_pointee(SessionCtx {
+            cfg: cfg.clone(),
+            pool,
+            cancels: Arc::new(super::super::cancel::CancelMap::new(Default::default())),
+            stop: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            events: crate::events::Events::default(),
+        }));
+        let sock = Arc::new(bind("127.0.0.1:0".parse().unwrap(), 128).unwrap());
+        let addr = sock.local_addr().unwrap();
+        let workers = Workers::start(2).unwrap();
+        let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let (sem, fds) = (Arc::new(Semaphore::new(1000)), Arc::new(Semaphore::new(1000)));
+        let loops = workers.spawn_each(|thread| {
+            let dup = sock.try_clone().unwrap();
+            let (ctx, sem, fds, stop, tracker) = (ctx.clone(), sem.clone(), fds.clone(), stop.clone(), tracker.clone());
+            async move { run(Arc::new(TcpListener::from_std(dup).unwrap()), ctx, sem, fds, stop, tracker, thread).await }
+        });
+        let (blocked_tx, blocked) = std::sync::mpsc::channel();
+        let (release_tx, release) = std::sync::mpsc::channel::<()>();
+        let mut release = Some(release);
+        drop(workers.spawn_each(|thread| {
+            let blocked_tx = blocked_tx.clone();
+            let release = if thread.index() == 1 { release.take() } else { None };
+            async move {
+                if let Some(release) = release {
+                    blocked_tx.send(()).unwrap();
+                    // Blocks the thread's runtime: its accept loop cannot run.
+                    let _ = release.recv_timeout(Duration::from_secs(20));
+                }
+            }
+        }));
+        blocked.recv_timeout(Duration::from_secs(10)).expect("thread 1 blocked");
+        let mut clients: Vec<std::net::TcpStream> = (0..CLIENTS)
+            .map(|_| {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(&[0, 0, 0, 16, 0, 3, 0, 0, b'u', b's', b'e', b'r', 0, b'u', 0, 0]).unwrap();
+                c
+            })
+            .collect();
+        // Thread 0 has accepted them all, handing some to the blocked thread 1.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while workers.loads().iter().sum::<usize>() < CLIENTS {
+            assert!(std::time::Instant::now() < deadline, "accepted: {:?}", workers.loads());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let loads = workers.loads();
+        release_tx.send(()).unwrap();
+        for c in &mut clients {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut hello = [0u8; 15];
+            c.read_exact(&mut hello).expect("every session is served, on either thread");
+            assert_eq!(hello[9], b'Z');
+        }
+        assert!(loads[1] > 0, "no connection was handed to the blocked thread: {loads:?}");
+        assert!(loads[0].abs_diff(loads[1]) <= BALANCE_SLACK + 1, "unbalanced: {loads:?}");
+        stop.cancel();
+        drop(clients);
+        bg.block_on(async {
+            for l in loops {
+                l.await.unwrap();
+            }
+            tracker.close();
+            tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.expect("sessions end");
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while workers.loads() != [0, 0] {
+            assert!(std::time::Instant::now() < deadline, "sessions still counted: {:?}", workers.loads());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// (nodelay, keepalive on, idle, interval, probes) of a socket.
     fn options(s: &TcpStream) -> (bool, bool, Duration, Duration, u32) {
         let r = SockRef::from(s);
@@ -433,8 +542,8 @@ mod tests {
 
     #[test]
     fn the_session_budget_keeps_a_reserve() {
-        assert_eq!(super::sessions_for(256, 1, 1), (256 - 128 - 5) / 2);
-        assert_eq!(super::sessions_for(1_048_576, 2, 3), (1_048_576 - 128 - 2 * 9) / 2);
+        assert_eq!(super::sessions_for(256, 1, 1), (256 - 64 - 5) / 2);
+        assert_eq!(super::sessions_for(1_048_576, 2, 3), (1_048_576 - 64 - 2 * 9) / 2);
         assert_eq!(super::sessions_for(10, 1, 1), 1, "never zero: one session at a time still works");
         assert_eq!(super::sessions_for(u64::MAX, 64, 4), tokio::sync::Semaphore::MAX_PERMITS);
     }

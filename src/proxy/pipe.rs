@@ -14,17 +14,6 @@
 //! after; `benches/datapath.rs`, figure `syscalls`). Byte counters are updated once per wake-up
 //! (and every `YIELD_EVERY` chunks of a long flow), not per read.
 //!
-//! Bulk flows (a `COPY ... TO STDOUT`, a `pg_dump`) go through a kernel pipe with `splice(2)`
-//! instead: socket to pipe, pipe to socket, the bytes never copied into pgfront. A direction
-//! switches when two reads in a row fill its buffer (the kernel held more than 32 KiB) once the
-//! cancel-key scanner is done, keeps splicing while its bursts stay bulk, and goes back to
-//! copying after a burst under 32 KiB. A direction holds a pipe during a burst only (an idle
-//! pooled connection holds none); each data-path thread keeps a few empty ones for its next
-//! bulk burst. At most `MAX_PIPES` pipes are open in the process (their descriptors are
-//! reserved, `listener::RESERVED_FDS`); a flow that finds none, or only a pipe shrunk by the
-//! user's pipe memory limit, is copied. What a burst spliced is counted as it is written, like
-//! a copied one. HAProxy's `option splice-auto` does the same.
-//!
 //! Half-close is forwarded: EOF from one side shuts down writing to the other, and the other
 //! direction goes on until it too ends. The direction that ends last does not shut its peer
 //! down: both sockets are closed when `pipe` returns, which sends the same FIN without a system
@@ -44,7 +33,6 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::SockRef;
@@ -52,8 +40,6 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::metrics::ByteCount;
-
-pub(crate) use splice::MAX_PIPES;
 
 /// Largest read per system call. Large enough for bulk COPY, small enough for the allocator's
 /// fast paths.
@@ -102,31 +88,38 @@ async fn one_way<C: ByteCount>(
     // many. What is written but not yet added is added when `moved` drops, so a session ended
     // from outside (a drain, a kill, a fence drop this future mid-flow) loses no byte.
     let mut moved = Pending { count, n: 0 };
-    // The last burst was bulk: splice this one from its start (`splice`).
-    let mut bulk = false;
     loop {
         src.readable().await?;
-        let mut burst = if bulk { Burst::Bulk } else { copy_burst(src, dst, &mut watch, &mut moved, true).await? };
-        if let Burst::Bulk = burst {
-            // A pipe for the burst only: between bursts (an idle pooled connection) the
-            // direction holds none.
-            burst = match splice::Pipe::take() {
-                Some(k) => {
-                    let (b, was_bulk) = splice_burst(src, dst, &k, &mut moved).await?;
-                    k.give_back();
-                    // Small messages again: copying is cheaper.
-                    bulk = was_bulk;
-                    b
+        let mut buf = Vec::with_capacity(CHUNK);
+        let mut chunks = 0u32;
+        let ended = loop {
+            match read_some(src, &mut buf) {
+                Ok(Read::Eof) => break true,
+                Ok(Read::Data { more }) => {
+                    if let Some(w) = watch.as_mut() {
+                        if !w(&buf) {
+                            watch = None;
+                        }
+                    }
+                    write_all(dst, &buf, &mut moved.n).await?;
+                    if !more {
+                        break false;
+                    }
+                    // Fairness (see the module doc): never run unboundedly without a yield.
+                    tokio::task::consume_budget().await;
+                    chunks += 1;
+                    if chunks % YIELD_EVERY == 0 {
+                        // A long flow shows in the counters as it goes, not only when it pauses.
+                        moved.flush();
+                        tokio::task::yield_now().await;
+                    }
                 }
-                // No pipe to be had: copy on.
-                None => {
-                    bulk = false;
-                    copy_burst(src, dst, &mut watch, &mut moved, false).await?
-                }
-            };
-        }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(e) => return Err(e),
+            }
+        };
         moved.flush();
-        if let Burst::Eof = burst {
+        if ended {
             // EOF: pass the half-close on, unless the other direction has ended too: then
             // `pipe` returns now and closing `dst` sends the FIN. The peer may already be
             // gone: not an error.
@@ -135,207 +128,7 @@ async fn one_way<C: ByteCount>(
             }
             return Ok(());
         }
-    }
-}
-
-/// How a burst (from a readiness event to the source running dry) ended.
-enum Burst {
-    Eof,
-    /// The source has no more for now.
-    Dry,
-    /// `copy_burst` filled its buffer with the cancel-key scanner done: a bulk flow, the rest
-    /// of it is for `splice_burst`.
-    Bulk,
-}
-
-/// Reads and forwards through a buffer taken for the burst and freed after it. With
-/// `may_splice`, returns `Bulk` after two reads in a row filled the buffer (the kernel held
-/// more than 32 KiB: a message of a few tens of KiB, a large `Bind`, is not worth a pipe).
-async fn copy_burst<C: ByteCount>(
-    src: &TcpStream,
-    dst: &TcpStream,
-    watch: &mut Option<Watch<'_>>,
-    moved: &mut Pending<'_, C>,
-    may_splice: bool,
-) -> io::Result<Burst> {
-    let mut buf = Vec::with_capacity(CHUNK);
-    let mut chunks = 0u32;
-    let mut full = 0u32;
-    loop {
-        match read_some(src, &mut buf) {
-            Ok(Read::Eof) => return Ok(Burst::Eof),
-            Ok(Read::Data { more }) => {
-                if let Some(w) = watch.as_mut() {
-                    if !w(&buf) {
-                        *watch = None;
-                    }
-                }
-                write_all(dst, &buf, &mut moved.n).await?;
-                if !more {
-                    return Ok(Burst::Dry);
-                }
-                full += 1;
-                if may_splice && full >= 2 && watch.is_none() {
-                    return Ok(Burst::Bulk);
-                }
-                fair_turn(&mut chunks, 1, moved).await;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Dry),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Moves a burst with splice(2), socket to pipe to socket: the bytes never enter pgfront's
-/// memory. Reads until the source would block: a splice that moved less than the pipe holds
-/// does not mean the socket ran dry (the pipe has 16 slots, one per packet fragment). Returns
-/// how the burst ended and whether it was still bulk (it moved at least `2 * CHUNK`).
-async fn splice_burst<C: ByteCount>(
-    src: &TcpStream,
-    dst: &TcpStream,
-    k: &splice::Pipe,
-    moved: &mut Pending<'_, C>,
-) -> io::Result<(Burst, bool)> {
-    let (from, to) = (src.as_raw_fd(), dst.as_raw_fd());
-    let mut total = 0usize;
-    let mut chunks = 0u32;
-    loop {
-        let bulk = total >= 2 * CHUNK;
-        let got = match src.try_io(Interest::READABLE, || k.fill(from)) {
-            Ok(0) => return Ok((Burst::Eof, bulk)),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Burst::Dry, bulk)),
-            Err(e) => return Err(e),
-        };
-        total += got;
-        let mut left = got;
-        while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || k.drain(to, left)) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    left -= n;
-                    moved.n += n as u64;
-                    #[cfg(test)]
-                    splice::SPLICED.with(|c| c.set(c.get() + n as u64));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-                Err(e) => return Err(e),
-            }
-        }
-        // Charged per `CHUNK` moved, as the copy path is.
-        fair_turn(&mut chunks, (got / CHUNK).max(1) as u32, moved).await;
-    }
-}
-
-/// Fairness (see the module doc): a long flow never runs unboundedly without a yield. `n`: the
-/// chunks just moved.
-async fn fair_turn<C: ByteCount>(chunks: &mut u32, n: u32, moved: &mut Pending<'_, C>) {
-    tokio::task::consume_budget().await;
-    let before = *chunks;
-    *chunks += n;
-    if *chunks / YIELD_EVERY != before / YIELD_EVERY {
-        // A long flow shows in the counters as it goes, not only when it pauses.
-        moved.flush();
-        tokio::task::yield_now().await;
-    }
-}
-
-/// The kernel pipes that `splice_burst` moves bulk flows through.
-mod splice {
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// Pipes open at once in the process (two descriptors each, kept out of the sessions'
-    /// descriptor budget by `listener::RESERVED_FDS`). A flow that finds none left is copied.
-    pub(crate) const MAX_PIPES: usize = 32;
-    static OPEN: AtomicUsize = AtomicUsize::new(0);
-    /// Empty pipes kept by each thread between bursts, for its next bulk burst.
-    const KEPT_PER_THREAD: usize = 4;
-    /// A pipe smaller than this (the user's pipe memory is over `pipe-user-pages-soft`: the
-    /// kernel gives one page) is not worth splicing through.
-    const MIN_SIZE: usize = 4 * super::CHUNK;
-
-    thread_local! {
-        static KEPT: std::cell::RefCell<Vec<Pipe>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-
-    /// A pipe, empty between two bursts.
-    pub(super) struct Pipe {
-        read: OwnedFd,
-        write: OwnedFd,
-        /// Its capacity in bytes: what one `fill` asks for.
-        size: usize,
-    }
-
-    impl Pipe {
-        /// An empty pipe: one this thread kept, else a new one; `None` when `MAX_PIPES` are
-        /// open or the kernel refuses one (or gives a small one).
-        pub(super) fn take() -> Option<Pipe> {
-            KEPT.with(|k| k.borrow_mut().pop()).or_else(Pipe::open)
-        }
-
-        /// Gives an empty pipe back: kept for the thread's next bulk burst, or closed.
-        pub(super) fn give_back(self) {
-            KEPT.with(|k| {
-                let mut k = k.borrow_mut();
-                if k.len() < KEPT_PER_THREAD {
-                    k.push(self);
-                }
-            });
-        }
-
-        fn open() -> Option<Pipe> {
-            if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
-                OPEN.fetch_sub(1, Ordering::Relaxed);
-                return None;
-            }
-            let mut fds: [libc::c_int; 2] = [-1, -1];
-            // SAFETY: pipe2 writes two new descriptors into `fds` or fails and writes nothing.
-            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-                OPEN.fetch_sub(1, Ordering::Relaxed);
-                return None;
-            }
-            // SAFETY: both descriptors were just created and belong to nobody else.
-            let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-            // SAFETY: F_GETPIPE_SZ reads the pipe's capacity; the descriptor is open.
-            let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-            let size = usize::try_from(size).unwrap_or(0);
-            // Dropped (and counted out) if too small.
-            let pipe = Pipe { read, write, size };
-            (size >= MIN_SIZE).then_some(pipe)
-        }
-
-        /// Moves what socket `from` holds into the pipe, up to its capacity (it is empty).
-        pub(super) fn fill(&self, from: RawFd) -> io::Result<usize> {
-            splice(from, self.write.as_raw_fd(), self.size)
-        }
-
-        /// Moves up to `len` bytes from the pipe to socket `to`.
-        pub(super) fn drain(&self, to: RawFd, len: usize) -> io::Result<usize> {
-            splice(self.read.as_raw_fd(), to, len)
-        }
-    }
-
-    impl Drop for Pipe {
-        fn drop(&mut self) {
-            OPEN.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-        // SAFETY: no offsets (each end is a socket or a pipe); both descriptors are open for
-        // the call; nothing is read from or written to this process's memory.
-        let n = unsafe {
-            libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    }
-
-    #[cfg(test)]
-    thread_local! {
-        /// Bytes spliced by this thread (tests).
-        pub(super) static SPLICED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        // `buf` is freed here: nothing is held while the connection is idle.
     }
 }
 
@@ -453,81 +246,6 @@ mod tests {
         assert_eq!(writer.await.unwrap(), b"bye");
         task.await.unwrap().unwrap();
         assert_eq!((up.get(), down.get()), (1_000_000, 3));
-    }
-
-    /// The splice tests share the process's pipe budget: one at a time.
-    static PIPE_BUDGET: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    /// A bulk flow is spliced (and every byte of it arrives, counted), small messages after it
-    /// are copied.
-    #[tokio::test]
-    async fn a_bulk_flow_is_spliced_and_small_messages_after_it_are_not() {
-        let _budget = PIPE_BUDGET.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut client, a) = pair().await;
-        let (b, mut server) = pair().await;
-        let (up, down) = (Counter::default(), Counter::default());
-        let (u2, d2) = (up.clone(), down.clone());
-        let before = splice::SPLICED.with(|c| c.get());
-        let task = tokio::spawn(async move { pipe(&a, &b, &u2, &d2).await });
-        const BULK: usize = 32 << 20;
-        let big: Vec<u8> = (0..BULK as u32).map(|i| (i % 253) as u8).collect();
-        let expect = big.clone();
-        let writer = tokio::spawn(async move {
-            server.write_all(&big).await.unwrap();
-            // Then a few small round trips.
-            for i in 0..10u8 {
-                let mut q = [0u8; 3];
-                server.read_exact(&mut q).await.unwrap();
-                assert_eq!(q, [i; 3]);
-                server.write_all(&[i; 5]).await.unwrap();
-            }
-            server
-        });
-        let mut got = vec![0u8; BULK];
-        client.read_exact(&mut got).await.unwrap();
-        assert!(got == expect, "the bulk flow arrived changed");
-        let spliced = splice::SPLICED.with(|c| c.get()) - before;
-        assert!(spliced > (BULK / 2) as u64, "only {spliced} of {BULK} bytes were spliced");
-        for i in 0..10u8 {
-            client.write_all(&[i; 3]).await.unwrap();
-            let mut r = [0u8; 5];
-            client.read_exact(&mut r).await.unwrap();
-            assert_eq!(r, [i; 5]);
-        }
-        let after_small = splice::SPLICED.with(|c| c.get()) - before;
-        // At most the first small message, right after the bulk flow, goes through a pipe.
-        assert!(after_small - spliced <= 5, "small messages were spliced: {}", after_small - spliced);
-        drop(writer.await.unwrap());
-        drop(client);
-        task.await.unwrap().unwrap();
-        assert_eq!((up.get(), down.get()), (30, BULK as u64 + 50));
-    }
-
-    /// With every pipe of the budget taken, a bulk flow is copied, whole.
-    #[tokio::test]
-    async fn a_bulk_flow_without_a_pipe_left_is_copied() {
-        let _budget = PIPE_BUDGET.lock().unwrap_or_else(|e| e.into_inner());
-        let held: Vec<splice::Pipe> = std::iter::from_fn(splice::Pipe::take).take(MAX_PIPES + 1).collect();
-        assert!(held.len() <= MAX_PIPES, "more pipes than the budget");
-        let before = splice::SPLICED.with(|c| c.get());
-        let (mut client, a) = pair().await;
-        let (b, mut server) = pair().await;
-        let (up, down) = (Counter::default(), Counter::default());
-        let (u2, d2) = (up.clone(), down.clone());
-        let task = tokio::spawn(async move { pipe(&a, &b, &u2, &d2).await });
-        let big: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 241) as u8).collect();
-        let expect = big.clone();
-        tokio::spawn(async move {
-            server.write_all(&big).await.unwrap();
-        });
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
-        assert!(got == expect, "the copied flow arrived changed");
-        drop(client);
-        task.await.unwrap().unwrap();
-        assert_eq!(down.get(), 4 << 20);
-        assert_eq!(splice::SPLICED.with(|c| c.get()), before, "spliced without a pipe");
-        drop(held);
     }
 
     /// Defect 4: a bulk flow must not starve the other sessions of its worker. The bulk flow is

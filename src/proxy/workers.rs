@@ -80,6 +80,12 @@ impl Workers {
         self.shared.handles.len()
     }
 
+    /// Sessions open on each thread, in thread order.
+    #[cfg(test)]
+    pub(crate) fn loads(&self) -> Vec<usize> {
+        self.shared.load.iter().map(|l| l.0.load(Ordering::Relaxed)).collect()
+    }
+
     /// Runs `task(thread)` on every thread; the handles, in thread order.
     pub(crate) fn spawn_each<F, Fut>(&self, mut task: F) -> Vec<JoinHandle<Fut::Output>>
     where
