@@ -229,10 +229,10 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), AppError> {
     let successor = sockets.successor.take();
-    let mut sup = Supervisor::new(path, config.admin_auth.clone(), sockets.admin.map(|s| (config.admin, s)));
     let threads = config.process.threads.unwrap_or_else(workers::default_threads);
-    sup.workers = Some(Workers::start(threads).map_err(AppError::Threads)?);
+    let workers = Workers::start(threads).map_err(AppError::Threads)?;
     info!(threads, "data path threads started");
+    let mut sup = Supervisor::new(path, config.admin_auth.clone(), sockets.admin.map(|s| (config.admin, s)), workers);
     match vip::lifecycle::decode_handover_state(&sockets.state) {
         Ok(roles) => sup.takeover = roles,
         Err(e) => warn!("upgrade: the VIP roles handed over cannot be read ({e}): VIPs start as backup"),
@@ -357,8 +357,8 @@ struct Supervisor {
     cluster_list: Arc<Mutex<Vec<ClusterHandle>>>,
     /// The process's descriptor budget, a permit per session (`listener::fd_budget`).
     fds: Option<Arc<Semaphore>>,
-    /// The data path's threads, started with the first configuration (`[process] threads`).
-    workers: Option<Workers>,
+    /// The data path's threads (`[process] threads`, read at start).
+    workers: Workers,
     /// The process is stopping: queued clients are refused.
     stop: CancellationToken,
     /// Close every session now.
@@ -368,11 +368,13 @@ struct Supervisor {
 impl Supervisor {
     /// `admin`: the configured address and its socket, bound before start; `auth`: its access
     /// rules from the first configuration, in force from its first request (the rest of the
-    /// configuration is published once applied).
+    /// configuration is published once applied); `workers`: the data path's threads, on which
+    /// every listener accepts.
     fn new(
         path: PathBuf,
         auth: crate::config::AdminAuth,
         admin: Option<(Option<SocketAddr>, std::net::TcpListener)>,
+        workers: Workers,
     ) -> Supervisor {
         let vip_statuses = Arc::new(Mutex::new(Vec::new()));
         let maintenance = Arc::new(Maintenance::default());
@@ -420,7 +422,7 @@ impl Supervisor {
             maintenance,
             cluster_list,
             fds: None,
-            workers: None,
+            workers,
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
         };
@@ -556,7 +558,7 @@ impl Supervisor {
         d: ConfigDiff,
         mut bound: HashMap<SocketAddr, Arc<std::net::TcpListener>>,
     ) -> Vec<oneshot::Receiver<()>> {
-        let threads = self.workers.as_ref().map_or(0, Workers::len);
+        let threads = self.workers.len();
         if self.fds.is_none() {
             // Once per process: the limit does not change with the configuration.
             self.fds = Some(listener::fd_budget(&new.listeners, threads));
@@ -763,7 +765,7 @@ impl Supervisor {
             kill: kill.clone(),
             events: self.events.clone(),
         }));
-        let threads = self.workers.as_ref().map_or(0, Workers::len);
+        let threads = self.workers.len();
         let fds = self.fds.get_or_insert_with(|| listener::fd_budget(&[], threads)).clone();
         let sem = Arc::new(Semaphore::new(cfg.maxconn as usize));
         let follow_stop = CancellationToken::new();
@@ -779,10 +781,7 @@ impl Supervisor {
         let sessions = TaskTracker::new();
         // An accept loop per data-path thread, each on its own duplicate of the socket (see
         // `proxy::workers`), registered with that thread's runtime.
-        let Some(workers) = &self.workers else {
-            unreachable!("the data path threads start before the first configuration is applied")
-        };
-        let loops = workers.spawn_each(|thread| {
+        let loops = self.workers.spawn_each(|thread| {
             let dup = sock.try_clone();
             let (ctx, sem, fds, stop, sessions) = (ctx.clone(), sem.clone(), fds.clone(), accept_stop.clone(), sessions.clone());
             let name = cfg.name.clone();
@@ -1500,7 +1499,8 @@ mod tests {
         sock.set_nonblocking(true).unwrap();
         let addr = sock.local_addr().unwrap();
         let auth = crate::config::AdminAuth { token: Some(crate::config::Secret::new(SECRET)), require_token: true };
-        let _sup = Supervisor::new(PathBuf::from("/nonexistent.toml"), auth, Some((Some(addr), sock)));
+        let workers = Workers::start(1).unwrap();
+        let _sup = Supervisor::new(PathBuf::from("/nonexistent.toml"), auth, Some((Some(addr), sock)), workers);
         let client = crate::http::client();
         let url = format!("http://{addr}/members/pg1/drain");
         let r = crate::http::post(&client, &url, None, Duration::from_secs(5)).await.unwrap();

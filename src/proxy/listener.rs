@@ -206,7 +206,8 @@ fn hand_over(
     tracker.spawn_on(session, other.handle());
 }
 
-/// A permit of no budget: for a client accepted while its loop stops.
+/// A permit of no budget: for a client accepted while its loop stops, or taken from the
+/// backlog of a listener that goes away.
 fn unbudgeted() -> OwnedSemaphorePermit {
     Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a new semaphore has its permit")
 }
@@ -301,7 +302,6 @@ impl Inherited {
 /// were accepted by the kernel before the listener went away. They run on the caller's runtime.
 pub fn drain_backlog(listener: &std::net::TcpListener, ctxs: &ArcSwap<SessionCtx>, tracker: &TaskTracker) -> usize {
     let mut taken = 0;
-    let extra = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
     // Straight to accept(2): tokio's cached readiness may say "not ready" for a backlog that
     // filled while nobody polled the socket.
     let sock = socket2::SockRef::from(listener);
@@ -322,8 +322,7 @@ pub fn drain_backlog(listener: &std::net::TcpListener, ctxs: &ArcSwap<SessionCtx
             debug!(listener = %ctx.cfg.name, error = %e, "TCP_NODELAY / keepalive");
         }
         let Ok(stream) = tokio::net::TcpStream::from_std(conn.into()) else { continue };
-        let (Ok(a), Ok(b)) = (extra.clone().try_acquire_owned(), extra.clone().try_acquire_owned()) else { break };
-        tracker.spawn(session::run(stream, peer, ctxs.load_full(), (a, b)));
+        tracker.spawn(session::run(stream, peer, ctxs.load_full(), (unbudgeted(), unbudgeted())));
         taken += 1;
     }
     taken
