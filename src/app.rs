@@ -530,8 +530,11 @@ impl Supervisor {
                 bound.insert(l.bind, sock);
                 continue;
             }
-            let sock = listener::bind(l.bind, l.backlog)
-                .map_err(|source| AppError::Bind { listener: l.name.clone(), addr: l.bind, source })?;
+            let sock = listener::bind(l.bind, l.backlog).map_err(|source| AppError::Bind {
+                listener: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
             bound.insert(l.bind, Arc::new(sock));
         }
         if let Some(addr) = new.admin {
@@ -565,7 +568,10 @@ impl Supervisor {
         }
         let configured = new.process.threads.unwrap_or_else(workers::default_threads);
         if new.process.threads != self.config.process.threads && configured != threads {
-            warn!(running = threads, configured, "process.threads changed: applied by the next restart or binary upgrade");
+            warn!(
+                running = threads,
+                configured, "process.threads changed: applied by the next restart or binary upgrade"
+            );
         }
         // Clusters first: listeners that move follow the new ones.
         for c in &d.clusters.added {
@@ -783,13 +789,16 @@ impl Supervisor {
         // `proxy::workers`), registered with that thread's runtime.
         let loops = self.workers.spawn_each(|thread| {
             let dup = sock.try_clone();
-            let (ctx, sem, fds, stop, sessions) = (ctx.clone(), sem.clone(), fds.clone(), accept_stop.clone(), sessions.clone());
+            let (ctx, sem, fds, stop, sessions) =
+                (ctx.clone(), sem.clone(), fds.clone(), accept_stop.clone(), sessions.clone());
             let name = cfg.name.clone();
             async move {
                 let index = thread.index();
                 match dup.and_then(TcpListener::from_std) {
                     Ok(l) => listener::run(Arc::new(l), ctx, sem, fds, stop, sessions, thread).await,
-                    Err(e) => error!(listener = %name, thread = index, error = %e, "cannot accept on this data path thread"),
+                    Err(e) => {
+                        error!(listener = %name, thread = index, error = %e, "cannot accept on this data path thread")
+                    }
                 }
             }
         });

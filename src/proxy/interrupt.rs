@@ -112,9 +112,12 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             t.cancel();
         });
-        let r = tokio::time::timeout(Duration::from_secs(10), interruptible(std::future::pending::<()>(), token.cancelled()))
-            .await
-            .expect("the interrupt did not end the work");
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            interruptible(std::future::pending::<()>(), token.cancelled()),
+        )
+        .await
+        .expect("the interrupt did not end the work");
         assert_eq!(r, Err(()));
     }
 

@@ -207,7 +207,8 @@ pub async fn run(
             _ = ctx.kill.cancelled() => false,
         }
     };
-    match interruptible(pipe::pipe_watching(&client, &server, &up, &down, scanning.then_some(&mut watch)), ended).await {
+    match interruptible(pipe::pipe_watching(&client, &server, &up, &down, scanning.then_some(&mut watch)), ended).await
+    {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             debug!(listener = %ctx.cfg.name, %peer, member = %lease.backend.member, error = %e, "session ended");
