@@ -107,10 +107,14 @@ impl Drop for Workers {
 
 /// A thread that runs its runtime until `stop`. Its runtime is built on the thread itself: a
 /// runtime that failed to start is never dropped inside another runtime.
+///
+/// Only the I/O and time drivers: sessions and accept loops use no signal or child process,
+/// and those drivers would cost a descriptor each and work on every park (the process driver
+/// tries to reap orphans each time the thread goes idle).
 fn start_one(index: usize, stop: CancellationToken) -> io::Result<Handle> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     thread::Builder::new().name(format!("pgfront-dp-{index}")).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
             Ok(rt) => {
                 let _ = tx.send(Ok(rt.handle().clone()));
                 rt.block_on(stop.cancelled());
@@ -239,7 +243,9 @@ mod tests {
             });
             v
         };
-        let hold = |t: &Thread, n: usize| -> Vec<Counted> { (0..n).map(|_| Counted::new(t.shared.clone(), t.index)).collect() };
+        let hold = |t: &Thread, n: usize| -> Vec<Counted> {
+            (0..n).map(|_| Counted::new(t.shared.clone(), t.index)).collect()
+        };
         let _a = hold(&threads[0], BALANCE_SLACK + 3);
         let _b = hold(&threads[1], 2);
         let c = hold(&threads[2], 1);
