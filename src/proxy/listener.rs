@@ -18,8 +18,9 @@
 //! keepalive timer), which saves five `setsockopt` per connection (`Inherited`). The options
 //! apply to connections the kernel completes after they are set; so whenever the loop sets them
 //! (its first accept, a reload that changes `tcp_keepalive`, a socket handed over by an older
-//! process), the next `backlog + 1` accepted connections, which may have queued before, get
-//! them explicitly too.
+//! process), the connections then in the accept queue, which may have been completed before,
+//! get them explicitly too (the queue's length is read from `TCP_INFO`; it used to be the
+//! whole `backlog`, five `setsockopt` for each of the first 1025 connections of every thread).
 //!
 //! Not used: TCP_DEFER_ACCEPT (accept only once the client has spoken, one wake-up instead of
 //! two). Measured, it bought 3–5 % of the CPU of a connect/close loop, inside the noise for
@@ -52,8 +53,8 @@ pub const RESERVED_FDS: u64 = 64;
 /// How long the accept loop pauses when `accept` fails for lack of descriptors or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// Descriptors each data-path thread keeps out of the session budget: its runtime's epoll,
-/// eventfd and signal pipe.
+/// Descriptors each data-path thread keeps out of the session budget: its runtime's epoll and
+/// eventfd, and one to spare.
 pub const RESERVED_FDS_PER_THREAD: u64 = 3;
 
 /// How many sessions a descriptor limit of `nofile` allows with `threads` data-path threads
@@ -278,14 +279,19 @@ impl Inherited {
         if self.applied != Some(cfg.tcp_keepalive) || self.epoch != epoch {
             self.applied = Some(cfg.tcp_keepalive);
             self.epoch = epoch;
-            // Those already in the accept queue may predate the change (at most `backlog`,
-            // plus the one the kernel admits over it).
-            self.explicit = u64::from(cfg.backlog) + 1;
             if let Err(e) = set_tcp_options(SockRef::from(listener), cfg.tcp_keepalive) {
                 if !std::mem::replace(&mut self.failed, true) {
                     warn!(listener = %cfg.name, error = %e, "TCP_NODELAY / keepalive on the listening socket: set on each connection instead");
                 }
             }
+            // Those in the accept queue now may predate the change, and so may one handshake
+            // per CPU that the kernel was completing meanwhile (the kernel copies the options
+            // when it creates the connection, just before it queues it). Without the queue's
+            // length, all that the backlog may hold, plus the one the kernel admits over it.
+            self.explicit = match queued(listener) {
+                Some(n) => n + in_flight_handshakes(),
+                None => u64::from(cfg.backlog) + 1,
+            };
         }
         if self.failed || self.explicit > 0 {
             self.explicit = self.explicit.saturating_sub(1);
@@ -294,6 +300,36 @@ impl Inherited {
             }
         }
     }
+}
+
+/// Connections waiting in a listening socket's accept queue: Linux reports it in `TCP_INFO`, as
+/// `tcpi_unacked` of a socket in the LISTEN state.
+fn queued(listener: &TcpListener) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    /// `TCP_LISTEN` in Linux's `include/net/tcp_states.h` (not in the libc crate).
+    const TCP_LISTEN: u8 = 10;
+    // SAFETY: `tcp_info` is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large, and
+    // `len`; the descriptor is the listener's, open for the duration of the call.
+    let r = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_unacked) + std::mem::size_of::<u32>();
+    (r == 0 && len as usize >= needed && info.tcpi_state == TCP_LISTEN).then_some(u64::from(info.tcpi_unacked))
+}
+
+/// At most one handshake per CPU is between its connection's creation and its place in the
+/// accept queue at any time (both happen in one pass of the kernel's receive path).
+fn in_flight_handshakes() -> u64 {
+    std::thread::available_parallelism().map_or(64, |n| n.get() as u64)
 }
 
 /// Takes every connection already waiting in the kernel backlog of a listener that stops for
@@ -387,7 +423,10 @@ mod tests {
         });
         let cfg = Arc::new(ListenerConfig { backlog: 128, server_maxconn: 100, ..cfg(None) });
         let pool = crate::balancer::pool::Pool::new(&cfg, Metrics::new().listener("t"));
-        pool.apply(&Targets { eligible: vec![Backend { member: "m0".into(), addr: server }], keep: vec![] }, Duration::ZERO);
+        pool.apply(
+            &Targets { eligible: vec![Backend { member: "m0".into(), addr: server }], keep: vec![] },
+            Duration::ZERO,
+        );
         let ctx = Arc::new(ArcSwap::from_pointee(SessionCtx {
             cfg: cfg.clone(),
             pool,
@@ -488,7 +527,8 @@ mod tests {
         let (s1, _) = l.accept().await.unwrap();
         inherited.tune(&l, &s1, &a);
         assert_eq!(options(&s1), with(37));
-        // Past the explicit budget (backlog 4 + 1), connections get them from the listener alone.
+        // Past those that may have been queued before (none, and one per CPU being completed),
+        // connections get them from the listening socket alone.
         for _ in 0..6 {
             let _c = TcpStream::connect(addr).await.unwrap();
             let (s, _) = l.accept().await.unwrap();
@@ -515,6 +555,32 @@ mod tests {
         let (s5, _) = l.accept().await.unwrap();
         assert_eq!((options(&s4).0, options(&s4).1), (true, false));
         assert_eq!((options(&s5).0, options(&s5).1), (true, false));
+    }
+
+    #[tokio::test]
+    async fn only_the_connections_queued_before_the_options_are_tuned_one_by_one() {
+        let l = TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap(), 64).unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(queued(&l), Some(0));
+        // Three handshakes completed before the loop ever set its options.
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while queued(&l) != Some(3) {
+            assert!(tokio::time::Instant::now() < deadline, "accept queue: {:?}", queued(&l));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (mut inherited, a) = (Inherited::default(), cfg(Some(Duration::from_secs(37))));
+        for _ in 0..3 {
+            let (s, _) = l.accept().await.unwrap();
+            assert!(!options(&s).0, "completed before the listening socket had TCP_NODELAY");
+            inherited.tune(&l, &s, &a);
+            assert_eq!(options(&s), with(37));
+        }
+        // The two still queued at the first accept, then one per CPU: not the backlog's 64.
+        assert_eq!(inherited.explicit, in_flight_handshakes() - 1);
     }
 
     #[tokio::test]
