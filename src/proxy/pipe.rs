@@ -1,11 +1,15 @@
 //! Moves bytes both ways between a client and its server.
 //!
 //! Unlike `tokio::io::copy_bidirectional`, which keeps two 8 KiB buffers for the whole life of a
-//! connection, each direction here takes a buffer only while bytes flow: it waits for
-//! readiness with no buffer, reads and forwards until the socket would block, then frees the
-//! buffer. An idle connection (the common case behind a connection-pooling application) costs
-//! its task and two sockets, nothing more. `benches/idle_memory.rs` measures the difference;
-//! throughput is checked by `benches/switchover.rs` (pgbench through pgfront).
+//! connection, a session here owns no buffer while its peer keeps up: each direction reads into
+//! its thread's buffer (`SCRATCH`, one per thread, never held across an `await`) and writes it
+//! on at once. Only when the peer cannot take a whole chunk does the direction copy what is
+//! left into a buffer of its own, and keep it for the rest of the burst (a bulk flow to a slow
+//! client); it is freed when the source runs dry. An idle connection (the common case behind a
+//! connection-pooling application) costs its task and two sockets, nothing more
+//! (`benches/idle_memory.rs`), and a small transaction costs no allocation: a 16 KiB buffer
+//! per wake-up and direction, allocated and freed, was glibc's `_int_malloc`, the first
+//! user-space symbol of pgfront's profile under `pgbench -S -C`.
 //!
 //! System calls: a small transaction costs one `recv` and one `send` per direction and nothing
 //! more. A read that does not fill the buffer means the kernel had no more, so the direction goes
@@ -31,6 +35,7 @@
 //! bulk flow gets a fairer, smaller share of its worker in exchange (1270 / 880 / 330 MB/s and
 //! 930 / 770 / 590 MB/s while the small sessions run).
 
+use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,32 +95,44 @@ async fn one_way<C: ByteCount>(
     let mut moved = Pending { count, n: 0 };
     loop {
         src.readable().await?;
-        let mut buf = Vec::with_capacity(CHUNK);
+        // The burst's own buffer, from the first time `dst` cannot take a whole chunk at once.
+        let mut own: Option<Vec<u8>> = None;
         let mut chunks = 0u32;
         let ended = loop {
-            match read_some(src, &mut buf) {
-                Ok(Read::Eof) => break true,
-                Ok(Read::Data { more }) => {
-                    if let Some(w) = watch.as_mut() {
-                        if !w(&buf) {
-                            watch = None;
-                        }
+            let read = match own.as_mut() {
+                // A slow peer: read into the burst's buffer and wait until it is all written.
+                Some(buf) => match read_shown(src, buf, &mut watch) {
+                    Ok(Some(more)) => write_all(dst, buf, &mut moved.n).await.map(|()| Some(more)),
+                    r => r,
+                },
+                // The common case: read into the thread's buffer, and the peer takes it all.
+                None => match with_scratch(|buf| forward_now(src, dst, buf, &mut watch, &mut moved.n)) {
+                    Ok(Some(Forwarded::All { more })) => Ok(Some(more)),
+                    Ok(Some(Forwarded::Part { unsent, more })) => {
+                        let r = write_all(dst, &unsent, &mut moved.n).await.map(|()| Some(more));
+                        own = Some(unsent);
+                        r
                     }
-                    write_all(dst, &buf, &mut moved.n).await?;
-                    if !more {
-                        break false;
-                    }
-                    // Fairness (see the module doc): never run unboundedly without a yield.
-                    tokio::task::consume_budget().await;
-                    chunks += 1;
-                    if chunks % YIELD_EVERY == 0 {
-                        // A long flow shows in the counters as it goes, not only when it pauses.
-                        moved.flush();
-                        tokio::task::yield_now().await;
-                    }
-                }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                },
+            };
+            let more = match read {
+                Ok(Some(more)) => more,
+                Ok(None) => break true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
                 Err(e) => return Err(e),
+            };
+            if !more {
+                break false;
+            }
+            // Fairness (see the module doc): never run unboundedly without a yield.
+            tokio::task::consume_budget().await;
+            chunks += 1;
+            if chunks % YIELD_EVERY == 0 {
+                // A long flow shows in the counters as it goes, not only when it pauses.
+                moved.flush();
+                tokio::task::yield_now().await;
             }
         };
         moved.flush();
@@ -128,7 +145,7 @@ async fn one_way<C: ByteCount>(
             }
             return Ok(());
         }
-        // `buf` is freed here: nothing is held while the connection is idle.
+        // `own`, if any, is freed here: nothing is held while the connection is idle.
     }
 }
 
@@ -187,6 +204,67 @@ fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Read> {
         Err(_) if short => Ok(Read::Data { more: false }),
         Err(e) => Err(e),
     }
+}
+
+thread_local! {
+    /// The thread's read buffer (see the module doc). Borrowed only between two awaits.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(CHUNK));
+}
+
+fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    SCRATCH.with_borrow_mut(f)
+}
+
+/// One read into `buf` (`read_some`), shown to `watch`: `Some(more)` with bytes, `None` at the
+/// end of the stream, `WouldBlock` when the socket had nothing after all.
+fn read_shown(src: &TcpStream, buf: &mut Vec<u8>, watch: &mut Option<Watch<'_>>) -> io::Result<Option<bool>> {
+    match read_some(src, buf)? {
+        Read::Eof => Ok(None),
+        Read::Data { more } => {
+            if let Some(w) = watch.as_mut() {
+                if !w(buf) {
+                    *watch = None;
+                }
+            }
+            Ok(Some(more))
+        }
+    }
+}
+
+/// What `forward_now` did with the bytes it read.
+enum Forwarded {
+    /// `dst` took them all.
+    All { more: bool },
+    /// `dst` was full: what it did not take, in a buffer of its own.
+    Part { unsent: Vec<u8>, more: bool },
+}
+
+/// One read into `buf` (`read_shown`: `None` at the end of the stream) and as much of it written
+/// to `dst` as it takes without waiting.
+fn forward_now(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut Vec<u8>,
+    watch: &mut Option<Watch<'_>>,
+    written: &mut u64,
+) -> io::Result<Option<Forwarded>> {
+    let Some(more) = read_shown(src, buf, watch)? else { return Ok(None) };
+    let mut data = &buf[..];
+    while !data.is_empty() {
+        match dst.try_write(data) {
+            Ok(n) => {
+                *written += n as u64;
+                data = &data[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut unsent = Vec::with_capacity(CHUNK);
+                unsent.extend_from_slice(data);
+                return Ok(Some(Forwarded::Part { unsent, more }));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(Forwarded::All { more }))
 }
 
 /// Writes all of `data`, adding to `written` what the kernel took, as it takes it (a write
