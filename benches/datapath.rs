@@ -29,6 +29,10 @@
 //!   `BENCH_PERF_FREQ`, 999 per second).
 //! - `syscalls-connect` and `profile-connect` (only when named): the same two during a
 //!   `pgbench -S -C -c 8` run instead (a new connection per transaction), so per connection.
+//! - `allocs` and `allocs-connect` (only when named): calls to the C library's `malloc` per
+//!   transaction (per connection for `allocs-connect`) of each proxy during a `--strace-secs` run,
+//!   counted by a uprobe (`perf probe`, removed at the end, and `perf stat`). Unlike CPU time,
+//!   the count does not depend on what else the machine runs.
 //!
 //! For each figure: median, spread (min–max) and pgfront's median over HAProxy's.
 //!
@@ -96,7 +100,7 @@ impl Route {
 
 const FIGURES: [&str; 8] = ["c8", "c64", "idle", "connect", "tcp", "latency", "copy", "syscalls"];
 /// Figures run only when asked for by name in `--figures`.
-const OPT_IN: [&str; 3] = ["profile", "syscalls-connect", "profile-connect"];
+const OPT_IN: [&str; 5] = ["profile", "syscalls-connect", "profile-connect", "allocs", "allocs-connect"];
 
 #[derive(Clone, Debug)]
 struct Params {
@@ -630,6 +634,60 @@ fn syscalls(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, conne
     per
 }
 
+/// A uprobe on `malloc` of the C library that `pid` runs (`probe_libc:malloc`), removed on drop.
+struct MallocProbe {
+    perf: std::path::PathBuf,
+}
+
+impl MallocProbe {
+    fn add(pid: i32) -> MallocProbe {
+        let perf = require("perf", "linux-perf");
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_else(|e| panic!("/proc/{pid}/maps: {e}"));
+        let libc = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|path| path.contains("/libc.so") || path.contains("/libc-"))
+            .unwrap_or_else(|| panic!("no C library mapped by {pid}"))
+            .to_owned();
+        // A probe left by an interrupted run is replaced.
+        let _ = Command::new(&perf).args(["probe", "-q", "-d", "probe_libc:malloc"]).output();
+        let out = Command::new(&perf).args(["probe", "-q", "-x", &libc, "malloc"]).output().expect("perf probe");
+        assert!(
+            out.status.success(),
+            "perf probe -x {libc} malloc (uprobes need root and a kernel with CONFIG_UPROBE_EVENTS): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        MallocProbe { perf }
+    }
+
+    /// `malloc` calls per transaction of `pid` (every thread) during a pgbench `c8` run (`-C`
+    /// with `connect`).
+    fn per_txn(&self, pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, connect: bool) -> f64 {
+        let out = dir.join(format!("allocs-{pid}.csv"));
+        let mut cmd = Command::new(&self.perf);
+        cmd.args(["stat", "-x", ",", "-e", "probe_libc:malloc", "-o", out.to_str().unwrap(), "-p", &pid.to_string()]);
+        let mut stat = Proc::spawn("perf stat", cmd, &dir.join(format!("allocs-{pid}.log")), false);
+        // perf stat prints nothing when it has attached: give it a second, counted for nobody.
+        std::thread::sleep(Duration::from_secs(1));
+        let run = pgbench.run(port, 8, secs, connect);
+        stat.signal(libc::SIGINT);
+        wait_for("perf stat to write its count", Duration::from_secs(20), || (!stat.running()).then_some(()));
+        let text = fs::read_to_string(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+        let count = text
+            .lines()
+            .find(|l| l.contains("probe_libc:malloc"))
+            .and_then(|l| l.split(',').next()?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("perf stat counted no malloc:\n{text}\n{}", stat.log_tail(10)));
+        count / run.txns
+    }
+}
+
+impl Drop for MallocProbe {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.perf).args(["probe", "-q", "-d", "probe_libc:malloc"]).output();
+    }
+}
+
 /// `perf record -g` of `pid` during a pgbench `c8` run of `secs` (`-C` with `connect`); prints
 /// the top of `perf report` (self time by symbol, then by DSO: the kernel's share).
 fn profile(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, label: &str, connect: bool) {
@@ -698,6 +756,9 @@ fn main() {
         format!("system calls per transaction of the proxy, pgbench -S -c 8 -T {} under strace -c -f", p.strace_secs);
     let sys_conn =
         format!("system calls per connection of the proxy, pgbench -S -C -c 8 -T {} under strace -c -f", p.strace_secs);
+    let allocs = format!("malloc calls per transaction of the proxy, pgbench -S -c 8 -T {}", p.strace_secs);
+    let allocs_conn = format!("malloc calls per connection of the proxy, pgbench -S -C -c 8 -T {}", p.strace_secs);
+    let mut malloc_probe = None;
     let work = temp_dir("pgfront-bench-strace-");
     for round in 0..p.rounds {
         let mut routes = p.routes.clone();
@@ -786,6 +847,22 @@ fn main() {
                     for (name, v) in per {
                         res.add(title, &name, r, v);
                     }
+                }
+            }
+        }
+        for (figure, title, connect) in [("allocs", &allocs, false), ("allocs-connect", &allocs_conn, true)] {
+            if p.wants(figure) {
+                let probe = malloc_probe.get_or_insert_with(|| {
+                    MallocProbe::add(p.routes.iter().find_map(|r| fx.pid(*r)).expect("a proxy among the routes"))
+                });
+                for r in routes.iter().copied().filter(|r| *r != Route::Direct) {
+                    let (pid, port) = (fx.pid(r).unwrap(), fx.ports(r).0);
+                    res.add(
+                        title,
+                        "malloc calls",
+                        r,
+                        probe.per_txn(&pgbench, pid, port, p.strace_secs, work.path(), connect),
+                    );
                 }
             }
         }
