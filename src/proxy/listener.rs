@@ -19,8 +19,10 @@
 //! apply to connections the kernel completes after they are set; so whenever the loop sets them
 //! (its first accept, a reload that changes `tcp_keepalive`, a socket handed over by an older
 //! process), the connections then in the accept queue, which may have been completed before,
-//! get them explicitly too (the queue's length is read from `TCP_INFO`; it used to be the
-//! whole `backlog`, five `setsockopt` for each of the first 1025 connections of every thread).
+//! get them explicitly too, with a margin for handshakes the kernel was completing meanwhile
+//! (`Inherited::tune`). The queue's length is read from `TCP_INFO`; it used to be the whole
+//! `backlog`: five `setsockopt` for each of the first 1025 connections of every thread, with
+//! the default backlog.
 //!
 //! Not used: TCP_DEFER_ACCEPT (accept only once the client has spoken, one wake-up instead of
 //! two). Measured, it bought 3–5 % of the CPU of a connect/close loop, inside the noise for
@@ -285,11 +287,13 @@ impl Inherited {
                 }
             }
             // Those in the accept queue now may predate the change, and so may one handshake
-            // per CPU that the kernel was completing meanwhile (the kernel copies the options
-            // when it creates the connection, just before it queues it). Without the queue's
-            // length, all that the backlog may hold, plus the one the kernel admits over it.
+            // per CPU that the kernel was completing meanwhile: it copies the options when it
+            // creates the connection, and queues it in the same pass. New connections other
+            // CPUs queue meanwhile may come before those in the accept order, hence twice that.
+            // Without the queue's length, all that the backlog may hold, plus the one the
+            // kernel admits over it.
             self.explicit = match queued(listener) {
-                Some(n) => n + in_flight_handshakes(),
+                Some(n) => n + 2 * possible_cpus(),
                 None => u64::from(cfg.backlog) + 1,
             };
         }
@@ -326,10 +330,13 @@ fn queued(listener: &TcpListener) -> Option<u64> {
     (r == 0 && len as usize >= needed && info.tcpi_state == TCP_LISTEN).then_some(u64::from(info.tcpi_unacked))
 }
 
-/// At most one handshake per CPU is between its connection's creation and its place in the
-/// accept queue at any time (both happen in one pass of the kernel's receive path).
-fn in_flight_handshakes() -> u64 {
-    std::thread::available_parallelism().map_or(64, |n| n.get() as u64)
+/// CPUs the kernel may run its receive path on: all those configured, whatever this process's
+/// affinity or cgroup quota (which `available_parallelism` reports). At most one handshake per
+/// CPU is between its connection's creation and its place in the accept queue at any time.
+fn possible_cpus() -> u64 {
+    // SAFETY: sysconf reads a system value; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    u64::try_from(n).ok().filter(|n| *n > 0).unwrap_or(64)
 }
 
 /// Takes every connection already waiting in the kernel backlog of a listener that stops for
@@ -527,9 +534,9 @@ mod tests {
         let (s1, _) = l.accept().await.unwrap();
         inherited.tune(&l, &s1, &a);
         assert_eq!(options(&s1), with(37));
-        // Past those that may have been queued before (none, and one per CPU being completed),
-        // connections get them from the listening socket alone.
-        for _ in 0..6 {
+        // Past those that may have been queued before (none, and the margin for handshakes
+        // being completed), connections get them from the listening socket alone.
+        for _ in 0..2 * possible_cpus() + 2 {
             let _c = TcpStream::connect(addr).await.unwrap();
             let (s, _) = l.accept().await.unwrap();
             assert_eq!(options(&s), with(37), "inherited from the listening socket");
@@ -579,8 +586,8 @@ mod tests {
             inherited.tune(&l, &s, &a);
             assert_eq!(options(&s), with(37));
         }
-        // The two still queued at the first accept, then one per CPU: not the backlog's 64.
-        assert_eq!(inherited.explicit, in_flight_handshakes() - 1);
+        // The two still queued at the first accept, then the margin: not the backlog's 64.
+        assert_eq!(inherited.explicit, 2 * possible_cpus() - 1);
     }
 
     #[tokio::test]
