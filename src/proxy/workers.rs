@@ -108,9 +108,9 @@ impl Drop for Workers {
 /// A thread that runs its runtime until `stop`. Its runtime is built on the thread itself: a
 /// runtime that failed to start is never dropped inside another runtime.
 ///
-/// Only the I/O and time drivers: sessions and accept loops use no signal or child process,
-/// and those drivers would cost a descriptor each and work on every park (the process driver
-/// tries to reap orphans each time the thread goes idle).
+/// Only the I/O and time drivers: sessions and accept loops use no signal or child process.
+/// The signal driver would cost a descriptor per thread, and the process driver work on every
+/// park (it tries to reap orphans, under a process-wide lock, each time the thread goes idle).
 fn start_one(index: usize, stop: CancellationToken) -> io::Result<Handle> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     thread::Builder::new().name(format!("pgfront-dp-{index}")).spawn(move || {
