@@ -29,10 +29,11 @@
 //!   `BENCH_PERF_FREQ`, 999 per second).
 //! - `syscalls-connect` and `profile-connect` (only when named): the same two during a
 //!   `pgbench -S -C -c 8` run instead (a new connection per transaction), so per connection.
-//! - `allocs` and `allocs-connect` (only when named): calls to the C library's `malloc` per
-//!   transaction (per connection for `allocs-connect`) of each proxy during a `--strace-secs` run,
-//!   counted by a uprobe (`perf probe`, removed at the end, and `perf stat`). Unlike CPU time,
-//!   the count does not depend on what else the machine runs.
+//! - `allocs` and `allocs-connect` (only when named): calls to the C library's `malloc`,
+//!   `calloc` and `realloc` per transaction (per connection for `allocs-connect`) of each proxy
+//!   during a `--strace-secs` run, counted by uprobes (`perf probe`, removed at the end, and
+//!   `perf stat`, counting only while pgbench runs). Unlike CPU time, the count does not depend
+//!   on what else the machine runs.
 //!
 //! For each figure: median, spread (min–max) and pgfront's median over HAProxy's.
 //!
@@ -634,7 +635,12 @@ fn syscalls(pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, conne
     per
 }
 
-/// A uprobe on `malloc` of the C library that `pid` runs (`probe_libc:malloc`), removed on drop.
+/// The C library's allocation calls counted by `MallocProbe`.
+const ALLOC_CALLS: [&str; 3] = ["malloc", "calloc", "realloc"];
+
+/// Uprobes on `malloc`, `calloc` and `realloc` of the C library that `pid` runs
+/// (`probe_libc:malloc` …), removed on drop. Allocators with their own pools (HAProxy's) call
+/// them less; both proxies' other allocation paths (`mmap`) are not counted.
 struct MallocProbe {
     perf: std::path::PathBuf,
 }
@@ -649,42 +655,84 @@ impl MallocProbe {
             .find(|path| path.contains("/libc.so") || path.contains("/libc-"))
             .unwrap_or_else(|| panic!("no C library mapped by {pid}"))
             .to_owned();
-        // A probe left by an interrupted run is replaced.
-        let _ = Command::new(&perf).args(["probe", "-q", "-d", "probe_libc:malloc"]).output();
-        let out = Command::new(&perf).args(["probe", "-q", "-x", &libc, "malloc"]).output().expect("perf probe");
-        assert!(
-            out.status.success(),
-            "perf probe -x {libc} malloc (uprobes need root and a kernel with CONFIG_UPROBE_EVENTS): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        MallocProbe { perf }
+        let probe = MallocProbe { perf };
+        // Probes left by an interrupted run are replaced.
+        probe.remove();
+        for f in ALLOC_CALLS {
+            let out = Command::new(&probe.perf).args(["probe", "-q", "-x", &libc, f]).output().expect("perf probe");
+            assert!(
+                out.status.success(),
+                "perf probe -x {libc} {f} (uprobes need root and a kernel with CONFIG_UPROBE_EVENTS): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        probe
     }
 
-    /// `malloc` calls per transaction of `pid` (every thread) during a pgbench `c8` run (`-C`
-    /// with `connect`).
+    fn remove(&self) {
+        for f in ALLOC_CALLS {
+            let _ = Command::new(&self.perf).args(["probe", "-q", "-d", &format!("probe_libc:{f}")]).output();
+        }
+    }
+
+    /// Allocation calls per transaction of `pid` (every thread) during a pgbench `c8` run (`-C`
+    /// with `connect`). `perf stat` starts with its counters off and counts only while pgbench
+    /// runs (`--control`).
     fn per_txn(&self, pgbench: &Pgbench, pid: i32, port: u16, secs: u64, dir: &Path, connect: bool) -> f64 {
-        let out = dir.join(format!("allocs-{pid}.csv"));
+        use std::io::{Read as _, Write as _};
+        use std::os::unix::fs::OpenOptionsExt;
+        let (out, ctl, ack) = (
+            dir.join(format!("allocs-{pid}.csv")),
+            dir.join(format!("allocs-{pid}.ctl")),
+            dir.join(format!("allocs-{pid}.ack")),
+        );
+        for fifo in [&ctl, &ack] {
+            let _ = fs::remove_file(fifo);
+            let st = Command::new("mkfifo").arg(fifo).status().expect("mkfifo");
+            assert!(st.success(), "mkfifo {}", fifo.display());
+        }
+        let events = ALLOC_CALLS.map(|f| format!("probe_libc:{f}")).join(",");
+        let control = format!("fifo:{},{}", ctl.display(), ack.display());
         let mut cmd = Command::new(&self.perf);
-        cmd.args(["stat", "-x", ",", "-e", "probe_libc:malloc", "-o", out.to_str().unwrap(), "-p", &pid.to_string()]);
+        cmd.args(["stat", "-x", ",", "-e", &events, "-D", "-1", "--control", &control]);
+        cmd.args(["-o", out.to_str().unwrap(), "-p", &pid.to_string()]);
         let mut stat = Proc::spawn("perf stat", cmd, &dir.join(format!("allocs-{pid}.log")), false);
-        // perf stat prints nothing when it has attached: give it a second, counted for nobody.
-        std::thread::sleep(Duration::from_secs(1));
+        // Non-blocking opens and reads, so that a perf that failed fails the wait, not the run.
+        let mut ctl_w = wait_for("perf stat to open its control fifo", Duration::from_secs(20), || {
+            fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&ctl).ok()
+        });
+        let mut ack_r = fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&ack).expect("ack fifo");
+        let mut command = |what: &str| {
+            ctl_w.write_all(format!("{what}\n").as_bytes()).unwrap_or_else(|e| panic!("perf stat {what}: {e}"));
+            let mut got = Vec::new();
+            wait_for(&format!("perf stat to {what} its counters"), Duration::from_secs(20), || {
+                let mut b = [0u8; 16];
+                if let Ok(n) = ack_r.read(&mut b) {
+                    got.extend_from_slice(&b[..n]);
+                }
+                // perf writes "ack\n" and a NUL.
+                got.windows(4).any(|w| w == b"ack\n").then_some(())
+            });
+        };
+        command("enable");
         let run = pgbench.run(port, 8, secs, connect);
+        command("disable");
         stat.signal(libc::SIGINT);
-        wait_for("perf stat to write its count", Duration::from_secs(20), || (!stat.running()).then_some(()));
+        wait_for("perf stat to write its counts", Duration::from_secs(20), || (!stat.running()).then_some(()));
         let text = fs::read_to_string(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
-        let count = text
+        let counts: Vec<f64> = text
             .lines()
-            .find(|l| l.contains("probe_libc:malloc"))
-            .and_then(|l| l.split(',').next()?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("perf stat counted no malloc:\n{text}\n{}", stat.log_tail(10)));
-        count / run.txns
+            .filter(|l| l.contains("probe_libc:"))
+            .filter_map(|l| l.split(',').next()?.trim().parse::<f64>().ok())
+            .collect();
+        assert!(counts.len() == ALLOC_CALLS.len(), "perf stat counted no allocation:\n{text}\n{}", stat.log_tail(10));
+        counts.iter().sum::<f64>() / run.txns
     }
 }
 
 impl Drop for MallocProbe {
     fn drop(&mut self) {
-        let _ = Command::new(&self.perf).args(["probe", "-q", "-d", "probe_libc:malloc"]).output();
+        self.remove();
     }
 }
 
@@ -756,8 +804,8 @@ fn main() {
         format!("system calls per transaction of the proxy, pgbench -S -c 8 -T {} under strace -c -f", p.strace_secs);
     let sys_conn =
         format!("system calls per connection of the proxy, pgbench -S -C -c 8 -T {} under strace -c -f", p.strace_secs);
-    let allocs = format!("malloc calls per transaction of the proxy, pgbench -S -c 8 -T {}", p.strace_secs);
-    let allocs_conn = format!("malloc calls per connection of the proxy, pgbench -S -C -c 8 -T {}", p.strace_secs);
+    let allocs = format!("allocations per transaction of the proxy, pgbench -S -c 8 -T {}", p.strace_secs);
+    let allocs_conn = format!("allocations per connection of the proxy, pgbench -S -C -c 8 -T {}", p.strace_secs);
     let mut malloc_probe = None;
     let work = temp_dir("pgfront-bench-strace-");
     for round in 0..p.rounds {
@@ -859,7 +907,7 @@ fn main() {
                     let (pid, port) = (fx.pid(r).unwrap(), fx.ports(r).0);
                     res.add(
                         title,
-                        "malloc calls",
+                        "malloc + calloc + realloc calls",
                         r,
                         probe.per_txn(&pgbench, pid, port, p.strace_secs, work.path(), connect),
                     );
