@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -272,8 +272,18 @@ async fn place(
         watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?;
     // At most a GSSENCRequest, then an SSLRequest, then the startup.
     for _ in 0..2 {
-        if prelude.expect() != Answer::FirstByte || !declined(&mut server).await {
+        if prelude.expect() != Answer::FirstByte {
             break;
+        }
+        match encryption_answer(&mut server).await {
+            Some(b'N') => {}
+            // `S`, `G` or an error: the client's, first of what the server says.
+            Some(other) => {
+                prefix = vec![other];
+                break;
+            }
+            // Closed or failed: the pipe finds the server so.
+            None => break,
         }
         client
             .write_all(b"N")
@@ -375,11 +385,22 @@ async fn watched<T>(
     }
 }
 
-/// Whether the server answered an encryption request with `N` (consumed here); any other
-/// answer (`S`, `G`, an error) is left for the client.
-async fn declined(server: &mut TcpStream) -> bool {
+/// The server's one-byte answer to an encryption request, which `exchange` waited for: `N`
+/// (declined), `S` or `G` (accepted), or the first byte of an error. `None` if the server
+/// closed or failed instead.
+async fn encryption_answer(server: &mut TcpStream) -> Option<u8> {
     let mut b = [0u8; 1];
-    matches!(server.peek(&mut b).await, Ok(1) if b[0] == b'N') && server.read_exact(&mut b).await.is_ok()
+    if !matches!(server.read(&mut b).await, Ok(1)) {
+        return None;
+    }
+    if b[0] == b'N' {
+        // The server says nothing more before the client's next packet: the readiness the `N`
+        // set is cleared, so that the wait for the next answer does not begin with a read that
+        // would block. Data that arrives later sets it again; an end of stream or an error is
+        // never cleared (as `pipe::read_some` relies on too).
+        let _ = server.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+    }
+    Some(b[0])
 }
 
 /// Places the client on a server, retrying failed connects until `deadline`: each try
