@@ -272,14 +272,16 @@ async fn place(
         watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?;
     // At most a GSSENCRequest, then an SSLRequest, then the startup.
     for _ in 0..2 {
-        if prelude.expect() != Answer::FirstByte {
+        // Only an encryption request gets a one-byte answer; a TLS record (a client that
+        // began with TLS) is the pipe's, whole.
+        if !matches!(prelude.kind, Kind::SslRequest | Kind::GssEncRequest) {
             break;
         }
-        match encryption_answer(&mut server).await {
+        match encryption_answer(&server).await {
             Some(b'N') => {}
             // `S`, `G` or an error: the client's, first of what the server says.
             Some(other) => {
-                prefix = vec![other];
+                prefix.push(other);
                 break;
             }
             // Closed or failed: the pipe finds the server so.
@@ -388,19 +390,31 @@ async fn watched<T>(
 /// The server's one-byte answer to an encryption request, which `exchange` waited for: `N`
 /// (declined), `S` or `G` (accepted), or the first byte of an error. `None` if the server
 /// closed or failed instead.
-async fn encryption_answer(server: &mut TcpStream) -> Option<u8> {
+///
+/// After an `N` the server says nothing before the client's next packet, so the readiness seen
+/// before the read is cleared, as `pipe::read_some` does after a short read: the wait for the
+/// next answer then does not begin with a read that would block. Data that arrives after it
+/// sets readiness again; an end of stream or an error is never cleared.
+async fn encryption_answer(server: &TcpStream) -> Option<u8> {
     let mut b = [0u8; 1];
-    if !matches!(server.read(&mut b).await, Ok(1)) {
-        return None;
+    loop {
+        server.readable().await.ok()?;
+        let mut declined = false;
+        let r = server.try_io(Interest::READABLE, || match server.try_read(&mut b) {
+            Ok(1) if b[0] == b'N' => {
+                declined = true;
+                // Makes `try_io` clear the readiness it saw; the byte is in `b`.
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+            r => r,
+        });
+        return match r {
+            Ok(1) => Some(b[0]),
+            Err(_) if declined => Some(b'N'),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            _ => None,
+        };
     }
-    if b[0] == b'N' {
-        // The server says nothing more before the client's next packet: the readiness the `N`
-        // set is cleared, so that the wait for the next answer does not begin with a read that
-        // would block. Data that arrives later sets it again; an end of stream or an error is
-        // never cleared (as `pipe::read_some` relies on too).
-        let _ = server.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
-    }
-    Some(b[0])
 }
 
 /// Places the client on a server, retrying failed connects until `deadline`: each try
@@ -944,6 +958,36 @@ mod tests {
         assert_eq!(*seen_new.lock().unwrap(), vec![Kind::SslRequest, startup_kind], "the SSLRequest was replayed");
         assert_eq!(seen_old.lock().unwrap()[..2], [Kind::SslRequest, startup_kind]);
         assert!(!ctx.cancels.is_empty(), "the key is learnt after a declined SSLRequest too");
+    }
+
+    /// SSLRequest, `N`, then the startup on the same server, whose login comes in one write: it
+    /// must wake the session although the `N` cleared the socket's readiness (a lost wake-up
+    /// would be a connect timeout, a connect error and a retry).
+    #[tokio::test]
+    async fn a_declined_ssl_request_then_the_startup_is_served_by_the_same_server() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            assert_eq!(pgwire::read_first(&mut s).await.unwrap().kind, Kind::SslRequest);
+            s.write_all(b"N").await.unwrap();
+            assert!(matches!(pgwire::read_first(&mut s).await.unwrap().kind, Kind::Startup { .. }));
+            s.write_all(&login(42)).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(5), Duration::from_secs(10));
+        let (front, ctx) = front(cfg, &[addr]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        assert_eq!(read_n(&mut c, 1).await, b"N");
+        c.write_all(&startup()).await.unwrap();
+        assert_eq!(read_n(&mut c, login(42).len()).await, login(42));
+        let m = ctx.pool.metrics();
+        assert_eq!(m.connect_errors.get(), 0, "served by the first try");
+        assert!(!ctx.cancels.is_empty(), "the key is learnt");
+        assert_eq!(m.bytes_to_clients.get(), 1 + login(42).len() as u64, "the N and the login, once each");
+        assert_eq!(m.bytes_from_clients.get(), 8 + startup().len() as u64);
     }
 
     #[tokio::test]
