@@ -826,7 +826,10 @@ fn vrrp_upgrade_takeover_is_invisible_to_a_keepalived_peer() {
         wait_for("keepalived to take over", Duration::from_secs(10), || {
             (count_lines(&ka.log, "Entering MASTER STATE") > 0 && seg.holds_vip("lb2")).then_some(())
         });
-        assert!(mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")), "the monitor sees the VIP on lb2");
+        // `ip monitor` prints the event after the address is there: wait for its line.
+        wait_for("the monitor to see the VIP on lb2", Duration::from_secs(10), || {
+            mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")).then_some(())
+        });
     }));
     if let Err(e) = result {
         eprintln!("--- keepalived ---\n{}", ka.log_tail(40));
@@ -938,7 +941,10 @@ fn etcd_lease_upgrade_takeover_keeps_lease_and_key() {
         wait_for("the VIP on lb2 alone", Duration::from_secs(10), || {
             (seg.holds_vip("lb2") && !seg.holds_vip("lb1")).then_some(())
         });
-        assert!(mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")), "the monitor sees the VIP on lb2");
+        // `ip monitor` prints the event after the address is there: wait for its line.
+        wait_for("the monitor to see the VIP on lb2", Duration::from_secs(10), || {
+            mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")).then_some(())
+        });
     }));
     if let Err(e) = result {
         eprintln!("--- etcd ---\n{}", etcd_proc.log_tail(20));
@@ -1289,7 +1295,10 @@ fn binary_upgrades_keep_the_vrrp_vip_from_a_keepalived_peer() {
             "the sniffer sees the priority-0 advert"
         );
         assert!(mon1.vip_events().iter().any(|l| l.starts_with("Deleted")), "the monitor sees the VIP leave lb1");
-        assert!(mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")), "the monitor sees the VIP on lb2");
+        // `ip monitor` prints the event after the address is there: wait for its line.
+        wait_for("the monitor to see the VIP on lb2", Duration::from_secs(10), || {
+            mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")).then_some(())
+        });
     }));
     if let Err(e) = result {
         eprintln!("--- lb1 (all processes) ---\n{}", lb1.log_tail(80));
@@ -1372,7 +1381,10 @@ fn binary_upgrades_keep_the_etcd_lease_and_key() {
         wait_for("the last pgfront to exit", Duration::from_secs(30), || (!alive(current)).then_some(()));
         let (v, l, _) = key_info(&seg, &endpoint).expect("lb2's key");
         assert!(v != value && l != lease, "the key is lb2's now");
-        assert!(mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")), "the monitor sees the VIP on lb2");
+        // `ip monitor` prints the event after the address is there: wait for its line.
+        wait_for("the monitor to see the VIP on lb2", Duration::from_secs(10), || {
+            mon2.vip_events().iter().any(|l| !l.starts_with("Deleted")).then_some(())
+        });
     }));
     if let Err(e) = result {
         eprintln!("--- lb1 (all processes) ---\n{}", lb1.log_tail(80));
