@@ -62,7 +62,8 @@ pub enum Kind {
     Invalid,
 }
 
-/// A client's first packet, whole (length word included), as it is to be forwarded.
+/// A client's first packet, whole (length word included), as it is to be forwarded (after a
+/// startup or a TLS record, with what followed it: see `read_first`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirstPacket {
     pub kind: Kind,
@@ -103,19 +104,42 @@ pub fn classify(header: [u8; 8]) -> (Kind, usize) {
     }
 }
 
-/// Reads a client's first packet. Allocates only after the length was checked (at most
-/// `MAX_TLS_RECORD` bytes); an invalid header is not read further.
-pub async fn read_first<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<FirstPacket> {
-    let mut header = [0u8; 8];
-    r.read_exact(&mut header).await?;
-    let (kind, len) = classify(header);
+/// Bytes the first read asks for: a usual client's whole startup packet, in one `recv`.
+const FIRST_READ: usize = 512;
+
+/// Reads a client's first packet: in one read when it is at most `FIRST_READ` bytes, more only
+/// after its length was checked (at most `MAX_TLS_RECORD` bytes); an invalid header is not read
+/// further. A client waits for the answer to its first packet, so nothing should follow it.
+/// What does (a client that does not wait) is kept after a startup or a TLS record, to be
+/// forwarded with it in order, dropped after a cancel (the server closes a cancel connection),
+/// and makes an encryption request invalid, as PostgreSQL rejects "unencrypted data after SSL
+/// request".
+pub async fn read_first<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<FirstPacket> {
+    let mut bytes = Vec::with_capacity(FIRST_READ);
+    while bytes.len() < 8 {
+        if r.read_buf(&mut bytes).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    let (kind, len) = classify(bytes[..8].try_into().expect("8 bytes"));
     if kind == Kind::Invalid {
         return Ok(FirstPacket { kind, bytes: Vec::new() });
     }
-    let mut bytes = Vec::with_capacity(len);
-    bytes.extend_from_slice(&header);
-    bytes.resize(len, 0);
-    r.read_exact(&mut bytes[8..]).await?;
+    if bytes.len() < len {
+        bytes.reserve_exact(len - bytes.len());
+        while bytes.len() < len {
+            if r.read_buf(&mut bytes).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+    match kind {
+        Kind::Cancel => bytes.truncate(len),
+        Kind::SslRequest | Kind::GssEncRequest if bytes.len() > len => {
+            return Ok(FirstPacket { kind: Kind::Invalid, bytes: Vec::new() })
+        }
+        _ => {}
+    }
     Ok(FirstPacket { kind, bytes })
 }
 
@@ -153,7 +177,7 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
             match kind {
                 Kind::SslRequest | Kind::GssEncRequest => {
                     s.write_all(b"N").await?;
-                    kind = read_first(s).await?.kind;
+                    kind = read_first(&mut *s).await?.kind;
                 }
                 Kind::Startup { .. } => {
                     s.write_all(&error_response(code, message)).await?;
@@ -647,16 +671,53 @@ mod tests {
             (cancel32.clone(), Kind::Cancel),
             (tls.clone(), Kind::DirectTls),
         ];
+        for (bytes, kind) in cases.clone() {
+            // Whole, and in pieces: the header split, the body later.
+            for split in [None, Some(3), Some(8)] {
+                let (mut client, mut server) = duplex(64 * 1024);
+                let sent = bytes.clone();
+                let writer = tokio::spawn(async move {
+                    let at = split.unwrap_or(sent.len());
+                    client.write_all(&sent[..at]).await.unwrap();
+                    tokio::task::yield_now().await;
+                    client.write_all(&sent[at..]).await.unwrap();
+                    client
+                });
+                let p = read_first(&mut server).await.unwrap();
+                assert_eq!(p, FirstPacket { kind, bytes: bytes.clone() }, "{kind:?}, split at {split:?}");
+                drop(writer.await.unwrap());
+            }
+        }
+        let p = FirstPacket { kind: Kind::Cancel, bytes: cancel32 };
+        assert_eq!(p.cancel_key(), Some(&key_of(7, &[9; 32])[..]));
+
+        // A client that does not wait for the answer: what follows a startup or a TLS record
+        // is kept, to be forwarded after it; a cancel is cut at its length; an encryption
+        // request followed by data is not PostgreSQL (the server itself rejects it).
         for (bytes, kind) in cases {
             let (mut client, mut server) = duplex(64 * 1024);
             let mut sent = bytes.clone();
             sent.extend_from_slice(b"next packet");
             client.write_all(&sent).await.unwrap();
             let p = read_first(&mut server).await.unwrap();
-            assert_eq!(p, FirstPacket { kind, bytes }, "{kind:?}");
+            let expect = match kind {
+                Kind::Startup { .. } | Kind::DirectTls => FirstPacket { kind, bytes: sent },
+                Kind::Cancel => FirstPacket { kind, bytes },
+                _ => FirstPacket { kind: Kind::Invalid, bytes: Vec::new() },
+            };
+            assert_eq!(p, expect, "{kind:?} and more");
         }
-        let p = FirstPacket { kind: Kind::Cancel, bytes: cancel32 };
-        assert_eq!(p.cancel_key(), Some(&key_of(7, &[9; 32])[..]));
+    }
+
+    #[tokio::test]
+    async fn a_first_packet_cut_short_by_the_end_of_the_stream_is_an_error() {
+        for sent in [&request(SSL_REQUEST)[..5], &startup_packet()[..20]] {
+            let (mut client, mut server) = duplex(1024);
+            client.write_all(sent).await.unwrap();
+            drop(client);
+            let e = read_first(&mut server).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        }
     }
 
     #[tokio::test]
@@ -679,13 +740,19 @@ mod tests {
     async fn ssl_request_then_startup_gets_n_then_error() {
         let (mut client, mut server) = duplex(1024);
         client.write_all(&request(SSL_REQUEST)).await.unwrap();
-        client.write_all(&startup_packet()).await.unwrap();
         let first = read_first(&mut server).await.unwrap();
-        refuse(&mut server, first.kind, "57P03", "no primary available", Duration::from_secs(5)).await;
+        let refusing = tokio::spawn(async move {
+            refuse(&mut server, first.kind, "57P03", "no primary available", Duration::from_secs(5)).await
+        });
+        // As libpq does: the startup only once the `N` is read.
+        let mut n = [0u8; 1];
+        client.read_exact(&mut n).await.unwrap();
+        assert_eq!(&n, b"N");
+        client.write_all(&startup_packet()).await.unwrap();
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got[0], b'N');
-        assert_eq!(&got[1..], &error_response("57P03", "no primary available")[..]);
+        assert_eq!(got, error_response("57P03", "no primary available"));
+        refusing.await.unwrap();
     }
 
     #[tokio::test]

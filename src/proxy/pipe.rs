@@ -106,7 +106,7 @@ async fn one_way<C: ByteCount>(
                     r => r,
                 },
                 // The common case: read into the thread's buffer, and the peer takes it all.
-                None => match with_scratch(|buf| forward_now(src, dst, buf, &mut watch, &mut moved.n)) {
+                None => match SCRATCH.with_borrow_mut(|buf| forward_now(src, dst, buf, &mut watch, &mut moved.n)) {
                     Ok(Some(Forwarded::All { more })) => Ok(Some(more)),
                     Ok(Some(Forwarded::Part { unsent, more })) => {
                         let r = write_all(dst, &unsent, &mut moved.n).await.map(|()| Some(more));
@@ -170,30 +170,38 @@ impl<C: ByteCount> Drop for Pending<'_, C> {
 }
 
 /// What one read found.
-enum Read {
+pub(crate) enum Read {
     Eof,
-    /// `buf` holds the bytes read; `more`: the read filled the buffer, so the kernel may hold more.
+    /// The bytes read were appended; `more`: the read filled the space it was given, so the
+    /// kernel may hold more.
     Data {
         more: bool,
     },
 }
 
-/// One `recv` into `buf` (cleared first). A read that does not fill the buffer means the kernel
-/// had no more: the socket's readiness is then cleared as a `WouldBlock` would, so the caller
-/// goes back to waiting for the next readiness event instead of spending a system call on a read
-/// that would return `EAGAIN` (one per direction per round trip, half of a small transaction's
-/// reads). This is safe with tokio's edge-triggered readiness: the clearing only applies to the
-/// readiness event seen before the read (data that arrives after it sets readiness again), and
-/// end of stream or an error is never cleared (`ScheduledIo` keeps the closed bits), so the next
-/// wait returns at once and the next read sees it.
+/// One `recv` into `buf` (cleared first, up to its capacity), as `read_clearing` does it.
 fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Read> {
     buf.clear();
     let cap = buf.capacity();
+    read_clearing(src, cap, || src.try_read_buf(buf))
+}
+
+/// One `recv` of at most `want` bytes, done by `recv`. A read that does not fill the space
+/// means the kernel had no more: the socket's readiness is then cleared as a `WouldBlock` would,
+/// so the caller goes back to waiting for the next readiness event instead of spending a system
+/// call on a read that would return `EAGAIN` (one per direction per round trip, half of a small
+/// transaction's reads; during a session's setup, a peek or a read at each step). This is safe
+/// with tokio's edge-triggered readiness: the clearing only applies to the readiness event seen
+/// before the read (data that arrives after it sets readiness again), and end of stream or an
+/// error is never cleared (`ScheduledIo` keeps the closed bits), so the next wait returns at
+/// once and the next read sees it. `WouldBlock`: there was nothing to read after all.
+fn read_clearing(src: &TcpStream, want: usize, recv: impl FnOnce() -> io::Result<usize>) -> io::Result<Read> {
+    debug_assert!(want > 0, "a read into no space looks like the end of the stream");
     let mut short = false;
-    let r = src.try_io(Interest::READABLE, || match src.try_read_buf(buf) {
-        Ok(n) if n > 0 && n < cap => {
+    let r = src.try_io(Interest::READABLE, || match recv() {
+        Ok(n) if n > 0 && n < want => {
             short = true;
-            // Makes `try_io` clear the readiness it saw; the bytes are in `buf`.
+            // Makes `try_io` clear the readiness it saw; the bytes are in the caller's buffer.
             Err(io::ErrorKind::WouldBlock.into())
         }
         r => r,
@@ -206,13 +214,49 @@ fn read_some(src: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Read> {
     }
 }
 
+/// A socket read as `AsyncRead` during a session's setup (its first packets, the server's
+/// answers): one `recv` per `poll_read`, and a short one clears the socket's readiness
+/// (`read_clearing`), so the next step (a wait for the client to leave, the pipe's first read)
+/// does not begin with a `recv` or a peek that returns `EAGAIN`. tokio's own `TcpStream` keeps
+/// the readiness until a read returns `EAGAIN`.
+pub(crate) struct Reader<'a>(pub(crate) &'a TcpStream);
+
+impl tokio::io::AsyncRead for Reader<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let s = self.0;
+        if buf.remaining() == 0 {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        loop {
+            std::task::ready!(s.poll_read_ready(cx))?;
+            let space = buf.initialize_unfilled();
+            let (want, mut n) = (space.len(), 0);
+            let r = read_clearing(s, want, || {
+                let r = s.try_read(space);
+                if let Ok(k) = r {
+                    n = k;
+                }
+                r
+            });
+            match r {
+                Ok(_) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
 thread_local! {
     /// The thread's read buffer (see the module doc). Borrowed only between two awaits.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(CHUNK));
-}
-
-fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-    SCRATCH.with_borrow_mut(f)
 }
 
 /// One read into `buf` (`read_some`), shown to `watch`: `Some(more)` with bytes, `None` at the
@@ -419,6 +463,44 @@ mod tests {
             drop(client);
             drop(writer.await.unwrap());
             tokio::time::timeout(std::time::Duration::from_secs(10), task).await.expect("pipe ended").unwrap().ok();
+        }
+    }
+
+    /// `Reader` (a session's setup reads) clears the readiness after a short read, as the pipe
+    /// does: bytes that arrive after that read, and an end of stream that came with the last
+    /// bytes, must still be read. Small writes then a half-close, many times, each within a
+    /// deadline; on a multi-thread runtime so that the writer races the reader.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_misses_neither_later_bytes_nor_the_end_of_stream() {
+        for i in 0..200u32 {
+            let (mut tx, rx) = pair().await;
+            let msgs = (i % 5) + 1;
+            let writer = tokio::spawn(async move {
+                for m in 0..msgs {
+                    tx.write_all(&[m as u8; 10]).await.unwrap();
+                    if i % 2 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                tx.shutdown().await.unwrap();
+                tx
+            });
+            let mut got = Vec::new();
+            let read_all = async {
+                loop {
+                    got.reserve(1024);
+                    if Reader(&rx).read_buf(&mut got).await? == 0 {
+                        return io::Result::Ok(());
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), read_all)
+                .await
+                .unwrap_or_else(|_| panic!("round {i}: later bytes or the end of stream were missed"))
+                .unwrap();
+            let expect: Vec<u8> = (0..msgs).flat_map(|m| [m as u8; 10]).collect();
+            assert_eq!(got, expect, "round {i}");
+            drop(writer.await.unwrap());
         }
     }
 

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -50,7 +50,7 @@ use tracing::{debug, warn};
 use super::cancel::{self, CancelMap, KeyWatch};
 use super::interrupt::interruptible;
 use super::pgwire::{self, sqlstate, FirstPacket, Kind, StartupAnswer};
-use super::pipe;
+use super::pipe::{self, Reader};
 use crate::balancer::pool::{Lease, Pool, Refusal};
 use crate::config::{ListenerConfig, Role};
 use crate::events::Events;
@@ -61,6 +61,10 @@ const REFUSE_LIMIT: Duration = Duration::from_secs(5);
 /// How long a new client has to send its first packet (clients send it right after connecting;
 /// PostgreSQL allows `authentication_timeout`, 60 s, for the whole authentication).
 pub const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes asked of a server's first read: its one-byte answer to an encryption request, then in
+/// the same buffer the answer to a startup (a trust login's, with its parameter statuses,
+/// fits).
+const ANSWER_READ: usize = 1024;
 /// Backoff bounds after every eligible server refused a connect.
 const RETRY_MIN: Duration = Duration::from_millis(10);
 const RETRY_MAX: Duration = Duration::from_millis(200);
@@ -107,7 +111,7 @@ pub async fn run(
         // The packet is often there already: read it before polling, and so registering
         // with, the stop token.
         biased;
-        r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(&mut client)) => r,
+        r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(Reader(&client))) => r,
         _ = ctx.stop.cancelled() => return,
     };
     let FirstPacket { kind, bytes } = match first {
@@ -272,28 +276,20 @@ async fn place(
         watched(ctx, client, connect_backend(ctx, deadline, prelude)).await?.map_err(Placing::Refused)?;
     // At most a GSSENCRequest, then an SSLRequest, then the startup.
     for _ in 0..2 {
-        // Only an encryption request gets a one-byte answer; a TLS record (a client that
-        // began with TLS) is the pipe's, whole.
-        if !matches!(prelude.kind, Kind::SslRequest | Kind::GssEncRequest) {
+        // An encryption request's answer, read by `exchange`: `N` (declined) is answered here;
+        // `S`, `G` or an error is the client's, first of what the server says, and so is
+        // whatever answers a TLS record (a client that began with TLS).
+        if !matches!(prelude.kind, Kind::SslRequest | Kind::GssEncRequest) || prefix != b"N" {
             break;
         }
-        match encryption_answer(&server).await {
-            Some(b'N') => {}
-            // `S`, `G` or an error: the client's, first of what the server says.
-            Some(other) => {
-                prefix.push(other);
-                break;
-            }
-            // Closed or failed: the pipe finds the server so.
-            None => break,
-        }
+        prefix.clear();
         client
             .write_all(b"N")
             .await
             .map_err(|e| Placing::Gone(format!("client gone after its encryption request: {e}")))?;
         prelude.answered += 1;
         let next = tokio::select! {
-            r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(client)) => r,
+            r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, pgwire::read_first(Reader(client))) => r,
             _ = ctx.stop.cancelled() => {
                 // The client was answered `N` and sends its startup next: the refusal is the
                 // ErrorResponse, not a second `N`.
@@ -328,7 +324,8 @@ async fn place(
         // The client has waited in the queue already: its next packet gets a whole
         // connect_timeout, even past the queue deadline.
         let first_by = Instant::now() + ctx.cfg.connect_timeout;
-        match watched(ctx, client, exchange(ctx, &mut server, &prelude.last, prelude.expect(), first_by)).await? {
+        let answer = exchange(ctx, &mut server, &prelude.last, prelude.expect(), first_by, std::mem::take(&mut prefix));
+        match watched(ctx, client, answer).await? {
             Ok((p, _)) => prefix = p,
             Err(e) => {
                 connect_failed(ctx, &lease, &e);
@@ -384,36 +381,6 @@ async fn watched<T>(
         r = work => Ok(r),
         _ = client_gone(client) => Err(Placing::Gone("client left while waiting for a server".into())),
         _ = ctx.stop.cancelled() => Err(Placing::Refused(Refused::Pool(Refusal::Closed))),
-    }
-}
-
-/// The server's one-byte answer to an encryption request, which `exchange` waited for: `N`
-/// (declined), `S` or `G` (accepted), or the first byte of an error. `None` if the server
-/// closed or failed instead.
-///
-/// After an `N` the server says nothing before the client's next packet, so the readiness seen
-/// before the read is cleared, as `pipe::read_some` does after a short read: the wait for the
-/// next answer then does not begin with a read that would block. Data that arrives after it
-/// sets readiness again; an end of stream or an error is never cleared.
-async fn encryption_answer(server: &TcpStream) -> Option<u8> {
-    let mut b = [0u8; 1];
-    loop {
-        server.readable().await.ok()?;
-        let mut declined = false;
-        let r = server.try_io(Interest::READABLE, || match server.try_read(&mut b) {
-            Ok(1) if b[0] == b'N' => {
-                declined = true;
-                // Makes `try_io` clear the readiness it saw; the byte is in `b`.
-                Err(std::io::ErrorKind::WouldBlock.into())
-            }
-            r => r,
-        });
-        return match r {
-            Ok(1) => Some(b[0]),
-            Err(_) if declined => Some(b'N'),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            _ => None,
-        };
     }
 }
 
@@ -476,8 +443,8 @@ fn connect_failed(ctx: &SessionCtx, lease: &Lease, err: &std::io::Error) {
 enum Answer {
     /// Nothing (a cancel request gets no answer).
     Nothing,
-    /// The server's first byte (the one-byte answer to SSLRequest / GSSENCRequest, or a TLS
-    /// record): left in the socket.
+    /// The server's first bytes (the one-byte answer to SSLRequest / GSSENCRequest, or what
+    /// answers a TLS record), read for the client.
     FirstByte,
     /// The server's answer to a StartupMessage, read here until the client has to speak
     /// (`pgwire::startup_answer`): `ReadyForQuery` for a trust login, the first authentication
@@ -525,7 +492,7 @@ async fn open(
         Ok::<_, std::io::Error>(s)
     };
     let mut s = tokio::time::timeout(limit, connect).await.map_err(|_| no_answer(limit))??;
-    let (prefix, _) = exchange(ctx, &mut s, &prelude.last, prelude.expect(), started + limit).await?;
+    let (prefix, _) = exchange(ctx, &mut s, &prelude.last, prelude.expect(), started + limit, Vec::new()).await?;
     Ok((s, prefix, started.elapsed()))
 }
 
@@ -533,32 +500,33 @@ async fn open(
 /// (a server that never answers is a failed connect), then, for a startup,
 /// the rest of the answer until the client has to speak, within `connect_timeout` again (a
 /// server that answered but is slow to finish its startup is handed over as it is, as before
-/// pgfront read it). Returns the bytes read and the time to the first answer.
+/// pgfront read it). Returns the bytes read, into `got` (cleared first: the buffer of the
+/// previous answer on the same connection is reused), and the time to the first answer.
 async fn exchange(
     ctx: &SessionCtx,
     s: &mut TcpStream,
     packet: &[u8],
     expect: Answer,
     first_by: Instant,
+    mut got: Vec<u8>,
 ) -> std::io::Result<(Vec<u8>, Duration)> {
     let started = Instant::now();
     let limit = first_by.saturating_duration_since(started);
+    got.clear();
+    if expect != Answer::Nothing {
+        got.reserve(ANSWER_READ);
+    }
     let first = async {
         s.write_all(packet).await?;
-        let mut got = Vec::new();
         match expect {
             Answer::Nothing => {}
             Answer::FirstByte => {
-                let mut b = [0u8; 1];
-                if s.peek(&mut b).await? == 0 {
+                if Reader(s).read_buf(&mut got).await? == 0 {
                     return Err(closed_early(std::io::ErrorKind::UnexpectedEof.into()));
                 }
             }
-            Answer::Startup => {
-                // A message header: the server answers.
-                got.reserve(1024);
-                read_until(s, &mut got, |b| b.len() >= 5).await?;
-            }
+            // A message header: the server answers.
+            Answer::Startup => read_until(s, &mut got, |b| b.len() >= 5).await?,
         }
         Ok(got)
     };
@@ -582,12 +550,12 @@ async fn exchange(
 
 /// Reads from `s` into `got` until `done(got)`. The end of the stream first is an error: the
 /// server closed without answering.
-async fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) -> std::io::Result<()> {
+async fn read_until(s: &TcpStream, got: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) -> std::io::Result<()> {
     while !done(got) {
         if got.capacity() == got.len() {
             got.reserve(1024);
         }
-        if s.read_buf(got).await? == 0 {
+        if Reader(s).read_buf(got).await? == 0 {
             return Err(closed_early(std::io::ErrorKind::UnexpectedEof.into()));
         }
     }
@@ -848,10 +816,14 @@ mod tests {
         assert_eq!(&answer[..9], &[b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
     }
 
-    /// A server that answers an `SSLRequest` with `ssl` and a startup with `answer` (sent in
-    /// two writes: `AuthenticationOk` first, as PostgreSQL flushes it before the backend's
-    /// initialisation), then holds the session; it records every packet it got.
-    async fn scripted_server(ssl: u8, answer: Vec<u8>) -> (SocketAddr, Arc<std::sync::Mutex<Vec<Kind>>>) {
+    /// A server that answers an encryption request with `encryption` (`N`, `S`, or an error,
+    /// after which it closes) and a startup with `answer` (sent in two writes:
+    /// `AuthenticationOk` first, as PostgreSQL flushes it before the backend's initialisation),
+    /// then holds the session; it records every packet it got.
+    async fn scripted_server(
+        encryption: &'static [u8],
+        answer: Vec<u8>,
+    ) -> (SocketAddr, Arc<std::sync::Mutex<Vec<Kind>>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -862,8 +834,11 @@ mod tests {
                 tokio::spawn(async move {
                     while let Ok(p) = pgwire::read_first(&mut s).await {
                         log.lock().unwrap().push(p.kind);
-                        if p.kind == Kind::SslRequest {
-                            let _ = s.write_all(&[ssl]).await;
+                        if matches!(p.kind, Kind::SslRequest | Kind::GssEncRequest) {
+                            let _ = s.write_all(encryption).await;
+                            if encryption.first() == Some(&b'E') {
+                                return;
+                            }
                             continue;
                         }
                         let split = answer.len().min(9);
@@ -912,7 +887,7 @@ mod tests {
     async fn a_backend_terminated_during_its_startup_is_a_failed_connect_and_the_client_is_placed_again() {
         // A primary shutting down for a switchover (repmgr's fast shutdown) terminates a backend
         // that has sent AuthenticationOk but not yet ReadyForQuery: the client never sees it.
-        let (old, seen) = scripted_server(b'N', terminated()).await;
+        let (old, seen) = scripted_server(b"N", terminated()).await;
         let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(20));
         let (front, ctx) = front(cfg, &[old]).await;
         let mut c = TcpStream::connect(front).await.unwrap();
@@ -922,7 +897,7 @@ mod tests {
             assert!(Instant::now() < deadline, "the old primary was tried, and tried again");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let (new, _) = scripted_server(b'N', login(9)).await;
+        let (new, _) = scripted_server(b"N", login(9)).await;
         ctx.pool.apply(
             &Targets { eligible: vec![Backend { member: "new".into(), addr: new }], keep: vec![] },
             Duration::ZERO,
@@ -936,8 +911,8 @@ mod tests {
     #[tokio::test]
     async fn a_client_asking_for_tls_first_is_answered_n_and_its_startup_replayed_elsewhere() {
         // libpq's sslmode=prefer against servers without TLS: SSLRequest, N, then the startup.
-        let (old, seen_old) = scripted_server(b'N', terminated()).await;
-        let (new, seen_new) = scripted_server(b'N', login(5)).await;
+        let (old, seen_old) = scripted_server(b"N", terminated()).await;
+        let (new, seen_new) = scripted_server(b"N", login(5)).await;
         let cfg = listener_cfg(Role::Replica, Duration::from_secs(1), Duration::from_secs(20));
         let (front, ctx) = front(cfg, &[old]).await;
         let mut c = TcpStream::connect(front).await.unwrap();
@@ -993,8 +968,8 @@ mod tests {
     #[tokio::test]
     async fn a_cancel_after_a_declined_ssl_request_reaches_the_server_of_its_session() {
         // libpq's cancel API with sslmode=prefer: SSLRequest, N, then the CancelRequest.
-        let (a, seen_a) = scripted_server(b'N', login(100)).await;
-        let (b, seen_b) = scripted_server(b'N', login(200)).await;
+        let (a, seen_a) = scripted_server(b"N", login(100)).await;
+        let (b, seen_b) = scripted_server(b"N", login(200)).await;
         let cfg = listener_cfg(Role::Replica, Duration::from_secs(1), Duration::from_secs(5));
         let (front, ctx) = front(cfg, &[a, b]).await;
         let (_held, hello) = session(front).await;
@@ -1020,7 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_answered_n_and_refused_at_shutdown_gets_the_error_not_a_second_n() {
-        let (server, _) = scripted_server(b'N', login(1)).await;
+        let (server, _) = scripted_server(b"N", login(1)).await;
         let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
         let (front, ctx) = front(cfg, &[server]).await;
         let mut c = TcpStream::connect(front).await.unwrap();
@@ -1034,9 +1009,47 @@ mod tests {
         assert!(String::from_utf8_lossy(&rest).contains("57P01"), "{rest:?}");
     }
 
+    /// libpq with `gssencmode=prefer` and `sslmode=prefer` against a server with neither:
+    /// GSSENCRequest, `N`, SSLRequest, `N`, then the startup, all on one server connection.
+    #[tokio::test]
+    async fn a_gssenc_request_then_an_ssl_request_both_declined_then_the_startup_on_one_server() {
+        let (server, seen) = scripted_server(b"N", login(3)).await;
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
+        let (front, ctx) = front(cfg, &[server]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 48]).await.unwrap();
+        assert_eq!(read_n(&mut c, 1).await, b"N");
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        assert_eq!(read_n(&mut c, 1).await, b"N");
+        c.write_all(&startup()).await.unwrap();
+        assert_eq!(read_n(&mut c, login(3).len()).await, login(3));
+        let startup_kind = Kind::Startup { version: 196608 };
+        assert_eq!(*seen.lock().unwrap(), vec![Kind::GssEncRequest, Kind::SslRequest, startup_kind]);
+        let m = ctx.pool.metrics();
+        assert_eq!((m.connect_errors.get(), m.bad_startup.get()), (0, 0));
+        assert!(!ctx.cancels.is_empty(), "the key is learnt");
+    }
+
+    /// A server that answers an SSLRequest with an `ErrorResponse` (as a postmaster that cannot
+    /// fork does, before reading anything): the client gets the error whole, as the server sent
+    /// it, not an `N` of pgfront's.
+    #[tokio::test]
+    async fn an_error_answering_an_ssl_request_reaches_the_client_whole() {
+        const ERROR: &[u8] = b"E\0\0\0\x22SFATAL\0C53300\0Mout of memory\0\0";
+        let (server, seen) = scripted_server(ERROR, login(1)).await;
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
+        let (front, _ctx) = front(cfg, &[server]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await.expect("closed").unwrap();
+        assert_eq!(got, ERROR);
+        assert_eq!(*seen.lock().unwrap(), vec![Kind::SslRequest]);
+    }
+
     #[tokio::test]
     async fn a_server_that_accepts_tls_gets_the_session_as_it_is() {
-        let (tls, seen) = scripted_server(b'S', login(1)).await;
+        let (tls, seen) = scripted_server(b"S", login(1)).await;
         let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
         let (front, ctx) = front(cfg, &[tls]).await;
         let mut c = TcpStream::connect(front).await.unwrap();
