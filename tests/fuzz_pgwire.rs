@@ -159,12 +159,28 @@ proptest! {
         if let Ok(p) = r {
             prop_assert!(data.len() >= 8);
             let (kind, len) = classify(data[..8].try_into().unwrap());
-            prop_assert_eq!(p.kind, kind);
-            if kind == Kind::Invalid {
+            // What the client sent past the packet and `read_first` read with it.
+            let extra = p.bytes.len().saturating_sub(len);
+            match kind {
+                // An encryption request followed by more is not PostgreSQL (if the more came in
+                // the same read).
+                Kind::SslRequest | Kind::GssEncRequest if p.kind == Kind::Invalid => {
+                    prop_assert!(data.len() > len);
+                }
+                _ => prop_assert_eq!(p.kind, kind),
+            }
+            if p.kind == Kind::Invalid {
                 prop_assert!(p.bytes.is_empty());
-                prop_assert!(largest <= SLACK, "nothing allocated for an invalid header: {}", largest);
+                prop_assert!(largest <= SLACK, "no more than the first read for an invalid header: {}", largest);
             } else {
-                prop_assert_eq!(&p.bytes[..], &data[..len]);
+                // The packet whole, then (after a startup or a TLS record only) what followed
+                // it in the same read, never past the first read's size.
+                prop_assert_eq!(&p.bytes[..], &data[..p.bytes.len()]);
+                prop_assert!(p.bytes.len() >= len);
+                if extra > 0 {
+                    prop_assert!(matches!(kind, Kind::Startup { .. } | Kind::DirectTls), "{:?} kept {} more", kind, extra);
+                    prop_assert!(p.bytes.len() <= 512, "{} bytes read past a packet of {}", p.bytes.len(), len);
+                }
                 let cap = if kind == Kind::DirectTls { MAX_TLS_RECORD } else { MAX_STARTUP_LEN };
                 prop_assert!(len <= cap);
             }

@@ -2,9 +2,10 @@
 //!
 //! - the client's first packet (`read_first`): `SSLRequest`, `GSSENCRequest`, `CancelRequest`,
 //!   a `StartupMessage`, or the first record of a direct TLS handshake (PostgreSQL 17's
-//!   `sslnegotiation=direct`). Its length is checked before anything is allocated: a packet is
-//!   at most `MAX_STARTUP_LEN` bytes (PostgreSQL's own cap), a TLS record at most
-//!   `MAX_TLS_RECORD`, so a hostile length field costs nothing;
+//!   `sslnegotiation=direct`), read in one `recv` of `FIRST_READ` bytes when it fits. Its length
+//!   is checked before anything more is allocated: a packet is at most `MAX_STARTUP_LEN` bytes
+//!   (PostgreSQL's own cap), a TLS record at most `MAX_TLS_RECORD`, so a hostile length field
+//!   costs nothing;
 //! - the session's `BackendKeyData` (`KeyScanner`), a pure scanner fed the server's first
 //!   bytes, which stops at the key, at `ReadyForQuery`/`ErrorResponse`, at an encrypted answer
 //!   (`S`/`G` to an encryption request: the key is then unseen), or after `MAX_SCAN` bytes;
@@ -663,8 +664,16 @@ mod tests {
         cancel32.extend_from_slice(&key_of(7, &[9; 32]));
         let mut tls = vec![0x16, 0x03, 0x01, 0x00, 0x30];
         tls.extend_from_slice(&[0xab; 0x30]);
+        // Over the first read's 512 bytes: the rest is read to its length.
+        let mut long_body = 196608u32.to_be_bytes().to_vec();
+        long_body.extend_from_slice(b"user\0app\0options\0");
+        long_body.extend_from_slice(&[b'x'; 2000]);
+        long_body.extend_from_slice(b"\0\0");
+        let mut long_startup = ((long_body.len() + 4) as u32).to_be_bytes().to_vec();
+        long_startup.extend(long_body);
         let cases = [
             (startup_packet(), Kind::Startup { version: 196608 }),
+            (long_startup, Kind::Startup { version: 196608 }),
             (request(SSL_REQUEST), Kind::SslRequest),
             (request(GSSENC_REQUEST), Kind::GssEncRequest),
             (cancel.clone(), Kind::Cancel),
@@ -692,7 +701,7 @@ mod tests {
         assert_eq!(p.cancel_key(), Some(&key_of(7, &[9; 32])[..]));
 
         // A client that does not wait for the answer: what follows a startup or a TLS record
-        // is kept, to be forwarded after it; a cancel is cut at its length; an encryption
+        // in the first read is kept, to be forwarded after it; a cancel is cut at its length; an encryption
         // request followed by data is not PostgreSQL (the server itself rejects it).
         for (bytes, kind) in cases {
             let (mut client, mut server) = duplex(64 * 1024);
@@ -701,8 +710,10 @@ mod tests {
             client.write_all(&sent).await.unwrap();
             let p = read_first(&mut server).await.unwrap();
             let expect = match kind {
-                Kind::Startup { .. } | Kind::DirectTls => FirstPacket { kind, bytes: sent },
-                Kind::Cancel => FirstPacket { kind, bytes },
+                // Kept when it came within the first read; after a longer packet, the rest is
+                // read to its length only.
+                Kind::Startup { .. } | Kind::DirectTls if sent.len() <= FIRST_READ => FirstPacket { kind, bytes: sent },
+                Kind::Startup { .. } | Kind::DirectTls | Kind::Cancel => FirstPacket { kind, bytes },
                 _ => FirstPacket { kind: Kind::Invalid, bytes: Vec::new() },
             };
             assert_eq!(p, expect, "{kind:?} and more");

@@ -48,7 +48,7 @@ use crate::metrics::ByteCount;
 
 /// Largest read per system call, and the size of each thread's buffer: large enough for bulk
 /// COPY.
-const CHUNK: usize = 16 * 1024;
+pub(crate) const CHUNK: usize = 16 * 1024;
 /// Chunks forwarded in a row before the task yields to the other sessions of its worker.
 const YIELD_EVERY: u32 = 8;
 

@@ -63,7 +63,7 @@ const REFUSE_LIMIT: Duration = Duration::from_secs(5);
 pub const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes asked of a server's first read: its one-byte answer to an encryption request, then in
 /// the same buffer the answer to a startup (a trust login's, with its parameter statuses,
-/// fits).
+/// fits). A TLS answer gets a chunk of the pipe's (`Answer::Tls`).
 const ANSWER_READ: usize = 1024;
 /// Backoff bounds after every eligible server refused a connect.
 const RETRY_MIN: Duration = Duration::from_millis(10);
@@ -231,7 +231,8 @@ struct Prelude {
     /// Encryption requests (`SSLRequest`, `GSSENCRequest`) the client was already answered `N`
     /// to: each is sent again to a new server, which must answer `N` again.
     refused: Vec<Vec<u8>>,
-    /// The packet whose answer the client waits for, and its kind.
+    /// The packet whose answer the client waits for, and its kind; after a startup or a TLS
+    /// record, with what the client sent past it before any answer (`pgwire::read_first`).
     last: Vec<u8>,
     kind: Kind,
     /// Bytes pgfront answered the client on the servers' behalf (the `N`s).
@@ -443,9 +444,13 @@ fn connect_failed(ctx: &SessionCtx, lease: &Lease, err: &std::io::Error) {
 enum Answer {
     /// Nothing (a cancel request gets no answer).
     Nothing,
-    /// The server's first bytes (the one-byte answer to SSLRequest / GSSENCRequest, or what
-    /// answers a TLS record), read for the client.
-    FirstByte,
+    /// The one-byte answer to an SSLRequest / GSSENCRequest (`N`, `S`, `G`, or an error), read
+    /// here: `place` answers an `N` itself, the rest is the client's.
+    Encryption,
+    /// The server's first bytes after a client's TLS record (PostgreSQL 17's direct TLS), read
+    /// for the client, up to a chunk of the pipe's (a TLS server's first flight, certificate
+    /// included, is usually over 1 KiB).
+    Tls,
     /// The server's answer to a StartupMessage, read here until the client has to speak
     /// (`pgwire::startup_answer`): `ReadyForQuery` for a trust login, the first authentication
     /// request otherwise. A server that refuses or ends the session before then because it
@@ -460,7 +465,8 @@ fn answer_expected(kind: Kind) -> Answer {
     match kind {
         Kind::Cancel => Answer::Nothing,
         Kind::Startup { .. } => Answer::Startup,
-        _ => Answer::FirstByte,
+        Kind::SslRequest | Kind::GssEncRequest => Answer::Encryption,
+        Kind::DirectTls | Kind::Invalid => Answer::Tls,
     }
 }
 
@@ -480,12 +486,17 @@ async fn open(
         tune(&s, ctx.cfg.tcp_keepalive);
         for request in &prelude.refused {
             s.write_all(request).await?;
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).await.map_err(closed_early)?;
-            if b[0] != b'N' {
+            // One read: `N` alone (and the readiness cleared, `Reader`), as the first server
+            // answered.
+            let mut b = [0u8; 2];
+            let n = Reader(&s).read(&mut b).await?;
+            if n == 0 {
+                return Err(closed_early(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            if b[..n] != *b"N" {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::ConnectionRefused,
-                    "the server offers the encryption the client was told another server declined",
+                    "the server does not decline the encryption the client was told another server declined",
                 ));
             }
         }
@@ -513,22 +524,21 @@ async fn exchange(
     let started = Instant::now();
     let limit = first_by.saturating_duration_since(started);
     got.clear();
-    if expect != Answer::Nothing {
-        got.reserve(ANSWER_READ);
-    }
+    got.reserve(match expect {
+        Answer::Nothing => 0,
+        Answer::Tls => pipe::CHUNK,
+        Answer::Encryption | Answer::Startup => ANSWER_READ,
+    });
     let first = async {
         s.write_all(packet).await?;
         match expect {
             Answer::Nothing => {}
-            Answer::FirstByte => {
-                if Reader(s).read_buf(&mut got).await? == 0 {
-                    return Err(closed_early(std::io::ErrorKind::UnexpectedEof.into()));
-                }
-            }
+            // Whatever the server says first, in one read.
+            Answer::Encryption | Answer::Tls => read_until(s, &mut got, |b| !b.is_empty()).await?,
             // A message header: the server answers.
             Answer::Startup => read_until(s, &mut got, |b| b.len() >= 5).await?,
         }
-        Ok(got)
+        Ok::<_, std::io::Error>(got)
     };
     let mut got = tokio::time::timeout(limit, first).await.map_err(|_| no_answer(limit))??;
     let took = started.elapsed();
@@ -1009,6 +1019,26 @@ mod tests {
         assert!(String::from_utf8_lossy(&rest).contains("57P01"), "{rest:?}");
     }
 
+    /// A client that begins with TLS (PostgreSQL 17's `sslnegotiation=direct`): its record goes
+    /// to the server, and the server's answer, however long, reaches the client whole, counted.
+    #[tokio::test]
+    async fn a_direct_tls_client_gets_the_servers_answer_whole() {
+        let answer: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let (server, seen) = scripted_server(b"N", answer.clone()).await;
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
+        let (front, ctx) = front(cfg, &[server]).await;
+        let mut c = TcpStream::connect(front).await.unwrap();
+        let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0x30];
+        hello.extend_from_slice(&[0xab; 0x30]);
+        c.write_all(&hello).await.unwrap();
+        assert_eq!(read_n(&mut c, answer.len()).await, answer);
+        assert_eq!(*seen.lock().unwrap(), vec![Kind::DirectTls]);
+        let m = ctx.pool.metrics();
+        assert_eq!((m.connect_errors.get(), m.bad_startup.get()), (0, 0));
+        assert_eq!(m.bytes_to_clients.get(), answer.len() as u64);
+        assert_eq!(m.bytes_from_clients.get(), hello.len() as u64);
+    }
+
     /// libpq with `gssencmode=prefer` and `sslmode=prefer` against a server with neither:
     /// GSSENCRequest, `N`, SSLRequest, `N`, then the startup, all on one server connection.
     #[tokio::test]
@@ -1030,9 +1060,9 @@ mod tests {
         assert!(!ctx.cancels.is_empty(), "the key is learnt");
     }
 
-    /// A server that answers an SSLRequest with an `ErrorResponse` (as a postmaster that cannot
-    /// fork does, before reading anything): the client gets the error whole, as the server sent
-    /// it, not an `N` of pgfront's.
+    /// A server that answers an SSLRequest with an `ErrorResponse` (a server that fails before
+    /// it reads the request answers with an error, in whatever form): the client gets the
+    /// error whole, as the server sent it, not an `N` of pgfront's.
     #[tokio::test]
     async fn an_error_answering_an_ssl_request_reaches_the_client_whole() {
         const ERROR: &[u8] = b"E\0\0\0\x22SFATAL\0C53300\0Mout of memory\0\0";
