@@ -10,7 +10,7 @@
 //! its own waker fired.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -19,26 +19,43 @@ use futures_util::task::AtomicWaker;
 
 /// Polls `work` to completion (`Ok`) unless `interrupt` completes first (`Err`, and `work` is
 /// dropped). `interrupt` is polled first, and then only on its own wake-ups.
-pub(crate) async fn interruptible<W: Future, I: Future>(work: W, interrupt: I) -> Result<W::Output, I::Output> {
+pub(crate) fn interruptible<W: Future, I: Future>(work: W, interrupt: I) -> Interruptible<W, I> {
     let flag = Arc::new(Flag { woken: AtomicBool::new(true), task: AtomicWaker::new() });
     let waker = Waker::from(flag.clone());
-    let mut work = pin!(work);
-    let mut interrupt = pin!(interrupt);
-    std::future::poll_fn(move |cx| {
+    Interruptible { work, interrupt, flag, waker }
+}
+
+pin_project_lite::pin_project! {
+    /// `interruptible`'s future: a struct, not an `async fn`, which would hold `work` twice (as
+    /// its argument and pinned), and so the pipe twice in every idle session's task.
+    pub(crate) struct Interruptible<W, I> {
+        #[pin]
+        work: W,
+        #[pin]
+        interrupt: I,
+        flag: Arc<Flag>,
+        waker: Waker,
+    }
+}
+
+impl<W: Future, I: Future> Future for Interruptible<W, I> {
+    type Output = Result<W::Output, I::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
         // Registered before the flag is read: a wake-up after the read wakes this task again.
-        flag.task.register(cx.waker());
-        if flag.woken.load(Ordering::Relaxed) && flag.woken.swap(false, Ordering::AcqRel) {
-            if let Poll::Ready(v) = interrupt.as_mut().poll(&mut Context::from_waker(&waker)) {
+        this.flag.task.register(cx.waker());
+        if this.flag.woken.load(Ordering::Relaxed) && this.flag.woken.swap(false, Ordering::AcqRel) {
+            if let Poll::Ready(v) = this.interrupt.poll(&mut Context::from_waker(this.waker)) {
                 return Poll::Ready(Err(v));
             }
         }
-        work.as_mut().poll(cx).map(Ok)
-    })
-    .await
+        this.work.poll(cx).map(Ok)
+    }
 }
 
 /// The waker given to the interrupting future: marks it for polling and wakes the task.
-struct Flag {
+pub(crate) struct Flag {
     woken: AtomicBool,
     task: AtomicWaker,
 }
@@ -57,6 +74,7 @@ impl Wake for Flag {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::pin;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 

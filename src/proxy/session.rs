@@ -147,7 +147,10 @@ pub async fn run(
 
     let deadline = Instant::now() + ctx.cfg.queue_timeout;
     let mut prelude = Prelude { refused: Vec::new(), last: bytes, kind, answered: 0 };
-    let (lease, server, prefix) = match place(&ctx, &mut client, deadline, &mut prelude).await {
+    // Boxed: the setup's futures (connect, retries, answers, timeouts) are the largest state
+    // of a session, and a task is as large as its largest state. Freed once the session is
+    // placed, so an idle session's task holds only the pipe's (`benches/idle_memory.rs`).
+    let (lease, server, prefix) = match Box::pin(place(&ctx, &mut client, deadline, &mut prelude)).await {
         Ok(p) => {
             // What the client sent went to this server: it counts as the session's first bytes.
             let sent = prelude.len() as u64;
