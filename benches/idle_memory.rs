@@ -4,7 +4,10 @@
 //! every connection sends and receives a few bytes, then stays idle; the proxy's VmRSS growth
 //! divided by N is reported. Also: a 64 MiB transfer through each, for throughput.
 //!
-//! Run: `cargo bench --bench idle_memory` (BENCH_CONNS, default 4000). Needs etcd and haproxy.
+//! Run: `cargo bench --bench idle_memory`: 5 rounds (`--rounds` / `BENCH_ROUNDS`), each with
+//! fresh proxy processes measured in a rotating order, of 4000 connections (`--conns` /
+//! `BENCH_CONNS`); printed as median [min–max]. `PGFRONT_BENCH_QUICK=1` (the test suite's
+//! smoke run): one round of 200. Needs etcd and haproxy.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -12,6 +15,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::echo::raise_fd_limit;
+use common::stats::{median, spread, BenchArgs};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -126,17 +131,66 @@ async fn measure(name: &str, port: u16, pid: i32, n: usize) -> (f64, f64) {
     (per_conn, mbps)
 }
 
+/// The three proxies of one round, each a fresh process: memory growth is measured from a
+/// process that never had the connections (a process that had them and closed them keeps the
+/// memory for the next ones).
+struct Proxies {
+    pgfront: Pgfront,
+    haproxy: Proc,
+    baseline: Proc,
+    ports: [u16; 3],
+    _work: tempfile::TempDir,
+}
+
+fn start_proxies(etcd: &Etcd, backend_port: u16) -> Proxies {
+    let work = tempfile::tempdir().unwrap();
+    let (pf_port, admin, hp_port, base_port) = (free_port(), free_port(), free_port(), free_port());
+    let pgfront = Pgfront::start(
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[cluster]]\nname = \"m\"\nscope = \"membench\"\netcd_endpoints = [\"{}\"]\n\
+             [[listener]]\nname = \"rw\"\ncluster = \"m\"\nbind = \"127.0.0.1:{pf_port}\"\nserver_maxconn = 100000\nmaxconn = 100000\n",
+            etcd.endpoint()
+        ),
+        admin,
+    );
+    pgfront.wait_primary("m", "m1", Duration::from_secs(10));
+    let cfg = work.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 4s\n  timeout client 30m\n  timeout server 30m\n\
+             listen rw\n  bind 127.0.0.1:{hp_port}\n  balance leastconn\n  server m1 127.0.0.1:{backend_port} maxconn 9000\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(require("haproxy", "haproxy"));
+    cmd.args(["-db", "-f", cfg.to_str().unwrap()]);
+    let haproxy = Proc::spawn("haproxy", cmd, &work.path().join("haproxy.log"), false);
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--baseline-proxy", &format!("127.0.0.1:{base_port}"), &format!("127.0.0.1:{backend_port}")]);
+    let baseline = Proc::spawn("copy_bidirectional", cmd, &work.path().join("baseline.log"), false);
+    for p in [hp_port, base_port] {
+        wait_for("proxy to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", p)).ok());
+    }
+    Proxies { pgfront, haproxy, baseline, ports: [pf_port, hp_port, base_port], _work: work }
+}
+
+const NAMES: [&str; 3] = ["pgfront", "HAProxy 2.6", "tokio copy_bidirectional"];
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--baseline-proxy") {
         baseline_proxy(&args[i + 1], &args[i + 2]);
         return;
     }
-    if !args.iter().any(|a| a == "--bench") {
+    let bench = BenchArgs::from_env();
+    if !bench.bench_requested() && !bench.quick {
         println!("idle_memory bench: skipped (run it with `cargo bench --bench idle_memory`)");
         return;
     }
-    let n: usize = common::stats::env_or("BENCH_CONNS", 4000);
+    let n = bench.num("--conns", "BENCH_CONNS", 4000, 200) as usize;
+    let rounds = bench.num("--rounds", "BENCH_ROUNDS", 5, 1) as usize;
+    raise_fd_limit();
     let rt = runtime();
     let backend = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let backend_port = backend.local_addr().unwrap().port();
@@ -151,43 +205,37 @@ fn main() {
             format!(r#"{{"conn_url":"postgres://127.0.0.1:{backend_port}/x","role":"master","state":"running"}}"#);
         c.put("/service/membench/members/m1", member, None).await.unwrap();
     });
-    let work = tempfile::tempdir().unwrap();
-    let (pf_port, admin, hp_port, base_port) = (free_port(), free_port(), free_port(), free_port());
-    let pf = Pgfront::start(
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[cluster]]\nname = \"m\"\nscope = \"membench\"\netcd_endpoints = [\"{}\"]\n\
-             [[listener]]\nname = \"rw\"\ncluster = \"m\"\nbind = \"127.0.0.1:{pf_port}\"\nserver_maxconn = 100000\nmaxconn = 100000\n",
-            etcd.endpoint()
-        ),
-        admin,
-    );
-    pf.wait_primary("m", "m1", Duration::from_secs(10));
-    let cfg = work.path().join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 4s\n  timeout client 30m\n  timeout server 30m\n\
-             listen rw\n  bind 127.0.0.1:{hp_port}\n  balance leastconn\n  server m1 127.0.0.1:{backend_port} maxconn 9000\n"
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(require("haproxy", "haproxy"));
-    cmd.args(["-db", "-f", cfg.to_str().unwrap()]);
-    let hp = Proc::spawn("haproxy", cmd, &work.path().join("haproxy.log"), false);
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--baseline-proxy", &format!("127.0.0.1:{base_port}"), &format!("127.0.0.1:{backend_port}")]);
-    let base = Proc::spawn("copy_bidirectional", cmd, &work.path().join("baseline.log"), false);
-    for p in [hp_port, base_port] {
-        wait_for("proxy to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", p)).ok());
-    }
 
-    let (pf_b, pf_t) = rt.block_on(measure("pgfront", pf_port, pf.proc.pid(), n));
-    let (hp_b, hp_t) = rt.block_on(measure("HAProxy 2.6", hp_port, hp.pid(), n));
-    let (cb_b, cb_t) = rt.block_on(measure("tokio copy_bidirectional", base_port, base.pid(), n));
-    println!("\npgfront / HAProxy: memory per idle connection {:.2}x, throughput {:.2}x", pf_b / hp_b, pf_t / hp_t);
+    // Per proxy: bytes per idle connection, echo MB/s; one value per round.
+    let mut per_conn: [Vec<f64>; 3] = Default::default();
+    let mut mbps: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds {
+        let p = start_proxies(&etcd, backend_port);
+        let pids = [p.pgfront.proc.pid(), p.haproxy.pid(), p.baseline.pid()];
+        // The order rotates from round to round.
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let (b, t) = rt.block_on(measure(NAMES[i], p.ports[i], pids[i], n));
+            per_conn[i].push(b);
+            mbps[i].push(t);
+        }
+    }
+    println!(
+        "\n== {n} idle connections through each proxy, {rounds} rounds (fresh processes each round), median [min–max]"
+    );
+    println!("{:<28} {:>26} {:>26}", "proxy", "memory per idle conn, B", "echo 64 MiB, MB/s");
+    for i in 0..3 {
+        println!("{:<28} {:>26} {:>26}", NAMES[i], spread(&per_conn[i], 0), spread(&mbps[i], 0));
+    }
+    let ratio = |v: &[Vec<f64>; 3], j: usize| median(&v[0]) / median(&v[j]);
+    println!(
+        "pgfront / HAProxy: memory per idle connection {:.2}x, throughput {:.2}x",
+        ratio(&per_conn, 1),
+        ratio(&mbps, 1)
+    );
     println!(
         "pgfront / copy_bidirectional: memory per idle connection {:.2}x, throughput {:.2}x",
-        pf_b / cb_b,
-        pf_t / cb_t
+        ratio(&per_conn, 2),
+        ratio(&mbps, 2)
     );
 }

@@ -26,7 +26,7 @@ fi
 
 cargo test --locked --all-targets -- --nocapture 2>&1
 
-# The benches' smoke runs (benches/reload.rs, benches/datapath.rs, benches/scale.rs: a round of a
-# few seconds per figure, about two minutes in all), so that they cannot rot. They fail on a broken
+# The benches' smoke runs (benches/reload.rs, benches/datapath.rs, benches/scale.rs,
+# benches/idle_memory.rs: a round of a few seconds per figure, about two minutes in all), so that they cannot rot. They fail on a broken
 # run (a lost connection, a failed pgbench, a short COPY), never on a slow one.
 PGFRONT_BENCH_QUICK=1 cargo test --locked --benches -- --nocapture 2>&1
