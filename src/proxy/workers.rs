@@ -146,13 +146,16 @@ fn start_one(index: usize, stop: CancellationToken) -> io::Result<Handle> {
 /// `epoll_wait`) whenever a timer is set to expire before the earliest one the thread last went
 /// to sleep for, and, with no timer pending, for any timer. A session's setup sets three or four
 /// (its first packet's, its connect's, its answer's): 1.34 such writes per connection under
-/// `pgbench -C`, 0.02 with the heartbeat (`benches/datapath.rs`, `syscalls-connect`). Two
+/// `pgbench -C`, 0.01 with the heartbeat (`benches/datapath.rs`, `syscalls-connect`). Two
 /// timers, because one alone would itself be the earliest when it is set again after firing,
-/// and wake the thread that way. Cost: two timer expiries a second on an idle thread; timeouts
+/// and wake the thread that way. Cost: a few timer wake-ups a second on an idle thread (each beat
+/// wakes it once or twice: tokio's wheel moves a timer a second out down a level); timeouts
 /// shorter than `HEARTBEAT` (a `connect_timeout` below 1 s) still wake it.
 async fn heartbeat(offset: Duration) {
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + offset, HEARTBEAT);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // `Skip` keeps each on its own schedule: after a stall (`Delay` would re-arm both from
+    // the same instant) they would fire together and leave no timer pending between beats.
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         beat.tick().await;
     }
@@ -175,8 +178,8 @@ impl Thread {
     pub(crate) fn run<F: Future>(&self, session: F) -> impl Future<Output = F::Output> {
         let load = Counted::new(self.shared.clone(), self.index);
         // Not an async block: a block that awaits a future it captured holds it twice (as its
-        // capture and as the future it awaits), which doubled every session's task (8.2 KB
-        // instead of 4.5 per idle connection, `benches/idle_memory.rs`). `map` holds it once;
+        // capture and as the future it awaits), which doubled every session's task (7.6 KB
+        // instead of 4.4 per idle connection, `benches/idle_memory.rs`). `map` holds it once;
         // `load` is dropped with it, whether it ends or is dropped.
         session.map(move |out| {
             drop(load);
