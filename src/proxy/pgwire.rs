@@ -117,23 +117,13 @@ const FIRST_READ: usize = 512;
 /// request".
 pub async fn read_first<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<FirstPacket> {
     let mut bytes = Vec::with_capacity(FIRST_READ);
-    while bytes.len() < 8 {
-        if r.read_buf(&mut bytes).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
+    fill(&mut r, &mut bytes, 8).await?;
     let (kind, len) = classify(bytes[..8].try_into().expect("8 bytes"));
     if kind == Kind::Invalid {
         return Ok(FirstPacket { kind, bytes: Vec::new() });
     }
-    if bytes.len() < len {
-        bytes.reserve_exact(len - bytes.len());
-        while bytes.len() < len {
-            if r.read_buf(&mut bytes).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-    }
+    bytes.reserve_exact(len.saturating_sub(bytes.len()));
+    fill(&mut r, &mut bytes, len).await?;
     match kind {
         Kind::Cancel => bytes.truncate(len),
         Kind::SslRequest | Kind::GssEncRequest if bytes.len() > len => {
@@ -142,6 +132,17 @@ pub async fn read_first<R: AsyncRead + Unpin>(mut r: R) -> std::io::Result<First
         _ => {}
     }
     Ok(FirstPacket { kind, bytes })
+}
+
+/// Reads into `bytes`' spare capacity until it holds at least `n` bytes; the end of the stream
+/// first is an error.
+async fn fill<R: AsyncRead + Unpin>(r: &mut R, bytes: &mut Vec<u8>, n: usize) -> std::io::Result<()> {
+    while bytes.len() < n {
+        if r.read_buf(bytes).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 /// An `ErrorResponse` message with severity FATAL.

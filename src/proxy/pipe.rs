@@ -343,6 +343,26 @@ mod tests {
         (c, s)
     }
 
+    /// Writes `msgs` messages of `size` bytes (message m filled with m), yielding between them
+    /// or not, then half-closes; returns the socket.
+    fn small_writes_then_eof(
+        mut s: TcpStream,
+        msgs: u32,
+        size: usize,
+        yielding: bool,
+    ) -> tokio::task::JoinHandle<TcpStream> {
+        tokio::spawn(async move {
+            for m in 0..msgs {
+                s.write_all(&vec![m as u8; size]).await.unwrap();
+                if yielding {
+                    tokio::task::yield_now().await;
+                }
+            }
+            s.shutdown().await.unwrap();
+            s
+        })
+    }
+
     #[tokio::test]
     async fn moves_bytes_both_ways_and_forwards_half_close() {
         let (mut client, a) = pair().await;
@@ -441,19 +461,10 @@ mod tests {
     async fn short_reads_miss_neither_later_bytes_nor_the_end_of_stream() {
         for i in 0..200u32 {
             let (mut client, a) = pair().await;
-            let (b, mut server) = pair().await;
+            let (b, server) = pair().await;
             let task = tokio::spawn(async move { pipe(&a, &b, &Counter::default(), &Counter::default()).await });
             let msgs = (i % 7) + 1;
-            let writer = tokio::spawn(async move {
-                for m in 0..msgs {
-                    server.write_all(&[m as u8; 100]).await.unwrap();
-                    if i % 2 == 0 {
-                        tokio::task::yield_now().await;
-                    }
-                }
-                server.shutdown().await.unwrap();
-                server
-            });
+            let writer = small_writes_then_eof(server, msgs, 100, i % 2 == 0);
             let mut got = Vec::new();
             tokio::time::timeout(std::time::Duration::from_secs(10), client.read_to_end(&mut got))
                 .await
@@ -473,18 +484,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_misses_neither_later_bytes_nor_the_end_of_stream() {
         for i in 0..200u32 {
-            let (mut tx, rx) = pair().await;
+            let (tx, rx) = pair().await;
             let msgs = (i % 5) + 1;
-            let writer = tokio::spawn(async move {
-                for m in 0..msgs {
-                    tx.write_all(&[m as u8; 10]).await.unwrap();
-                    if i % 2 == 0 {
-                        tokio::task::yield_now().await;
-                    }
-                }
-                tx.shutdown().await.unwrap();
-                tx
-            });
+            let writer = small_writes_then_eof(tx, msgs, 10, i % 2 == 0);
             let mut got = Vec::new();
             let read_all = async {
                 loop {

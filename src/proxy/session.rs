@@ -868,6 +868,17 @@ mod tests {
         (addr, seen)
     }
 
+    /// What libpq sends first with `sslmode=prefer` / `gssencmode=prefer`.
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
+    const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 48];
+
+    /// A client connected to a primary listener in front of `server` alone.
+    async fn client_of(server: SocketAddr) -> (TcpStream, Arc<SessionCtx>) {
+        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
+        let (front, ctx) = front(cfg, &[server]).await;
+        (TcpStream::connect(front).await.unwrap(), ctx)
+    }
+
     const AUTH_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
 
     fn login(pid: u32) -> Vec<u8> {
@@ -929,7 +940,7 @@ mod tests {
         let cfg = listener_cfg(Role::Replica, Duration::from_secs(1), Duration::from_secs(20));
         let (front, ctx) = front(cfg, &[old]).await;
         let mut c = TcpStream::connect(front).await.unwrap();
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        c.write_all(&SSL_REQUEST).await.unwrap();
         assert_eq!(read_n(&mut c, 1).await, b"N");
         c.write_all(&startup()).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -967,7 +978,7 @@ mod tests {
         let cfg = listener_cfg(Role::Primary, Duration::from_secs(5), Duration::from_secs(10));
         let (front, ctx) = front(cfg, &[addr]).await;
         let mut c = TcpStream::connect(front).await.unwrap();
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        c.write_all(&SSL_REQUEST).await.unwrap();
         assert_eq!(read_n(&mut c, 1).await, b"N");
         c.write_all(&startup()).await.unwrap();
         assert_eq!(read_n(&mut c, login(42).len()).await, login(42));
@@ -993,7 +1004,7 @@ mod tests {
         cancel.extend_from_slice(&hello[14..22]);
         // Leastconn places the SSLRequest on the other server; the cancel goes to the session's.
         let mut c = TcpStream::connect(front).await.unwrap();
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        c.write_all(&SSL_REQUEST).await.unwrap();
         assert_eq!(read_n(&mut c, 1).await, b"N");
         c.write_all(&cancel).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1009,10 +1020,8 @@ mod tests {
     #[tokio::test]
     async fn a_client_answered_n_and_refused_at_shutdown_gets_the_error_not_a_second_n() {
         let (server, _) = scripted_server(b"N", login(1)).await;
-        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
-        let (front, ctx) = front(cfg, &[server]).await;
-        let mut c = TcpStream::connect(front).await.unwrap();
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        let (mut c, ctx) = client_of(server).await;
+        c.write_all(&SSL_REQUEST).await.unwrap();
         assert_eq!(read_n(&mut c, 1).await, b"N");
         ctx.stop.cancel();
         c.write_all(&startup()).await.unwrap();
@@ -1028,9 +1037,7 @@ mod tests {
     async fn a_direct_tls_client_gets_the_servers_answer_whole() {
         let answer: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         let (server, seen) = scripted_server(b"N", answer.clone()).await;
-        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
-        let (front, ctx) = front(cfg, &[server]).await;
-        let mut c = TcpStream::connect(front).await.unwrap();
+        let (mut c, ctx) = client_of(server).await;
         let mut hello = vec![0x16, 0x03, 0x01, 0x00, 0x30];
         hello.extend_from_slice(&[0xab; 0x30]);
         c.write_all(&hello).await.unwrap();
@@ -1047,12 +1054,10 @@ mod tests {
     #[tokio::test]
     async fn a_gssenc_request_then_an_ssl_request_both_declined_then_the_startup_on_one_server() {
         let (server, seen) = scripted_server(b"N", login(3)).await;
-        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
-        let (front, ctx) = front(cfg, &[server]).await;
-        let mut c = TcpStream::connect(front).await.unwrap();
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 48]).await.unwrap();
+        let (mut c, ctx) = client_of(server).await;
+        c.write_all(&GSSENC_REQUEST).await.unwrap();
         assert_eq!(read_n(&mut c, 1).await, b"N");
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        c.write_all(&SSL_REQUEST).await.unwrap();
         assert_eq!(read_n(&mut c, 1).await, b"N");
         c.write_all(&startup()).await.unwrap();
         assert_eq!(read_n(&mut c, login(3).len()).await, login(3));
@@ -1070,10 +1075,8 @@ mod tests {
     async fn an_error_answering_an_ssl_request_reaches_the_client_whole() {
         const ERROR: &[u8] = b"E\0\0\0\x22SFATAL\0C53300\0Mout of memory\0\0";
         let (server, seen) = scripted_server(ERROR, login(1)).await;
-        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
-        let (front, _ctx) = front(cfg, &[server]).await;
-        let mut c = TcpStream::connect(front).await.unwrap();
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        let (mut c, _ctx) = client_of(server).await;
+        c.write_all(&SSL_REQUEST).await.unwrap();
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await.expect("closed").unwrap();
         assert_eq!(got, ERROR);
@@ -1083,10 +1086,8 @@ mod tests {
     #[tokio::test]
     async fn a_server_that_accepts_tls_gets_the_session_as_it_is() {
         let (tls, seen) = scripted_server(b"S", login(1)).await;
-        let cfg = listener_cfg(Role::Primary, Duration::from_secs(1), Duration::from_secs(5));
-        let (front, ctx) = front(cfg, &[tls]).await;
-        let mut c = TcpStream::connect(front).await.unwrap();
-        c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await.unwrap();
+        let (mut c, ctx) = client_of(tls).await;
+        c.write_all(&SSL_REQUEST).await.unwrap();
         assert_eq!(read_n(&mut c, 1).await, b"S", "the server's S reaches the client");
         assert_eq!(*seen.lock().unwrap(), vec![Kind::SslRequest]);
         assert_eq!(ctx.pool.metrics().connect_errors.get(), 0);
