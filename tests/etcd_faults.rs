@@ -5,11 +5,15 @@
 //! again. In each, a client writes through pgfront every 10 ms (a new connection per write)
 //! while the fault is injected and a `patronictl switchover` follows it; pgfront must route
 //! to the new leader with no failed write:
-//! 1. the etcd member pgfront is connected to is killed (SIGKILL), then restarted;
-//! 2. the same member is stopped (SIGSTOP: its TCP connections stay open and nothing answers,
-//!    as in a partition), then continued;
+//! 1. an etcd member pgfront's discovery reads from (a follower) is killed (SIGKILL), then
+//!    restarted;
+//! 2. a follower it reads from is stopped (SIGSTOP: its TCP connections stay open and nothing
+//!    answers, as in a partition), then continued;
 //! 3. the whole etcd cluster is re-created empty on the same ports (revisions go back, the
 //!    watch revision pgfront had is meaningless); Patroni writes its keys again.
+//!
+//! pgfront follows etcd through two sessions on two members, so in 1 and 2 it must not even
+//! find etcd unreachable: the other session sees the failover key at once.
 //!
 //! Two pgfront processes follow the same cluster: `pf` with the shipped settings, which the
 //! client writes through, and `pf_watch` with a 60 s resync interval, so that only its watch
@@ -115,13 +119,31 @@ fn names(env: &Env, members: &[usize]) -> String {
     members.iter().map(|&i| env.etcd.members[i].name.as_str()).collect::<Vec<_>>().join(",")
 }
 
-/// The member to hurt: the one pgfront is connected to (the first, if several).
+/// The etcd members whose sessions give pgfront (the one the client writes through) the keys.
+fn followed_members(env: &Env) -> Vec<usize> {
+    let status = env.pf.status().unwrap_or_default();
+    let sessions = status["clusters"][0]["etcd_sessions"].as_array().cloned().unwrap_or_default();
+    let port = |e: &str| e.rsplit(':').next().and_then(|p| p.trim_end_matches('/').parse::<u16>().ok());
+    sessions.iter().filter_map(|e| e.as_str().and_then(port)).filter_map(|p| env.etcd.by_client_port(p)).collect()
+}
+
+/// The member to hurt: one that a discovery session of pgfront reads from and that is not the
+/// etcd leader (hurting the leader leaves etcd itself without one for an election, when no
+/// session can read: an outage of all of etcd, which `tests/etcd_outage.rs` covers).
 fn target(env: &Env) -> usize {
-    let v = wait_for("pgfront connected to an etcd member", Duration::from_secs(10), || {
-        Some(connected_members(env)).filter(|v| !v.is_empty())
+    let v = wait_for("pgfront following etcd through two sessions", Duration::from_secs(10), || {
+        Some(followed_members(env)).filter(|v| v.len() == 2)
     });
-    eprintln!("pgfront is connected to etcd {}", names(env, &v));
-    v[0]
+    let i = wait_for("the etcd leader", Duration::from_secs(10), || {
+        v.iter().copied().find(|&i| env.etcd.is_leader(i) == Some(false))
+    });
+    eprintln!(
+        "pgfront follows etcd through {} (connected to {}); etcd leader: {}",
+        names(env, &v),
+        names(env, &connected_members(env)),
+        names(env, &(0..env.etcd.members.len()).filter(|&i| env.etcd.is_leader(i) == Some(true)).collect::<Vec<_>>())
+    );
+    i
 }
 
 /// Rows in pgfront_probe, read on the member listening on `port`.
@@ -141,15 +163,15 @@ fn wait_writes(port: u16, n: u64) {
 /// Runs a writer through pgfront, injects `fault`, switches over, waits until both pgfront
 /// processes route to the new leader and writes land there, then `repair`s. Prints what the
 /// client saw and how long after `patronictl switchover` started pgfront routed to the new
-/// leader.
-fn switchover_after(env: &mut Env, label: &str, fault: impl FnOnce(&mut Env), repair: impl FnOnce(&mut Env)) {
+/// leader. Returns what pgfront logged meanwhile.
+fn switchover_after(env: &mut Env, label: &str, fault: impl FnOnce(&mut Env), repair: impl FnOnce(&mut Env)) -> String {
     env.pg.wait_healthy(Duration::from_secs(60));
     let old = leader(env);
     env.pf.wait_primary(CLUSTER, &old.name, Duration::from_secs(20));
     env.pf_watch.wait_primary(CLUSTER, &old.name, Duration::from_secs(20));
     let new = env.pg.cluster().unwrap().into_iter().find(|m| m.role == "replica").unwrap();
     env.pg.wait_replicated(new.port, "pgfront_probe");
-    let (log_from, watch_log_from) = (env.pf.log().len(), env.pf_watch.log().len());
+    let (log_from, watch_log_from, pg_logs_from) = (env.pf.log().len(), env.pf_watch.log().len(), env.pg.log_lens());
     let stop = CancellationToken::new();
     let writer =
         env.rt.spawn(write_loop(conninfo(env.rw), Duration::from_millis(10), stop.clone(), Duration::from_secs(90)));
@@ -157,6 +179,10 @@ fn switchover_after(env: &mut Env, label: &str, fault: impl FnOnce(&mut Env), re
         wait_writes(old.port, 20);
         fault(env);
         let t0 = Instant::now();
+        eprintln!(
+            "{label}: patronictl switchover at {}",
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+        );
         let (_, attempts) = env.pg.switchover_retrying(&old.name, &new.name, Duration::from_secs(60));
         if attempts > 1 {
             eprintln!("{label}: patronictl switchover succeeded at attempt {attempts}");
@@ -182,6 +208,9 @@ fn switchover_after(env: &mut Env, label: &str, fault: impl FnOnce(&mut Env), re
             eprintln!("  {l}");
         }
     }
+    if stats.failed() > 0 {
+        eprintln!("{label}: Patroni logged:\n{}", env.pg.logs_since(&pg_logs_from));
+    }
     repair(env);
     let (follow, follow_watch_only) = outcome.unwrap_or_else(|e| std::panic::resume_unwind(e));
     eprintln!(
@@ -196,42 +225,71 @@ fn switchover_after(env: &mut Env, label: &str, fault: impl FnOnce(&mut Env), re
         env.failures.push(format!("{label}: {}", stats.summary()));
     }
     assert_eq!(stats.writes.last().map(|w| w.1), Some(new.port), "{label}: writes continue on the new leader");
+    env.pf.log().get(log_from..).unwrap_or_default().to_owned()
+}
+
+/// The Raft term of etcd, as a member other than `victim` reports it.
+fn term(env: &Env, victim: usize) -> Option<u64> {
+    (0..env.etcd.members.len()).filter(|&i| i != victim).find_map(|i| env.etcd.raft_term(i))
+}
+
+/// One member of the two pgfront reads from was hurt: the other session must have kept etcd
+/// reachable for pgfront all along, unless etcd itself held an election meanwhile (its term
+/// changed: no member could answer a read until it had a leader again).
+fn check_etcd_stayed_up(env: &mut Env, label: &str, log: &str, terms: (Option<u64>, Option<u64>)) {
+    let Some(l) = log.lines().find(|l| l.contains("etcd unreachable")) else { return };
+    match terms {
+        (Some(a), Some(b)) if a == b => {
+            env.failures.push(format!("{label}: pgfront found etcd unreachable with one follower hurt: {l}"))
+        }
+        _ => eprintln!("{label}: etcd elected a leader meanwhile (term {terms:?}): etcd was unreachable for a moment"),
+    }
 }
 
 fn member_killed(env: &mut Env) {
     let victim = target(env);
     let name = env.etcd.members[victim].name.clone();
-    switchover_after(
+    let label = format!("etcd {name} killed");
+    let (mut before, mut after) = (None, None);
+    let log = switchover_after(
         env,
-        &format!("etcd {name} killed"),
+        &label,
         |env| {
+            before = term(env, victim);
             env.etcd.kill(victim);
             eprintln!("etcd {name} killed (SIGKILL)");
         },
         |env| {
+            after = term(env, victim);
             eprintln!("after the kill pgfront is connected to etcd {}", names(env, &connected_members(env)));
             env.etcd.restart(victim);
             env.etcd.wait_healthy(Duration::from_secs(30));
         },
     );
+    check_etcd_stayed_up(env, &label, &log, (before, after));
 }
 
 fn member_stopped(env: &mut Env) {
     let victim = target(env);
     let name = env.etcd.members[victim].name.clone();
-    switchover_after(
+    let label = format!("etcd {name} stopped");
+    let (mut before, mut after) = (None, None);
+    let log = switchover_after(
         env,
-        &format!("etcd {name} stopped"),
+        &label,
         |env| {
+            before = term(env, victim);
             env.etcd.pause(victim);
             eprintln!("etcd {name} stopped (SIGSTOP)");
         },
         |env| {
+            after = term(env, victim);
             eprintln!("while it is stopped pgfront is connected to etcd {}", names(env, &connected_members(env)));
             env.etcd.resume(victim);
             env.etcd.wait_healthy(Duration::from_secs(30));
         },
     );
+    check_etcd_stayed_up(env, &label, &log, (before, after));
 }
 
 fn cluster_recreated(env: &mut Env) {

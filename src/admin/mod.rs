@@ -174,6 +174,8 @@ pub struct ClusterStatus {
     pub scope: String,
     pub etcd_up: bool,
     pub etcd_error: Option<String>,
+    /// The etcd endpoints whose discovery sessions have the keys (two with several endpoints).
+    pub etcd_sessions: Vec<String>,
     pub leader: Option<String>,
     pub primary: Option<String>,
     pub primary_status: PrimaryStatus,
@@ -238,6 +240,7 @@ pub fn status(shared: &Shared) -> Status {
                 scope: c.cfg.scope.clone(),
                 etcd_up: c.health.etcd_up.load(Ordering::Relaxed),
                 etcd_error: c.health.last_error.lock().ok().and_then(|e| e.clone()),
+                etcd_sessions: c.health.etcd_sessions.lock().map(|s| s.clone()).unwrap_or_default(),
                 leader: view.state.leader.clone(),
                 primary: view.primary().map(|m| m.name.clone()),
                 primary_status: view.primary_status(),

@@ -251,7 +251,17 @@ fn cluster(h: &mut String, c: &Value, all_listeners: &[Value]) {
         esc(leader.unwrap_or("none"))
     );
     if c.get("etcd_up").and_then(Value::as_bool) == Some(true) {
-        h.push_str("<span>etcd <span class=ok>up</span></span>");
+        let sessions: Vec<&str> =
+            c.get("etcd_sessions").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        if sessions.is_empty() {
+            h.push_str("<span>etcd <span class=ok>up</span></span>");
+        } else {
+            let _ = write!(
+                h,
+                "<span>etcd <span class=ok title=\"read from {}\">up</span></span>",
+                esc(&sessions.join(", "))
+            );
+        }
     } else {
         let _ = write!(
             h,
@@ -523,6 +533,19 @@ mod tests {
         for forbidden in ["src=\"http", "href=\"http", "@import", "url("] {
             assert!(!page.contains(forbidden), "external asset {forbidden:?}");
         }
+    }
+
+    #[test]
+    fn the_page_names_the_etcd_members_read_from_escaped() {
+        let mut s = status("pg1");
+        s["clusters"][0]["etcd_up"] = true.into();
+        s["clusters"][0]["etcd_sessions"] = serde_json::json!(["http://10.0.1.11:2379", EVIL]);
+        let page = render(&s, &events(), "x");
+        assert!(!page.contains("<script>alert"), "{page}");
+        assert!(
+            page.contains("title=\"read from http://10.0.1.11:2379, &lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;\">up</span>"),
+            "{page}"
+        );
     }
 
     #[test]

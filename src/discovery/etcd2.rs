@@ -83,7 +83,7 @@ where
 {
     let auth = cfg.credentials.as_ref().map(|c| http::basic_auth(&c.username, c.password.expose()));
     // Each new session tries the next endpoint.
-    super::supervise(tx.clone(), stop, |attempt| {
+    super::supervise(tx.clone(), SourceEvent::Down, stop, |attempt| {
         let base = cfg.endpoints[attempt % cfg.endpoints.len()].trim_end_matches('/').to_owned();
         let (cfg, client, auth, tx) = (cfg.clone(), client(), auth.clone(), tx.clone());
         async move {

@@ -14,7 +14,9 @@
 //! While etcd is unreachable the last keys stand only as far as a direct check of the routed
 //! primary allows (see `topology`): without Patroni's `failsafe_mode`, Patroni demotes its
 //! primary when it cannot reach etcd. The source reconnects with backoff (moving to the next
-//! endpoint each time) and re-reads everything, so nothing is missed.
+//! endpoint each time) and re-reads everything, so nothing is missed. The v3 source follows
+//! the keys through two sessions on two members at once (`etcd3`): etcd is unreachable for
+//! the cluster task only when neither has them.
 
 pub(crate) mod agent_keys;
 pub mod confirm;
@@ -77,11 +79,15 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Runs a source's `session` again and again until `stop`: each failure is reported as
-/// `Down` and followed by a backoff (100 ms doubling to 2 s, back to 100 ms after a session
+/// `down(error)` and followed by a backoff (100 ms doubling to 2 s, back to 100 ms after a session
 /// that read the keys). `session(attempt)` returns its result and whether it read the keys;
-/// `Ok` means the cluster task is gone.
-pub(crate) async fn supervise<F, Fut>(tx: mpsc::Sender<SourceEvent>, stop: CancellationToken, mut session: F)
-where
+/// `Ok` means the receiver of `tx` is gone.
+pub(crate) async fn supervise<E, F, Fut>(
+    tx: mpsc::Sender<E>,
+    down: impl Fn(DiscoveryError) -> E,
+    stop: CancellationToken,
+    mut session: F,
+) where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = (Result<(), DiscoveryError>, bool)>,
 {
@@ -98,7 +104,7 @@ where
                 backoff = BACKOFF_MIN;
             }
             Err(e) => {
-                if tx.send(SourceEvent::Down(e)).await.is_err() {
+                if tx.send(down(e)).await.is_err() {
                     return;
                 }
             }
@@ -122,6 +128,8 @@ pub struct ClusterHealth {
     /// Since when no primary has been routable (`None` while one is): the admin endpoint's
     /// "routing paused for". Written by the cluster task at each change only.
     pub routing_paused_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The etcd endpoints whose sessions have the cluster's keys (v3; see `etcd3`).
+    pub etcd_sessions: std::sync::Mutex<Vec<String>>,
 }
 
 impl ClusterHealth {
@@ -180,7 +188,7 @@ pub fn spawn(
     };
     let (src_tx, src_rx) = mpsc::channel(64);
     match cfg.api {
-        EtcdApi::V3 => tokio::spawn(etcd3::run(cfg.clone(), src_tx, stop.clone())),
+        EtcdApi::V3 => tokio::spawn(etcd3::run(cfg.clone(), src_tx, health.clone(), stop.clone())),
         EtcdApi::V2 => tokio::spawn(etcd2::run(cfg.clone(), src_tx, stop.clone())),
     };
     let mut task =

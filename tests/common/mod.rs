@@ -462,6 +462,24 @@ impl EtcdCluster {
 
     /// `(cluster id, revision)` as member `i` reports them (v3 `endpoint status`).
     pub fn status(&self, i: usize) -> Option<(u64, i64)> {
+        let v = self.endpoint_status(i)?;
+        let h = &v["header"];
+        Some((h["cluster_id"].as_u64()?, h["revision"].as_i64()?))
+    }
+
+    /// Whether member `i` is the etcd cluster's leader, as it reports.
+    pub fn is_leader(&self, i: usize) -> Option<bool> {
+        let v = self.endpoint_status(i)?;
+        Some(v["leader"].as_u64()? == v["header"]["member_id"].as_u64()?)
+    }
+
+    /// The Raft term member `i` reports: it grows with every etcd leader election.
+    pub fn raft_term(&self, i: usize) -> Option<u64> {
+        self.endpoint_status(i)?["raft_term"].as_u64()
+    }
+
+    /// Member `i`'s `etcdctl endpoint status`.
+    fn endpoint_status(&self, i: usize) -> Option<serde_json::Value> {
         let out = Command::new(require("etcdctl", "etcd-client"))
             .args([
                 "--endpoints",
@@ -477,8 +495,7 @@ impl EtcdCluster {
             .output()
             .ok()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let h = &v.get(0)?["Status"]["header"];
-        Some((h["cluster_id"].as_u64()?, h["revision"].as_i64()?))
+        Some(v.get(0)?["Status"].clone())
     }
 }
 
@@ -721,11 +738,30 @@ postgresql:
         self.cluster()?.into_iter().find(|m| m.role == "leader" && m.state == "running")
     }
 
+    fn member_log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The length of every member's Patroni/PostgreSQL log, to print what follows with `logs_since`.
+    pub fn log_lens(&self) -> Vec<usize> {
+        self.members.iter().map(|m| self.member_log(&m.name).len()).collect()
+    }
+
+    /// What every member logged after `lens` (from `log_lens`).
+    pub fn logs_since(&self, lens: &[usize]) -> String {
+        let mut out = String::new();
+        for (m, &from) in self.members.iter().zip(lens) {
+            let s = self.member_log(&m.name);
+            out.push_str(&format!("--- {} ---\n{}\n", m.name, s.get(from..).unwrap_or_default().trim_end()));
+        }
+        out
+    }
+
     /// The last lines of every member's Patroni/PostgreSQL log, for a failing test's output.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
         for m in &self.members {
-            let s = fs::read_to_string(self.dir.path().join(format!("{}.log", m.name))).unwrap_or_default();
+            let s = self.member_log(&m.name);
             let v: Vec<&str> = s.lines().collect();
             out.push_str(&format!(
                 "--- {} (last {lines} lines) ---\n{}\n",
@@ -1080,7 +1116,7 @@ pub async fn write_loop(
         match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
             Err(e) => {
                 st.connect_failures += 1;
-                st.errors.push(format!("{:.3}s connect: {}", start.elapsed().as_secs_f64(), pg_err(&e)));
+                st.errors.push(format!("{} connect: {}", at(start), pg_err(&e)));
             }
             Ok((client, conn)) => {
                 tokio::spawn(conn);
@@ -1097,11 +1133,11 @@ pub async fn write_loop(
                     }
                     Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) => {
                         st.read_only += 1;
-                        st.errors.push(format!("{:.3}s read-only: {}", start.elapsed().as_secs_f64(), pg_err(&e)));
+                        st.errors.push(format!("{} read-only: {}", at(start), pg_err(&e)));
                     }
                     Err(e) => {
                         st.broken += 1;
-                        st.errors.push(format!("{:.3}s session: {}", start.elapsed().as_secs_f64(), pg_err(&e)));
+                        st.errors.push(format!("{} session: {}", at(start), pg_err(&e)));
                     }
                 }
             }
@@ -1109,6 +1145,15 @@ pub async fn write_loop(
         tokio::time::sleep_until(tick + every).await;
     }
     st
+}
+
+/// The time since `start` and the wall clock (UTC, as pgfront's and Patroni's logs print it).
+fn at(start: tokio::time::Instant) -> String {
+    format!(
+        "{:.3}s ({})",
+        start.elapsed().as_secs_f64(),
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    )
 }
 
 pub fn conninfo(port: u16) -> String {
