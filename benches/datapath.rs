@@ -37,6 +37,9 @@
 //!
 //! For each figure: median, spread (min–max) and pgfront's median over HAProxy's.
 //!
+//! `PGFRONT_BENCH_URING=<binary>` adds a route through the io_uring relay experiment (a pgfront
+//! built with `--features uring-experiment`, src/uring_relay.rs) and its ratio to pgfront.
+//!
 //! Run: `cargo bench --bench datapath` (5 rounds, 15 s per pgbench run, about 25 minutes).
 //! Flags after `--` or in the environment: `--rounds` / `BENCH_ROUNDS` (5), `--secs` /
 //! `BENCH_SECS` (15), `--strace-secs` / `BENCH_STRACE_SECS` (5), `--idle` / `BENCH_IDLE` (5000),
@@ -77,6 +80,9 @@ enum Route {
     Pgfront,
     /// Another pgfront binary (`PGFRONT_BENCH_BASELINE`), to measure a change in the same run.
     Baseline,
+    /// The io_uring relay experiment (`PGFRONT_BENCH_URING`: a pgfront binary built with
+    /// `--features uring-experiment`, run as `pgfront uring-relay`; src/uring_relay.rs).
+    Uring,
 }
 
 impl Route {
@@ -87,6 +93,7 @@ impl Route {
             Route::Haproxy => "haproxy",
             Route::Pgfront => "pgfront",
             Route::Baseline => "baseline",
+            Route::Uring => "uring",
         }
     }
     fn label(self) -> &'static str {
@@ -95,6 +102,7 @@ impl Route {
             Route::Haproxy => "HAProxy",
             Route::Pgfront => "pgfront",
             Route::Baseline => "pgfront baseline",
+            Route::Uring => "io_uring relay",
         }
     }
 }
@@ -140,6 +148,9 @@ impl Params {
         let mut routes = routes;
         if std::env::var_os("PGFRONT_BENCH_BASELINE").is_some() && !routes.contains(&Route::Baseline) {
             routes.push(Route::Baseline);
+        }
+        if std::env::var_os("PGFRONT_BENCH_URING").is_some() && !routes.contains(&Route::Uring) {
+            routes.push(Route::Uring);
         }
         Params {
             quick,
@@ -256,7 +267,8 @@ impl Results {
                 print!(" {:>26}", r.label());
             }
             let base = if routes.contains(&Route::Baseline) { "  pgfront/baseline" } else { "" };
-            println!(" {:>16}{base}", "pgfront/HAProxy");
+            let uring = if routes.contains(&Route::Uring) { "   io_uring/pgfront" } else { "" };
+            println!(" {:>16}{base}{uring}", "pgfront/HAProxy");
             // Metrics in first-seen order, except that "total" and "errors" (system calls) come last.
             let mut metrics: Vec<&(String, String)> = self.order.iter().filter(|k| k.0 == figure).collect();
             metrics.sort_by_key(|k| matches!(k.1.as_str(), "total" | "errors"));
@@ -277,6 +289,9 @@ impl Results {
                 print!(" {:>16}", ratio(Route::Pgfront, Route::Haproxy));
                 if routes.contains(&Route::Baseline) {
                     print!(" {:>17}", ratio(Route::Pgfront, Route::Baseline));
+                }
+                if routes.contains(&Route::Uring) {
+                    print!(" {:>18}", ratio(Route::Uring, Route::Pgfront));
                 }
                 println!();
             }
@@ -305,6 +320,7 @@ struct Fixture {
     pgfront: Pgfront,
     pgfront_ports: (u16, u16),
     baseline: Option<(Pgfront, (u16, u16))>,
+    uring: Option<(Proc, (u16, u16))>,
     _etcd: Etcd,
     _work: tempfile::TempDir,
     _backends: tokio_util::sync::DropGuard,
@@ -381,6 +397,13 @@ impl Fixture {
             }
             b
         });
+        let uring = std::env::var_os("PGFRONT_BENCH_URING").map(|bin| {
+            let ports = (free_port(), free_port());
+            let mut cmd = Command::new(bin);
+            cmd.args(["uring-relay", "--route", &format!("127.0.0.1:{}=127.0.0.1:{}", ports.0, pg.port)])
+                .args(["--route", &format!("127.0.0.1:{}=127.0.0.1:{echo}", ports.1)]);
+            (Proc::spawn("uring-relay", cmd, &work.path().join("uring.log"), false), ports)
+        });
         let fx = Fixture {
             rt,
             pg,
@@ -390,6 +413,7 @@ impl Fixture {
             pgfront,
             pgfront_ports,
             baseline,
+            uring,
             _etcd: etcd,
             _work: work,
             _backends: stop.drop_guard(),
@@ -421,6 +445,7 @@ impl Fixture {
             Route::Haproxy => self.haproxy_ports,
             Route::Pgfront => self.pgfront_ports,
             Route::Baseline => self.baseline.as_ref().expect("PGFRONT_BENCH_BASELINE").1,
+            Route::Uring => self.uring.as_ref().expect("PGFRONT_BENCH_URING").1,
         }
     }
 
@@ -431,6 +456,7 @@ impl Fixture {
             Route::Haproxy => Some(self.haproxy.pid()),
             Route::Pgfront => Some(self.pgfront.proc.pid()),
             Route::Baseline => self.baseline.as_ref().map(|b| b.0.proc.pid()),
+            Route::Uring => self.uring.as_ref().map(|u| u.0.pid()),
         }
     }
 

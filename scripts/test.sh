@@ -30,3 +30,7 @@ cargo test --locked --all-targets -- --nocapture 2>&1
 # benches/idle_memory.rs: a round of a few seconds per figure, about two minutes in all), so that they cannot rot. They fail on a broken
 # run (a lost connection, a failed pgbench, a short COPY), never on a slow one.
 PGFRONT_BENCH_QUICK=1 cargo test --locked --benches -- --nocapture 2>&1
+
+# The io_uring relay experiment (src/uring_relay.rs, issue 10), built only with its feature: its
+# unit test, so that it cannot rot either (the lib's tests compiled once more, about a minute).
+cargo test --locked --features uring-experiment --lib uring_relay 2>&1

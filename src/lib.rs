@@ -27,4 +27,6 @@ pub mod metrics;
 pub mod proxy;
 pub(crate) mod sysd;
 pub mod topology;
+#[cfg(feature = "uring-experiment")]
+pub mod uring_relay;
 pub mod vip;

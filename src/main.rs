@@ -83,6 +83,22 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The io_uring relay experiment (issue 10; `--features uring-experiment`): relays each
+    /// `--route LISTEN=TARGET` until killed.
+    #[cfg(feature = "uring-experiment")]
+    #[command(hide = true)]
+    UringRelay {
+        #[arg(long = "route", value_parser = parse_route, required = true)]
+        routes: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+}
+
+#[cfg(feature = "uring-experiment")]
+fn parse_route(s: &str) -> Result<(std::net::SocketAddr, std::net::SocketAddr), String> {
+    let (l, t) = s.split_once('=').ok_or("LISTEN=TARGET")?;
+    Ok((l.parse().map_err(|e| format!("{l}: {e}"))?, t.parse().map_err(|e| format!("{t}: {e}"))?))
 }
 
 /// Where the control commands send their request.
@@ -224,6 +240,14 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        #[cfg(feature = "uring-experiment")]
+        Cmd::UringRelay { routes, threads } => match pgfront::uring_relay::run(&routes, threads) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("uring relay: {e}");
                 ExitCode::FAILURE
             }
         },
