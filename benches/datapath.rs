@@ -400,8 +400,10 @@ impl Fixture {
         let uring = std::env::var_os("PGFRONT_BENCH_URING").map(|bin| {
             let ports = (free_port(), free_port());
             let mut cmd = Command::new(bin);
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             cmd.args(["uring-relay", "--route", &format!("127.0.0.1:{}=127.0.0.1:{}", ports.0, pg.port)])
-                .args(["--route", &format!("127.0.0.1:{}=127.0.0.1:{echo}", ports.1)]);
+                .args(["--route", &format!("127.0.0.1:{}=127.0.0.1:{echo}", ports.1)])
+                .args(["--threads", &threads.to_string()]);
             (Proc::spawn("uring-relay", cmd, &work.path().join("uring.log"), false), ports)
         });
         let fx = Fixture {
@@ -432,6 +434,9 @@ impl Fixture {
                 eprintln!("--- psql: {:?}", psql(pg_port, "SELECT 1"));
                 eprintln!("--- haproxy log ---\n{}", fx.haproxy.log_tail(30));
                 eprintln!("--- pgfront log ---\n{}", fx.pgfront.proc.log_tail(30));
+                if let Some((u, _)) = &fx.uring {
+                    eprintln!("--- io_uring relay log ---\n{}", u.log_tail(30));
+                }
                 std::panic::resume_unwind(e);
             }
         }
@@ -952,7 +957,7 @@ fn main() {
             res.print(&p.routes);
         }
     }
-    println!("\n==== datapath: {} round(s), median [min–max]; last column: pgfront's median / HAProxy's", p.rounds);
+    println!("\n==== datapath: {} round(s), median [min–max]; then ratios of medians", p.rounds);
     res.print(&p.routes);
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("\nload average at end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));

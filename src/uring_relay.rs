@@ -14,7 +14,9 @@
 //!
 //! The accept is an io_uring operation too; the connect to the target is a blocking
 //! `connect(2)` on the ring's thread (loopback: tens of microseconds), so the figures per
-//! connection say little: per transaction is the question.
+//! connection say little: per transaction is the question. Needs Linux 6.1 or later
+//! (`IORING_SETUP_DEFER_TASKRUN`) with io_uring allowed (`kernel.io_uring_disabled` 0, no
+//! seccomp filter refusing it). An error a thread cannot handle ends the process.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
@@ -24,20 +26,46 @@ use io_uring::{opcode, squeue, types, IoUring};
 const BUF: usize = 16 * 1024;
 const ACCEPT: u64 = u64::MAX;
 
-/// Relays every `(listen, target)` pair on `threads` threads until the process is killed.
+/// Relays every `(listen, target)` pair on `threads` threads until the process is killed; a
+/// thread that fails ends the process (its connections' buffers may still be in the kernel's
+/// hands, so they are not freed).
 pub fn run(routes: &[(SocketAddr, SocketAddr)], threads: usize) -> std::io::Result<()> {
-    let mut handles = Vec::new();
+    available()?;
+    let mut per_thread = Vec::new();
     for _ in 0..threads.max(1) {
         let listeners = routes
             .iter()
             .map(|&(listen, target)| Ok((reuseport_listener(listen)?, target)))
             .collect::<std::io::Result<Vec<_>>>()?;
-        handles.push(std::thread::spawn(move || Ring::new(listeners).and_then(|mut r| r.run())));
+        per_thread.push(listeners);
     }
+    // Each ring is created on its thread: a single-issuer ring belongs to the thread that made it.
+    let handles: Vec<_> = per_thread
+        .into_iter()
+        .map(|listeners| {
+            std::thread::spawn(move || {
+                let e = match Ring::new(listeners) {
+                    Ok(mut r) => {
+                        let e = r.run().unwrap_err();
+                        std::mem::forget(r);
+                        e
+                    }
+                    Err(e) => e,
+                };
+                eprintln!("uring relay: {e}");
+                std::process::exit(1);
+            })
+        })
+        .collect();
     for h in handles {
-        h.join().map_err(|_| std::io::Error::other("relay thread panicked"))??;
+        let _ = h.join();
     }
     Ok(())
+}
+
+/// Whether this kernel lets this process set up a ring as `Ring` does.
+pub fn available() -> std::io::Result<()> {
+    IoUring::<squeue::Entry>::builder().setup_single_issuer().setup_defer_taskrun().build(8).map(drop)
 }
 
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -100,6 +128,7 @@ impl Ring {
         self.push(e.user_data(ACCEPT - i as u64))
     }
 
+    /// Runs until an error it cannot handle (returned).
     fn run(&mut self) -> std::io::Result<()> {
         for i in 0..self.listeners.len() {
             self.accept(i)?;
@@ -117,7 +146,12 @@ impl Ring {
                 if data > ACCEPT - self.listeners.len() as u64 {
                     let i = (ACCEPT - data) as usize;
                     if res >= 0 {
-                        self.open(res, self.listeners[i].1);
+                        self.open(res, self.listeners[i].1)?;
+                    } else if -res != libc::ECONNABORTED && -res != libc::EINTR {
+                        // Out of descriptors or memory: the client stays in the backlog and
+                        // an accept again at once would fail again; the ring waits a little.
+                        eprintln!("uring relay: accept: {}", std::io::Error::from_raw_os_error(-res));
+                        std::thread::sleep(std::time::Duration::from_millis(50));
                     }
                     self.accept(i)?;
                 } else {
@@ -128,13 +162,13 @@ impl Ring {
     }
 
     /// A client was accepted as `fd`: connect to `target` and start both directions.
-    fn open(&mut self, fd: RawFd, target: SocketAddr) {
+    fn open(&mut self, fd: RawFd, target: SocketAddr) -> std::io::Result<()> {
         let server = match TcpStream::connect(target) {
             Ok(s) => s,
             Err(_) => {
                 // SAFETY: `fd` was just accepted and is owned by nobody else.
                 unsafe { libc::close(fd) };
-                return;
+                return Ok(());
             }
         };
         let _ = server.set_nodelay(true);
@@ -161,11 +195,8 @@ impl Ring {
                 self.conns.len() - 1
             }
         };
-        for dir in 0..2 {
-            if self.recv(i, dir).is_err() {
-                return;
-            }
-        }
+        self.recv(i, 0)?;
+        self.recv(i, 1)
     }
 
     fn recv(&mut self, i: usize, dir: usize) -> std::io::Result<()> {
@@ -181,7 +212,9 @@ impl Ring {
         let h = &mut c.halves[dir];
         h.busy = true;
         let rest = &h.buf[h.sent..h.len];
-        let e = opcode::Send::new(types::Fd(c.fds[1 - dir]), rest.as_ptr(), rest.len() as u32).build();
+        let e = opcode::Send::new(types::Fd(c.fds[1 - dir]), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
         self.push(e.user_data(tag(i, dir, true)))
     }
 
@@ -247,6 +280,9 @@ mod tests {
     /// Bytes both ways through the relay, in pieces and whole, on several connections at once.
     #[test]
     fn relays_both_ways_until_either_side_closes() {
+        if let Err(e) = available() {
+            panic!("io_uring is not available here ({e}): it needs Linux 6.1 or later, sysctl kernel.io_uring_disabled=0 and no seccomp filter refusing it");
+        }
         let echo = TcpListener::bind("127.0.0.1:0").unwrap();
         let target = echo.local_addr().unwrap();
         std::thread::spawn(move || {
