@@ -68,6 +68,8 @@ pub async fn run(
     }
     drop(lane_tx);
     let mut merge = Merge::new(sessions);
+    // The lanes that have a view, as `health.etcd_sessions` last showed them.
+    let mut live = Vec::new();
     loop {
         let ev = tokio::select! {
             ev = lane_rx.recv() => ev,
@@ -87,12 +89,13 @@ pub async fn run(
             }
             LaneEvent::Ended { lane } => merge.ended(lane).1.map(SourceEvent::Keys),
             LaneEvent::Down { lane, error } => {
-                if let Ok(mut l) = health.last_error.lock() {
-                    *l = Some(error.to_string());
-                }
                 match merge.down(lane) {
+                    // The cluster task records it (`on_down`).
                     (Lost::All, _) => Some(SourceEvent::Down(error)),
                     (lost, promoted) => {
+                        if let Ok(mut l) = health.last_error.lock() {
+                            *l = Some(error.to_string());
+                        }
                         if lost == Lost::One {
                             let other =
                                 lanes.lock().map(|l| l.endpoints_except(lane, &cfg.endpoints)).unwrap_or_default();
@@ -108,8 +111,12 @@ pub async fn run(
         if merge.histories != histories {
             warn!(cluster = %cfg.name, "etcd's history went back (re-created or restored): following the new one");
         }
-        if let Ok(mut f) = health.etcd_sessions.lock() {
-            *f = lanes.lock().map(|l| l.endpoints_of(&merge.live(), &cfg.endpoints)).unwrap_or_default();
+        let now_live = merge.live();
+        if now_live != live {
+            if let Ok(mut f) = health.etcd_sessions.lock() {
+                *f = lanes.lock().map(|l| l.endpoints_of(&now_live, &cfg.endpoints)).unwrap_or_default();
+            }
+            live = now_live;
         }
         if let Some(out) = out {
             if tx.send(out).await.is_err() {
